@@ -1,0 +1,271 @@
+"""Builds and runs the whole service: station link, charge points, Modbus server, metrics, state.
+
+Start-up order: state file, charge points, station link, Modbus server, metrics. Shutdown: stop
+charging on every station the safe way (if configured), save energy, close everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+from collections.abc import Callable
+
+from . import chargepoint as cp
+from .config import Settings, StationConfig
+from .evse.link import Session, StationLink
+from .evse.protocol import NO_CALIBRATION, StationCalibration
+from .heartbeat import Heartbeat
+from .metrics import Metrics
+from .modbus.registers import MAX_LP, chargepoint_values
+from .modbus.server import ChargePointServer, ModbusObserver
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+STALE_POLLS = 3  # data older than this many poll intervals counts as none
+SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contactors on shutdown
+
+
+class _RequestObserver(ModbusObserver):
+    """Every Modbus response refreshes the heartbeat and is counted."""
+
+    def __init__(self, heartbeat: Heartbeat, metrics: Metrics) -> None:
+        self._heartbeat, self._metrics = heartbeat, metrics
+
+    def response(self, function_code: int, exception_code: int | None) -> None:
+        self._heartbeat.refresh()
+        self._metrics.response(function_code, exception_code)
+
+
+class Bridge:
+    """The running service."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or asyncio.get_running_loop().time
+        self.charge_points: dict[str, cp.ChargePoint] = {}  # by station serial
+        self.metrics = Metrics(self)
+        self.heartbeat = Heartbeat(settings.heartbeat_timeout, self.clock, self._heartbeat_changed)
+        self.store: Store | None = None
+        self.link = StationLink(
+            settings.evse_host,
+            settings.evse_port,
+            poll_interval=settings.poll_interval,
+            attach=self._attach,
+            calibration_for=self._calibration,
+            observer=self.metrics,
+        )
+        self.modbus: ChargePointServer | None = None
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._switches: dict[str, asyncio.Task[None]] = {}
+        self._stopped = False
+        self._running = False  # start() completed
+
+    # --- charge points ----------------------------------------------------------------------
+
+    def charge_point_at(self, lp: int) -> cp.ChargePoint | None:
+        """The charge point served as LP ``lp``."""
+        return next((c for c in self.charge_points.values() if c.identity.lp == lp), None)
+
+    def _calibration(self, serial: str) -> StationCalibration:
+        station = self.settings.station_by_serial(serial)
+        return station.calibration if station else NO_CALIBRATION
+
+    def _new_charge_point(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial, lp=0)
+        identity = cp.Identity(
+            serial=serial,
+            lp=lp,
+            name=station.name or (f"LP{lp}" if lp else serial),
+            serial_number=station.serial_number or serial[-20:],
+        )
+        config = cp.ChargePointConfig(
+            max_current_a=station.max_current,
+            cable=station.cable,
+            phases=station.phases,
+            can_switch_phases=station.phase_switch_command is not None,
+            stop_timeout=self.settings.stop_timeout,
+            phase_switch_pause=self.settings.phase_switch_pause,
+        )
+        point = cp.ChargePoint(
+            identity,
+            config,
+            energy_wh=energy_wh,
+            max_data_age=STALE_POLLS * self.settings.poll_interval,
+        )
+        self.charge_points[serial] = point
+        return point
+
+    def _load_charge_points(self, store: Store) -> None:
+        """Configured stations, then remembered ones, each on its LP (block served at once)."""
+        energy = store.energy_wh()
+        for station in self.settings.station:
+            self._new_charge_point(station.serial, station.lp, energy.get(station.serial, 0.0))
+        configured_lps = {s.lp for s in self.settings.station}
+        for serial, lp in sorted(store.lp_assignments().items(), key=lambda kv: kv[1]):
+            if serial in self.charge_points:
+                continue
+            if lp in configured_lps or not 1 <= lp <= MAX_LP:
+                log.info("station %s: LP%d is configured for another station now", serial, lp)
+                store.forget_lp(serial)
+                continue
+            self._new_charge_point(serial, lp, energy.get(serial, 0.0))
+
+    def _charge_point_for(self, serial: str) -> cp.ChargePoint:
+        point = self.charge_points.get(serial)
+        if point is not None:
+            return point
+        taken = {c.identity.lp for c in self.charge_points.values()}
+        lp = next((n for n in range(1, MAX_LP + 1) if n not in taken), None)
+        assert self.store is not None
+        energy = self.store.energy_wh().get(serial, 0.0)
+        if lp is None:
+            log.warning(
+                "station %s: all %d LPs are taken; it is kept safe, not served", serial, MAX_LP
+            )
+        else:
+            self.store.assign_lp(serial, lp)
+            log.info("station %s is LP%d from now on", serial, lp)
+        return self._new_charge_point(serial, lp, energy)
+
+    def _attach(self, session: Session) -> cp.ChargePoint:
+        assert session.serial is not None
+        point = self._charge_point_for(session.serial)
+
+        def changed() -> None:
+            session.wake()
+            seq = point.state.sequence
+            if seq is not None and seq.stage is cp.Stage.READY:
+                self._start_phase_switch(point)
+
+        point.on_change = changed
+        return point
+
+    # --- heartbeat and phase switch ---------------------------------------------------------
+
+    def _heartbeat_changed(self, lapsed: bool) -> None:
+        now = self.clock()
+        for point in self.charge_points.values():
+            point.commit(cp.set_heartbeat_lapsed(point.state, lapsed, now))
+
+    def _start_phase_switch(self, point: cp.ChargePoint) -> None:
+        serial = point.identity.serial
+        if serial in self._switches:
+            return
+        point.commit(cp.phase_switch_started(point.state, self.clock()))
+        task = asyncio.create_task(self._run_phase_switch(point))
+        self._switches[serial] = task
+        task.add_done_callback(lambda _: self._switches.pop(serial, None))
+
+    async def _run_phase_switch(self, point: cp.ChargePoint) -> None:
+        station = self.settings.station_by_serial(point.identity.serial)
+        seq = point.state.sequence
+        assert station is not None and station.phase_switch_command and seq and seq.phases
+        argv = [*shlex.split(station.phase_switch_command), str(seq.phases)]
+        ok = False
+        log.info("%s: switching to %d phase(s): %s", point.name, seq.phases, shlex.join(argv))
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv)
+            try:
+                code = await asyncio.wait_for(proc.wait(), self.settings.phase_switch_timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                log.error(
+                    "%s: phase-switch command did not finish within %g s; charging stays stopped",
+                    point.name,
+                    self.settings.phase_switch_timeout,
+                )
+            else:
+                ok = code == 0
+                if not ok:
+                    log.error(
+                        "%s: phase-switch command failed (exit code %d); charging stays stopped",
+                        point.name,
+                        code,
+                    )
+        except OSError as exc:
+            log.error("%s: cannot run the phase-switch command: %s", point.name, exc)
+        self.metrics.phase_switch(ok)
+        point.commit(cp.phase_switch_finished(point.state, ok, self.clock()))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the state file and start listening; raises StoreError or OSError."""
+        self.store = Store(self.settings.state_db)
+        self._load_charge_points(self.store)
+        await self.link.start()
+        if self.settings.modbus_port:
+            self.modbus = ChargePointServer(
+                self.charge_point_at,
+                chargepoint_values,
+                self.clock,
+                unit_id=self.settings.unit_id,
+                observer=_RequestObserver(self.heartbeat, self.metrics),
+            )
+            await self.modbus.start(self.settings.modbus_host, self.settings.modbus_port)
+        if self.settings.metrics_port:
+            self.metrics_port = self.metrics.start_http(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+        self._tasks = [
+            asyncio.create_task(self.heartbeat.watch()),
+            asyncio.create_task(self._save_energy_periodically()),
+        ]
+        self._running = True
+
+    def save_energy(self) -> None:
+        """Write every energy counter to the state file."""
+        if self.store is not None:
+            self.store.save_energy({s: c.energy.wh for s, c in self.charge_points.items()})
+
+    async def _save_energy_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.energy_save_interval)
+            self.save_energy()
+
+    async def stop(self) -> None:
+        """Stop charging safely (if configured), save energy, close everything; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.modbus is not None:
+            await self.modbus.stop()  # no controller may start charging again meanwhile
+        if self.settings.stop_charging_on_shutdown:
+            await self._stop_charging()
+        for task in list(self._switches.values()):
+            task.cancel()
+        await self.link.close()
+        self.metrics.stop_http()
+        self.save_energy()
+        if self.store is not None:
+            self.store.close()
+        if self._running:
+            log.info("stopped")
+
+    async def _stop_charging(self) -> None:
+        now = self.clock()
+        for point in self.charge_points.values():
+            point.commit(cp.set_current(point.state, 0, now))
+        limit = now + self.settings.stop_timeout + SHUTDOWN_GRACE
+        while self.clock() < limit:
+            busy = [p.name for p in self.charge_points.values() if _not_stopped(p)]
+            if not busy:
+                return
+            await asyncio.sleep(0.1)
+        log.warning("shutdown: %s did not confirm the stop in time", ", ".join(busy))
+
+
+def _not_stopped(point: cp.ChargePoint) -> bool:
+    """A connected station still reports a closed contactor or a current offered."""
+    data = point.state.data
+    return point.state.connected and data is not None and (data.contactor or data.pwm != cp.PWM_OFF)

@@ -1,0 +1,414 @@
+"""One charge point: what its station reports, and the charging-control state machine.
+
+The control logic is pure: every function takes the state and the time (``now``, seconds on a
+monotonic clock) and returns a new state or a decision. Nothing here reads a clock or does I/O,
+so the safety rules can be checked step by step with a fake clock and with hypothesis.
+
+The IEC 61851 sequence this follows (see the protocol page):
+- a current is offered by PWM; the contactor closes only while the vehicle asks for power (C/D)
+  and a current is offered;
+- to stop, PWM goes to 100 % first; the contactor opens once the vehicle has stopped drawing (or
+  after ``stop_timeout``), and only after the station reports PWM 100 %;
+- unplug (A) or a pilot fault opens the contactor and sets PWM 100 % at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from .energy import EnergyMeter
+from .evse.protocol import Pilot, Proximity, StationData
+
+MIN_CURRENT_CA = 600  # centiamps, the unit of register 10171
+MAX_CURRENT_CA = 3200
+PWM_OFF = 100  # constant +12 V: no charging allowed
+PWM_STATE_F = 0  # constant -12 V: the EVSE signals an error; used for pilot interruption
+CA_PER_PWM_PERCENT = 60  # IEC 61851-1: amps = duty cycle * 0.6
+MIN_CHARGING_PWM = 10
+# Below this on every phase the vehicle counts as no longer drawing: cars keep some electronics
+# powered, so exactly zero never comes.
+STOPPED_MA = 1000
+CP_INTERRUPTION_MAX_S = 60
+
+
+@dataclass(frozen=True)
+class ChargePointConfig:
+    """What is fixed about a charge point: its hardware and its timings."""
+
+    max_current_a: float = 32.0
+    cable: str = "socket"  # "socket": no cable, no current; "tethered": the cable is fixed
+    phases: int = 3  # how the station is wired
+    can_switch_phases: bool = False  # an external phase-switch command is configured
+    stop_timeout: float = 6.0  # how long to wait for the vehicle before opening under load
+    phase_switch_pause: float = 5.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the station should report: PWM duty cycle and contactor."""
+
+    pwm: int
+    contactor: bool
+
+
+class Stage(StrEnum):
+    """Where a phase switch or a pilot interruption stands."""
+
+    STOPPING = "stopping"  # charging stops the normal way; waits for an open contactor
+    READY = "ready"  # phase switch: contactor open, the command may run
+    SWITCHING = "switching"  # phase switch: the command runs
+    PAUSE = "pause"  # phase switch: wait before resuming
+    HOLD = "hold"  # pilot interruption: PWM 0 % (state F) until ``until``
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A phase switch (``phases`` set) or a pilot interruption (``seconds`` set) in progress."""
+
+    stage: Stage
+    phases: int | None = None
+    seconds: int | None = None
+    until: float | None = None
+    # Stages advance only on reports numbered above this: a report requested before the
+    # sequence began may predate a contactor command still in flight.
+    after_report: int = 0
+
+    @property
+    def kind(self) -> str:
+        """``phase_switch`` or ``cp_interruption``."""
+        return "phase_switch" if self.phases is not None else "cp_interruption"
+
+
+class RefusalKind(StrEnum):
+    """Why a command was refused."""
+
+    BAD_VALUE = "bad_value"
+    BUSY = "busy"
+    OFFLINE = "offline"
+
+
+class Refused(Exception):
+    """A command that cannot be carried out; nothing was changed."""
+
+    def __init__(self, kind: RefusalKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the control decisions depend on."""
+
+    config: ChargePointConfig = ChargePointConfig()
+    requested_ca: int = 0  # last value written to 10171; kept through lapses and sequences
+    enforce_heartbeat: bool = True
+    heartbeat_lapsed: bool = False
+    phases: int = 3  # phases in use (differs from the wiring after a phase switch)
+    phase_target: int | None = None  # written to 10180, applied by the trigger
+    sequence: Sequence | None = None
+    switch_failed: bool = False  # the last phase-switch command failed: stay stopped
+    stop_since: float | None = None  # when stopping under load began
+    data: StationData | None = None
+    data_at: float | None = None
+    reports: int = 0  # data reports received so far
+    connected: bool = False
+
+
+def initial_state(config: ChargePointConfig) -> State:
+    """A charge point after start-up: nothing requested, heartbeat enforced."""
+    return State(config=config, phases=config.phases)
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+def cable_limit_ca(state: State) -> int:
+    """The most the cable allows (centiamps); 0 where nothing may be offered."""
+    data = state.data
+    if data is None:
+        return 0
+    amps = data.proximity.amps
+    if amps is not None:
+        return amps * 100
+    if data.proximity is Proximity.NO_CABLE and state.config.cable == "tethered":
+        return MAX_CURRENT_CA  # a fixed cable without a coding resistor: the station limit applies
+    return 0  # socket without a cable, or an unknown reading
+
+
+def allowed_ca(state: State) -> int:
+    """The current the controller allows right now (centiamps), before hardware limits."""
+    if state.sequence is not None or state.switch_failed:
+        return 0
+    if state.enforce_heartbeat and state.heartbeat_lapsed:
+        return 0
+    return state.requested_ca
+
+
+def offered_pwm(state: State) -> int:
+    """Duty cycle to offer: floor(amps / 0.6) capped by cable and station, or 100 % for none."""
+    limit = min(allowed_ca(state), cable_limit_ca(state), round(state.config.max_current_a * 100))
+    if limit < MIN_CURRENT_CA:
+        return PWM_OFF
+    return max(MIN_CHARGING_PWM, limit // CA_PER_PWM_PERCENT)
+
+
+def target(state: State, now: float) -> Target | None:
+    """What the station should do now; None while there is no station to command."""
+    data = state.data
+    if data is None or not state.connected:
+        return None
+    if state.sequence is not None and state.sequence.stage is Stage.HOLD:
+        return Target(PWM_STATE_F, False)
+    if data.pilot is Pilot.A_12V or data.pilot.is_fault:
+        return Target(PWM_OFF, False)
+    pwm = offered_pwm(state)
+    if pwm != PWM_OFF:
+        # Close only once the station itself reports a charging PWM: a station that did not
+        # apply the PWM must not get a closed contactor under a vehicle that asks anyway.
+        close = data.contactor or offered_amps(data.pwm) > 0
+        return Target(pwm, data.pilot.requests_power and close)
+    return Target(PWM_OFF, data.contactor and not _vehicle_released(state, now))
+
+
+def _vehicle_released(state: State, now: float) -> bool:
+    """While stopping: may the contactor open? Only once the station reports PWM 100 %."""
+    data = state.data
+    assert data is not None
+    if data.pwm != PWM_OFF:
+        return False
+    if not data.pilot.requests_power or max(data.currents_ma) < STOPPED_MA:
+        return True
+    return state.stop_since is not None and now - state.stop_since >= state.config.stop_timeout
+
+
+def offered_amps(pwm: int) -> float:
+    """Current a PWM duty cycle offers (IEC 61851-1); 0 outside the charging range."""
+    if MIN_CHARGING_PWM <= pwm <= 85:
+        return pwm * CA_PER_PWM_PERCENT / 100
+    if 85 < pwm <= 96:
+        return (pwm - 64) * 2.5
+    return 0.0
+
+
+def charging(state: State) -> bool:
+    """Contactor closed and the vehicle asks for power, per the latest data."""
+    data = state.data
+    return data is not None and data.contactor and data.pilot.requests_power
+
+
+def next_deadline(state: State) -> float | None:
+    """When the decisions change by time alone (stop timeout, end of a pause or hold)."""
+    times = []
+    if state.stop_since is not None:
+        times.append(state.stop_since + state.config.stop_timeout)
+    if state.sequence is not None and state.sequence.until is not None:
+        times.append(state.sequence.until)
+    return min(times, default=None)
+
+
+def settle(state: State, now: float) -> State:
+    """Apply what follows from the state and the time: stop timer, sequence stages."""
+    data = state.data
+    stopping_under_load = (
+        state.connected
+        and data is not None
+        and data.contactor
+        and data.pilot.requests_power
+        and offered_pwm(state) == PWM_OFF
+    )
+    stop_since = (state.stop_since or now) if stopping_under_load else None
+    state = replace(state, stop_since=stop_since)
+
+    seq = state.sequence
+    if seq is None:
+        return state
+    fresh = state.reports > seq.after_report
+    if seq.stage is Stage.STOPPING and state.connected and fresh and data and not data.contactor:
+        if seq.phases is not None:
+            return replace(state, sequence=replace(seq, stage=Stage.READY))
+        assert seq.seconds is not None
+        return replace(state, sequence=replace(seq, stage=Stage.HOLD, until=now + seq.seconds))
+    if seq.stage in (Stage.HOLD, Stage.PAUSE) and seq.until is not None and now >= seq.until:
+        phases = seq.phases if seq.phases is not None else state.phases
+        return settle(replace(state, sequence=None, phases=phases), now)
+    return state
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def observe(state: State, data: StationData, now: float) -> State:
+    """The station reported its state."""
+    return settle(
+        replace(state, data=data, data_at=now, reports=state.reports + 1, connected=True), now
+    )
+
+
+def disconnect(state: State, now: float) -> State:
+    """The station's session ended; its last data stays for display only."""
+    return settle(replace(state, connected=False), now)
+
+
+def tick(state: State, now: float) -> State:
+    """Time passed."""
+    return settle(state, now)
+
+
+def set_current(state: State, centiamps: int, now: float) -> State:
+    """The controller's current: 0 or 600..3200 centiamps (kept during sequences)."""
+    if centiamps != 0 and not MIN_CURRENT_CA <= centiamps <= MAX_CURRENT_CA:
+        raise Refused(RefusalKind.BAD_VALUE, f"current must be 0 or 600..3200, got {centiamps}")
+    return settle(replace(state, requested_ca=centiamps), now)
+
+
+def set_heartbeat_lapsed(state: State, lapsed: bool, now: float) -> State:
+    """No controller has asked anything for the heartbeat timeout (or one came back)."""
+    return settle(replace(state, heartbeat_lapsed=lapsed), now)
+
+
+def set_heartbeat_enforced(state: State, enforced: bool, now: float) -> State:
+    """Turn heartbeat enforcement on or off for this charge point."""
+    return settle(replace(state, enforce_heartbeat=enforced), now)
+
+
+def check_phase_target(state: State, phases: int) -> None:
+    """Refuse a phase target this station cannot reach."""
+    wired = state.config.phases
+    if phases not in (1, 3):
+        raise Refused(RefusalKind.BAD_VALUE, f"phase target must be 1 or 3, got {phases}")
+    if phases > wired:
+        raise Refused(RefusalKind.BAD_VALUE, f"station is wired for {wired} phase(s), not {phases}")
+    if not state.config.can_switch_phases and phases != wired:
+        raise Refused(
+            RefusalKind.BAD_VALUE,
+            f"station is wired for {wired} phases and has no phase_switch_command",
+        )
+
+
+def set_phase_target(state: State, phases: int, now: float) -> State:
+    """Remember the phase target for the next trigger."""
+    check_phase_target(state, phases)
+    return settle(replace(state, phase_target=phases), now)
+
+
+def _check_can_start_sequence(state: State, what: str) -> None:
+    if state.sequence is not None:
+        raise Refused(RefusalKind.BUSY, f"{what} refused: a {state.sequence.kind} is running")
+    if not state.connected or state.data is None:
+        raise Refused(RefusalKind.OFFLINE, f"{what} refused: the station is not connected")
+
+
+def trigger_phase_switch(state: State, now: float) -> State:
+    """Start the phase switch to the target; a no-op when the target is already in use."""
+    phases = state.phase_target if state.phase_target is not None else state.phases
+    if phases == state.phases and not state.switch_failed:
+        return state
+    _check_can_start_sequence(state, "phase switch")
+    seq = Sequence(stage=Stage.STOPPING, phases=phases, after_report=state.reports)
+    return settle(replace(state, sequence=seq, switch_failed=False), now)
+
+
+def phase_switch_started(state: State, now: float) -> State:
+    """The external phase-switch command has been started."""
+    seq = state.sequence
+    if seq is None or seq.stage is not Stage.READY:
+        raise ValueError(f"no phase switch is ready to run (sequence {seq})")
+    return settle(replace(state, sequence=replace(seq, stage=Stage.SWITCHING)), now)
+
+
+def phase_switch_finished(state: State, ok: bool, now: float) -> State:
+    """The command ended: pause then resume, or stay stopped if it failed."""
+    seq = state.sequence
+    if seq is None or seq.stage is not Stage.SWITCHING:
+        raise ValueError(f"no phase switch is running (sequence {seq})")
+    if not ok:
+        return settle(replace(state, sequence=None, switch_failed=True), now)
+    pause = replace(seq, stage=Stage.PAUSE, until=now + state.config.phase_switch_pause)
+    return settle(replace(state, sequence=pause), now)
+
+
+def start_cp_interruption(state: State, seconds: int, now: float) -> State:
+    """Stop safely, hold the pilot at state F for ``seconds``, then resume."""
+    if not 1 <= seconds <= CP_INTERRUPTION_MAX_S:
+        raise Refused(RefusalKind.BAD_VALUE, f"interruption must be 1..60 s, got {seconds}")
+    _check_can_start_sequence(state, "pilot interruption")
+    seq = Sequence(stage=Stage.STOPPING, seconds=seconds, after_report=state.reports)
+    return settle(replace(state, sequence=seq), now)
+
+
+# --- the live charge point -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a charge point is: its station, its LP number and how it is shown."""
+
+    serial: str  # the station's 32-hex-digit ID
+    lp: int | None  # None: all nine LPs are taken; the station is kept safe but not served
+    name: str
+    serial_number: str  # what register 10150 shows
+
+
+class ChargePoint:
+    """The live state of one charge point; every change goes through the pure functions above.
+
+    It is also what the station's session asks (observe, tick, target, ...). ``on_change`` is
+    called after every change so the session can act on it at once.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: ChargePointConfig,
+        *,
+        energy_wh: float = 0.0,
+        max_data_age: float = 15.0,
+    ) -> None:
+        self.identity = identity
+        self.state = initial_state(config)
+        self.energy = EnergyMeter(wh=energy_wh)
+        # Data older than this counts as none, and energy is not integrated across such a gap.
+        self.max_data_age = max_data_age
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def name(self) -> str:
+        """How the charge point is called in logs and metrics."""
+        return self.identity.name
+
+    def commit(self, state: State) -> None:
+        """Make ``state`` (derived from the current one by the functions above) the current one."""
+        if state != self.state:
+            self.state = state
+            self.on_change()
+
+    def observe(self, data: StationData, now: float) -> None:
+        """New data from the station; counts energy since the previous data."""
+        self.energy.sample(data.power_w, data.contactor, now, self.max_data_age)
+        self.commit(observe(self.state, data, now))
+
+    def disconnected(self, now: float, reason: str) -> None:
+        """The station's session ended."""
+        self.energy.interrupt()
+        self.commit(disconnect(self.state, now))
+
+    def tick(self, now: float) -> None:
+        """Time passed."""
+        self.commit(tick(self.state, now))
+
+    def target(self, now: float) -> Target | None:
+        """What the station should do now."""
+        return target(self.state, now)
+
+    def next_deadline(self) -> float | None:
+        """When to call :meth:`tick` at the latest."""
+        return next_deadline(self.state)
+
+    def fresh_data(self, now: float) -> StationData | None:
+        """The latest data, if the station is connected and the data is recent."""
+        s = self.state
+        if not s.connected or s.data is None or s.data_at is None:
+            return None
+        return s.data if now - s.data_at <= self.max_data_age else None

@@ -1,0 +1,265 @@
+"""Command line: serve, simulate, status, registers, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+
+from . import config as config_mod
+from .evse.protocol import Proximity
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # pymodbus logs every refused request and dropped client at ERROR/WARNING; ours say it better.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT``."""
+    host, port = value, ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if port and not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host, int(port) if port else default_port
+
+
+async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)``; SIGINT and SIGTERM set ``stop``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await main(stop)
+
+
+@click.group()
+@click.version_option(package_name="openwb-modbus-evse")
+def main() -> None:
+    """Serve Dehne-EVSE charging stations as openWB series2 charge points over Modbus TCP."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--evse-host", help="Address the stations connect to.  [default: ::]")
+@click.option("--evse-port", type=int, help="Port the stations connect to.  [default: 9091]")
+@click.option("--poll-interval", type=float, help="Seconds between polls, below 10.  [default: 5]")
+@click.option("--modbus-host", help="Modbus TCP listen address.  [default: 0.0.0.0]")
+@click.option("--modbus-port", type=int, help="Modbus TCP port, 0 = off.  [default: 1502]")
+@click.option("--unit-id", type=int, help="Modbus unit ID, 0 = answer any.  [default: 1]")
+@click.option("--state-db", help="SQLite state file (energy, LP numbers).")
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    help="Seconds without a request before charging stops.  [default: 80]",
+)
+@click.option(
+    "--stop-timeout",
+    type=float,
+    help="Seconds to wait for the vehicle before opening the contactor.  [default: 6]",
+)
+@click.option(
+    "--phase-switch-pause",
+    type=float,
+    help="Seconds between phase switch and resume.  [default: 5]",
+)
+@click.option(
+    "--phase-switch-timeout",
+    type=float,
+    help="Seconds the phase-switch command may take.  [default: 30]",
+)
+@click.option(
+    "--stop-charging-on-shutdown/--keep-charging-on-shutdown",
+    default=None,
+    help="Stop charging safely on shutdown.  [default: stop]",
+)
+@click.option(
+    "--energy-save-interval", type=float, help="Seconds between energy saves.  [default: 5]"
+)
+@click.option("--metrics-host", help="Prometheus /metrics listen address.  [default: 0.0.0.0]")
+@click.option(
+    "--metrics-port", type=int, help="Prometheus /metrics port, 0 = off.  [default: 9502]"
+)
+@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.  [default: INFO]")
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
+    """Run the bridge."""
+    try:
+        settings = config_mod.load(config_path, overrides)
+    except config_mod.ConfigError as err:
+        click.echo(f"config error: {err}", err=True)
+        sys.exit(2)
+    if check_config:
+        click.echo(f"config OK: {len(settings.station)} station(s) configured")
+        return
+    _setup_logging(settings.log_level)
+    from .bridge import Bridge
+    from .store import StoreError
+
+    async def run(stop: asyncio.Event) -> None:
+        bridge = Bridge(settings)
+        try:
+            await bridge.start()
+        except (StoreError, OSError) as err:
+            await bridge.stop()
+            raise click.ClickException(str(err)) from None
+        await stop.wait()
+        logging.getLogger(__name__).info("stopping")
+        await bridge.stop()
+
+    asyncio.run(_until_signal(run))
+
+
+@main.command()
+@click.option(
+    "--bridge",
+    "bridge_addr",
+    default="127.0.0.1:9091",
+    show_default=True,
+    help="HOST:PORT of the bridge.",
+)
+@click.option(
+    "--count", default=1, show_default=True, type=click.IntRange(1, 500), help="Number of stations."
+)
+@click.option("--serial", help="Serial (32 hex digits) of a single station.")
+@click.option(
+    "--firmware",
+    default=4,
+    show_default=True,
+    type=click.IntRange(0, 255),
+    help="Firmware version.",
+)
+@click.option(
+    "--plug-in-after",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds until the vehicle plugs in (-1: never).",
+)
+@click.option(
+    "--unplug-after",
+    type=float,
+    default=None,
+    help="Seconds after plug-in until it unplugs.  [default: never]",
+)
+@click.option(
+    "--vehicle-current",
+    type=float,
+    default=16.0,
+    show_default=True,
+    help="The vehicle's current limit in A.",
+)
+@click.option(
+    "--vehicle-phases",
+    type=click.Choice(["1", "3"]),
+    default="3",
+    show_default=True,
+    help="Phases the vehicle charges on.",
+)
+@click.option(
+    "--cable",
+    type=click.Choice(["13", "20", "32", "none"]),
+    default="32",
+    show_default=True,
+    help="Cable rating the proximity pilot shows.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def simulate(
+    bridge_addr: str,
+    count: int,
+    serial: str | None,
+    firmware: int,
+    plug_in_after: float,
+    unplug_after: float | None,
+    vehicle_current: float,
+    vehicle_phases: str,
+    cable: str,
+    log_level: str,
+) -> None:
+    """Run virtual Dehne-EVSE stations with virtual vehicles."""
+    from .simulator import VehicleConfig, run_simulators
+
+    if serial is not None and count != 1:
+        raise click.UsageError("--serial names one station; drop --count")
+    _setup_logging(log_level.upper())
+    vehicle = VehicleConfig(
+        plug_in_after=None if plug_in_after < 0 else plug_in_after,
+        unplug_after=unplug_after,
+        max_current_a=vehicle_current,
+        phases=int(vehicle_phases),
+    )
+    proximity = {
+        "13": Proximity.CABLE_13A,
+        "20": Proximity.CABLE_20A,
+        "32": Proximity.CABLE_32A,
+        "none": Proximity.NO_CABLE,
+    }[cable]
+
+    async def run(stop: asyncio.Event) -> None:
+        await run_simulators(
+            _host_port(bridge_addr, 9091),
+            count=count,
+            serial=serial.upper() if serial else None,
+            firmware=firmware,
+            vehicle=vehicle,
+            proximity=proximity,
+            stop=stop,
+        )
+
+    asyncio.run(_until_signal(run))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=1502, show_default=True)
+@click.option("--unit", default=1, show_default=True, help="Modbus unit ID.")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def status(host: str, port: int, unit: int, watch: bool, interval: float, as_json: bool) -> None:
+    """Show every charge point of an openWB Rev2.0 secondary (this service or a real openWB)."""
+    from .status import run
+
+    sys.exit(run(host, port, unit, watch=watch, interval=interval, as_json=as_json))
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for docs).")
+@click.option(
+    "--lp",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 9),
+    help="Show addresses of this LP.",
+)
+def registers(markdown: bool, lp: int) -> None:
+    """Print the register map (register_map.csv)."""
+    from .modbus.registers import REGISTER_MAP, format_table
+
+    click.echo(format_table(REGISTER_MAP, lp, markdown=markdown))
+
+
+@main.command()
+@click.option("--state-db", default=None, help="State file.  [default: a temporary file]")
+def demo(state_db: str | None) -> None:
+    """The service, two virtual stations with vehicles and a controller, on the default ports."""
+    from .demo import run_demo
+
+    _setup_logging("INFO")
+    asyncio.run(_until_signal(lambda stop: run_demo(stop, state_db)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Configuration: TOML file + command-line overrides -> validated, frozen settings.
+
+Every problem raises :class:`ConfigError` with one line that names the key, so start-up can stop
+with that line and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .evse.protocol import (
+    NO_CALIBRATION,
+    STATION_IDLE_TIMEOUT,
+    Calibration,
+    StationCalibration,
+)
+from .modbus.registers import MAX_LP
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def default_state_db() -> str:
+    """Where the state file lives unless configured: the user's XDG state directory."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "openwb-modbus-evse" / "state.sqlite3")
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """One ``[[station]]`` entry."""
+
+    serial: str
+    lp: int
+    name: str | None = None
+    serial_number: str | None = None
+    max_current: float = 32.0
+    cable: str = "socket"
+    phases: int = 3
+    phase_switch_command: str | None = None
+    calibration: StationCalibration = NO_CALIBRATION
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``serve`` runs with."""
+
+    evse_host: str = "::"
+    evse_port: int = 9091
+    poll_interval: float = 5.0
+    modbus_host: str = "0.0.0.0"
+    modbus_port: int = 1502
+    unit_id: int = 1
+    state_db: str = field(default_factory=default_state_db)
+    heartbeat_timeout: float = 80.0
+    stop_timeout: float = 6.0
+    phase_switch_pause: float = 5.0
+    phase_switch_timeout: float = 30.0
+    stop_charging_on_shutdown: bool = True
+    energy_save_interval: float = 5.0
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9502
+    log_level: str = "INFO"
+    station: tuple[StationConfig, ...] = ()
+
+    def station_by_serial(self, serial: str) -> StationConfig | None:
+        """The ``[[station]]`` entry of this serial, if any."""
+        return next((s for s in self.station if s.serial == serial), None)
+
+
+# --- value checks ----------------------------------------------------------------------------
+
+
+def _int(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be {low}..{high}, got {value}")
+    return value
+
+
+def _number(key: str, value: Any, low: float, high: float, *, below: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if value < low or value > high or (below and value >= high):
+        bound = f"below {high:g}" if below else f"at most {high:g}"
+        raise ConfigError(key, f"must be at least {low:g} and {bound}, got {value:g}")
+    return float(value)
+
+
+def _positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if value <= 0:
+        raise ConfigError(key, f"must be above 0, got {value:g}")
+    return float(value)
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices or isinstance(value, bool):
+        raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _poll_interval(key: str, value: Any) -> float:
+    number = _positive(key, value)
+    if number >= STATION_IDLE_TIMEOUT:
+        raise ConfigError(
+            key,
+            f"must be below {STATION_IDLE_TIMEOUT:g} s (stations drop the connection after "
+            f"{STATION_IDLE_TIMEOUT:g} s without a request), got {number:g}",
+        )
+    return number
+
+
+_CHECKS: dict[str, Any] = {
+    "evse_host": _str,
+    "evse_port": lambda k, v: _int(k, v, 0, 65535),
+    "poll_interval": _poll_interval,
+    "modbus_host": _str,
+    "modbus_port": lambda k, v: _int(k, v, 0, 65535),
+    "unit_id": lambda k, v: _int(k, v, 0, 247),
+    "state_db": _str,
+    "heartbeat_timeout": _positive,
+    "stop_timeout": lambda k, v: _number(k, v, 0.5, 60),
+    "phase_switch_pause": lambda k, v: _number(k, v, 0, 600),
+    "phase_switch_timeout": _positive,
+    "stop_charging_on_shutdown": _bool,
+    "energy_save_interval": _positive,
+    "metrics_host": _str,
+    "metrics_port": lambda k, v: _int(k, v, 0, 65535),
+    "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
+}
+
+
+def _calibration(key: str, value: Any) -> StationCalibration:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a table with keys {', '.join(_CALIBRATION_KEYS)}")
+    triples = {}
+    for name, triple in value.items():
+        if name not in _CALIBRATION_KEYS:
+            raise ConfigError(f"{key}.{name}", f"unknown key; use {', '.join(_CALIBRATION_KEYS)}")
+        if (
+            not isinstance(triple, list)
+            or len(triple) != 3
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in triple)
+        ):
+            raise ConfigError(f"{key}.{name}", f"must be [offset, slope, divider], got {triple!r}")
+        if triple[2] <= 0:
+            raise ConfigError(f"{key}.{name}", f"divider must be above 0, got {triple[2]}")
+        triples[name] = Calibration(*triple)
+    get = lambda n: triples.get(n, Calibration())  # noqa: E731
+    return StationCalibration(
+        voltages=(get("u1"), get("u2"), get("u3")), currents=(get("i1"), get("i2"), get("i3"))
+    )
+
+
+def _station(index: int, raw: Any) -> StationConfig:
+    prefix = f"station[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix, "must be a table ([[station]])")
+    known = {f.name for f in fields(StationConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", "unknown key")
+    for key in ("serial", "lp"):
+        if key not in raw:
+            raise ConfigError(f"{prefix}.{key}", "is required")
+    serial = _str(f"{prefix}.serial", raw["serial"]).upper()
+    if not re.fullmatch(r"[0-9A-F]{32}", serial):
+        raise ConfigError(f"{prefix}.serial", f"must be 32 hex digits, got {raw['serial']!r}")
+    values: dict[str, Any] = {
+        "serial": serial,
+        "lp": _int(f"{prefix}.lp", raw["lp"], 1, MAX_LP),
+    }
+    if "name" in raw:
+        values["name"] = _str(f"{prefix}.name", raw["name"])
+    if "serial_number" in raw:
+        number = _str(f"{prefix}.serial_number", raw["serial_number"])
+        if len(number) > 20 or not number.isascii():
+            raise ConfigError(f"{prefix}.serial_number", "must be at most 20 ASCII characters")
+        values["serial_number"] = number
+    if "max_current" in raw:
+        values["max_current"] = _number(f"{prefix}.max_current", raw["max_current"], 6, 32)
+    if "cable" in raw:
+        values["cable"] = _choice(f"{prefix}.cable", raw["cable"], ("socket", "tethered"))
+    if "phases" in raw:
+        values["phases"] = _choice(f"{prefix}.phases", raw["phases"], (1, 3))
+    if "phase_switch_command" in raw:
+        values["phase_switch_command"] = _str(
+            f"{prefix}.phase_switch_command", raw["phase_switch_command"]
+        )
+    if "calibration" in raw:
+        values["calibration"] = _calibration(f"{prefix}.calibration", raw["calibration"])
+    return StationConfig(**values)
+
+
+def build(values: Mapping[str, Any]) -> Settings:
+    """Validated settings from a mapping shaped like the TOML file."""
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "station":
+            if not isinstance(value, list):
+                raise ConfigError("station", "must be an array of tables ([[station]])")
+            stations = tuple(_station(i, raw) for i, raw in enumerate(value))
+            _check_unique(stations)
+            settings["station"] = stations
+        elif key in _CHECKS:
+            settings[key] = _CHECKS[key](key, value)
+        else:
+            raise ConfigError(key, "unknown key")
+    return Settings(**settings)
+
+
+def _check_unique(stations: tuple[StationConfig, ...]) -> None:
+    seen_lp: dict[int, int] = {}
+    seen_serial: dict[str, int] = {}
+    for i, st in enumerate(stations):
+        if st.lp in seen_lp:
+            raise ConfigError(
+                f"station[{i}].lp", f"LP{st.lp} is already taken by station[{seen_lp[st.lp]}]"
+            )
+        if st.serial in seen_serial:
+            raise ConfigError(
+                f"station[{i}].serial", f"already configured as station[{seen_serial[st.serial]}]"
+            )
+        seen_lp[st.lp], seen_serial[st.serial] = i, i
+
+
+def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from the TOML file at ``path`` (if any) with ``overrides`` (None = not given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the config file ({exc.strerror})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML ({exc})") from exc
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(values)

@@ -1,0 +1,90 @@
+"""``make demo``: the service, two virtual stations with vehicles, and a small controller.
+
+Everything runs in one process on the default ports, so ``status --watch`` and ``/metrics``
+work without options. The controller writes 10171 like a PV-surplus controller would, so the
+values keep changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+from pymodbus.client import AsyncModbusTcpClient
+
+from .bridge import Bridge
+from .config import Settings, StationConfig
+from .evse.protocol import Proximity
+from .modbus.registers import REGISTER_MAP
+from .simulator import VehicleConfig, VirtualStation, virtual_serial
+
+log = logging.getLogger(__name__)
+
+
+async def _controller(port: int, stop: asyncio.Event) -> None:
+    """Every 5 s: LP1 follows a slow "sun" between 6 and 16 A, LP2 gets 10 A."""
+    client = AsyncModbusTcpClient("127.0.0.1", port=port)
+    await client.connect()
+    step = 0
+    try:
+        while not stop.is_set():
+            sun = 6 + 10 * (0.5 + 0.5 * math.sin(step / 6))
+            for lp, amps in ((1, sun), (2, 10.0)):
+                await client.write_register(
+                    REGISTER_MAP.address(lp, "set_current"), round(amps * 100), device_id=1
+                )
+            step += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5)
+    finally:
+        client.close()
+
+
+async def run_demo(stop: asyncio.Event, state_db: str | None = None) -> None:
+    """Run everything until ``stop`` is set."""
+    with tempfile.TemporaryDirectory(prefix="openwb-modbus-evse-demo-") as tmp:
+        serials = [virtual_serial(1), virtual_serial(2)]
+        settings = Settings(
+            state_db=state_db or str(Path(tmp) / "state.sqlite3"),
+            station=(
+                StationConfig(serial=serials[0], lp=1, name="garage", max_current=16),
+                StationConfig(serial=serials[1], lp=2, name="carport", phases=1, cable="tethered"),
+            ),
+        )
+        bridge = Bridge(settings)
+        await bridge.start()
+        stations = [
+            VirtualStation(
+                serials[0],
+                bridge=("127.0.0.1", bridge.link.port),
+                vehicle=VehicleConfig(plug_in_after=3, max_current_a=16, phases=3),
+                voltage_jitter_v=1.5,
+                name="garage",
+            ),
+            VirtualStation(
+                serials[1],
+                bridge=("127.0.0.1", bridge.link.port),
+                vehicle=VehicleConfig(plug_in_after=8, max_current_a=32, phases=1),
+                proximity=Proximity.NO_CABLE,
+                voltage_jitter_v=1.5,
+                name="carport",
+            ),
+        ]
+        for station in stations:
+            await station.start()
+        assert bridge.modbus is not None
+        controller = asyncio.create_task(_controller(bridge.modbus.port, stop))
+        log.info(
+            "demo running. In another terminal: .venv/bin/openwb-modbus-evse status --watch  "
+            "|  curl -s localhost:%d/metrics | grep ^openwb  |  Ctrl-C stops",
+            settings.metrics_port,
+        )
+        await stop.wait()
+        await controller
+        await bridge.stop()
+        for station in stations:
+            await station.stop()

@@ -1,0 +1,400 @@
+"""The stations' side of the bridge: an asyncio TCP server, one session per station.
+
+A session reads the handshake, proves the peer is a station with a first collect-data, registers
+it by serial (replacing an older session of the same station), then polls it and reconciles: what
+the station reports is compared with what its hooks (the charge point) want, and whatever differs
+is sent again until the station reports it. One request is in flight at a time; a notify may
+arrive between a request and its response and triggers one collect-data (several coalesce).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from ..chargepoint import Target
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+station_log = logging.getLogger(__package__.rsplit(".", 1)[0] + ".station")
+
+
+class SessionClosed(ConnectionError):
+    """The session ended while a request was waiting."""
+
+
+class StationHooks(Protocol):
+    """What a session needs from the rest of the service for one station."""
+
+    name: str
+
+    def observe(self, data: p.StationData, now: float) -> None:
+        """New data from the station."""
+
+    def tick(self, now: float) -> None:
+        """Time passed; called before every decision."""
+
+    def target(self, now: float) -> Target | None:
+        """What the station should report; None to leave it alone."""
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` must run at the latest."""
+
+    def disconnected(self, now: float, reason: str) -> None:
+        """The session ended."""
+
+
+class LinkObserver:
+    """Receives what the link counts (for metrics); every method does nothing here."""
+
+    def session_opened(self, serial: str) -> None:
+        """A station's session was established."""
+
+    def session_closed(self, serial: str | None, reason: str) -> None:
+        """A connection ended (serial None if it never got that far)."""
+
+    def protocol_error(self, reason: str) -> None:
+        """A peer sent something malformed."""
+
+    def command_rtt(self, command: str, seconds: float) -> None:
+        """A request was answered after ``seconds``."""
+
+
+class _PassiveHooks:
+    """Hooks of a link used on its own: observe, never command."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def observe(self, data: p.StationData, now: float) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def target(self, now: float) -> Target | None:
+        return None
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def disconnected(self, now: float, reason: str) -> None:
+        pass
+
+
+class Session:
+    """One station's TCP connection."""
+
+    def __init__(
+        self, link: StationLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.link = link
+        self._reader = reader
+        self._writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"[{peer[0]}]:{peer[1]}" if peer and ":" in peer[0] else f"{peer}"
+        self.serial: str | None = None
+        self.firmware = 0
+        self.calibration = p.NO_CALIBRATION
+        self.hooks: StationHooks = _PassiveHooks(self.peer)
+        self.latest: p.StationData | None = None
+        self.latest_at: float | None = None
+        self.closed = False
+        self.close_reason = ""
+        self._lock = asyncio.Lock()
+        self._pending: deque[tuple[p.ResponseType, asyncio.Future[object]]] = deque()
+        self._wake = asyncio.Event()
+        self._notified = False
+        self._last_sent: tuple[Target, float] | None = None
+        self._retry_at: float | None = None
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def name(self) -> str:
+        """How the station is called in logs."""
+        return self.hooks.name if self.serial else self.peer
+
+    def wake(self) -> None:
+        """Make the control loop look at the hooks' target now."""
+        self._wake.set()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def request(self, frame: bytes, expect: p.ResponseType) -> object:
+        """Send one request and wait for its response (data, or the response type)."""
+        async with self._lock:
+            if self.closed:
+                raise SessionClosed(self.close_reason)
+            future: asyncio.Future[object] = self._loop.create_future()
+            self._pending.append((expect, future))
+            started = self._loop.time()
+            self._writer.write(frame)
+            try:
+                result = await asyncio.wait_for(future, self.link.response_timeout)
+            except TimeoutError:
+                self.close(f"no response within {self.link.response_timeout:g} s")
+                raise SessionClosed(self.close_reason) from None
+            self.link.observer.command_rtt(expect.name.lower(), self._loop.time() - started)
+            return result
+
+    async def collect(self) -> p.StationData:
+        """Collect data, remember it and hand it to the hooks."""
+        data = await self.request(p.collect_data(), p.ResponseType.DATA)
+        assert isinstance(data, p.StationData)
+        self._accept(data)
+        return data
+
+    def _accept(self, data: p.StationData) -> None:
+        now = self._loop.time()
+        self.latest, self.latest_at = data, now
+        for line in data.log_lines:
+            station_log.getChild(self.name).info("%s", line)
+        self.hooks.observe(data, now)
+
+    async def set_pwm(self, percent: int) -> None:
+        """Set the PWM duty cycle; returns once the station acknowledged it."""
+        await self.request(p.set_pwm(percent), p.ResponseType.PWM_ACK)
+
+    async def set_contactor(self, on: bool) -> None:
+        """Switch the contactor; returns once the station acknowledged it."""
+        await self.request(p.set_contactor(on), p.ResponseType.CONTACTOR_ACK)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """End the session (idempotent); waiting requests fail with :class:`SessionClosed`."""
+        if self.closed:
+            return
+        self.closed, self.close_reason = True, reason
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(SessionClosed(reason))
+        self._pending.clear()
+        self._wake.set()
+        self._writer.close()
+        self.link._session_ended(self, reason)
+
+    def _protocol_error(self, err: p.ProtocolError) -> None:
+        self.link.observer.protocol_error(err.reason)
+        self.close(f"protocol error ({err.reason}): {err}")
+
+    async def run(self) -> None:
+        """Serve the connection until it ends."""
+        reader_task: asyncio.Task[None] | None = None
+        try:
+            raw = await asyncio.wait_for(
+                self._reader.readexactly(p.HANDSHAKE_SIZE), self.link.handshake_timeout
+            )
+            handshake = p.decode_handshake(raw)
+            self.firmware = handshake.firmware
+            self.calibration = self.link.calibration_for(handshake.serial)
+            reader_task = asyncio.create_task(self._read_loop())
+            # Only a peer that answers a collect-data like a station is registered: garbage on
+            # the port must not claim a serial (and with it a charge point).
+            first = await self.request(p.collect_data(), p.ResponseType.DATA)
+            assert isinstance(first, p.StationData)
+            self.serial = handshake.serial
+            self.link._register(self)
+            log.info(
+                "station %s (%s, firmware %d) connected from %s",
+                self.name,
+                self.serial,
+                self.firmware,
+                self.peer,
+            )
+            self._accept(first)
+            await self._control_loop()
+        except TimeoutError:
+            self.close(f"no handshake within {self.link.handshake_timeout:g} s")
+        except asyncio.IncompleteReadError:
+            self.close("connection closed during the handshake")
+        except p.ProtocolError as err:
+            self._protocol_error(err)
+        except (SessionClosed, ConnectionError) as err:
+            self.close(str(err) or "connection lost")
+        finally:
+            self.close(self.close_reason or "session ended")
+            if reader_task is not None:
+                reader_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader_task
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                header = await self._reader.readexactly(p.HEADER_SIZE)
+                kind, length = p.decode_header(header, p.RESPONSE_TYPES)
+                body = await self._reader.readexactly(length)
+                response = p.decode_response(kind, body, self.firmware, self.calibration)
+                if response is p.ResponseType.NOTIFY:
+                    self._notified = True
+                    self._wake.set()
+                    continue
+                if not self._pending:
+                    raise p.ProtocolError(
+                        "unexpected_response", f"frame type {kind} arrived with no request waiting"
+                    )
+                expect, future = self._pending.popleft()
+                got = p.ResponseType.DATA if isinstance(response, p.StationData) else response
+                if got is not expect:
+                    raise p.ProtocolError(
+                        "wrong_response", f"expected {expect.name}, got frame type {kind}"
+                    )
+                if not future.done():
+                    future.set_result(response)
+        except p.ProtocolError as err:
+            self._protocol_error(err)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close("the station closed the connection")
+
+    async def _control_loop(self) -> None:
+        poll = self.link.poll_interval
+        next_poll = self._loop.time() + poll
+        while not self.closed:
+            now = self._loop.time()
+            self.hooks.tick(now)
+            sent = await self._reconcile(now)
+            if sent or self._notified or now >= next_poll:
+                self._notified = False
+                await self.collect()  # after commands: confirms them (or shows they failed)
+                next_poll = self._loop.time() + poll
+                continue
+            times = (next_poll, self.hooks.next_deadline(), self._retry_at)
+            wake_at = min(t for t in times if t is not None)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - self._loop.time()))
+
+    async def _reconcile(self, now: float) -> bool:
+        """Send what differs between the hooks' target and the latest data; True if sent."""
+        want, data = self.hooks.target(now), self.latest
+        assert data is not None
+        self._retry_at = None
+        if want is None or (want.pwm == data.pwm and want.contactor == data.contactor):
+            return False
+        if self._last_sent is not None and self._last_sent[0] == want:
+            # A station that acknowledges but does not follow gets the same command again once
+            # per poll interval, not in a tight loop.
+            self._retry_at = self._last_sent[1] + self.link.poll_interval
+            if now < self._retry_at:
+                return False
+        if want.pwm != data.pwm:  # PWM first: a stop must announce itself to the vehicle
+            await self.set_pwm(want.pwm)
+        if want.contactor != data.contactor:
+            await self.set_contactor(want.contactor)
+        self._last_sent = (want, now)
+        return True
+
+
+class StationLink:
+    """TCP server the stations connect to; keeps one session per serial."""
+
+    def __init__(
+        self,
+        host: str = "::",
+        port: int = 9091,
+        *,
+        poll_interval: float = 5.0,
+        response_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        attach: Callable[[Session], StationHooks] | None = None,
+        calibration_for: Callable[[str], p.StationCalibration] | None = None,
+        observer: LinkObserver | None = None,
+    ) -> None:
+        if not 0 < poll_interval < p.STATION_IDLE_TIMEOUT:
+            raise ValueError(
+                f"poll_interval must be above 0 and below {p.STATION_IDLE_TIMEOUT:g} s "
+                f"(the station drops the connection after {p.STATION_IDLE_TIMEOUT:g} s without a "
+                f"request), got {poll_interval:g}"
+            )
+        self.host, self.port = host, port
+        self.poll_interval = poll_interval
+        self.response_timeout = response_timeout
+        self.handshake_timeout = handshake_timeout
+        self._attach = attach
+        self.calibration_for = calibration_for or (lambda serial: p.NO_CALIBRATION)
+        self.observer = observer or LinkObserver()
+        self.sessions: dict[str, Session] = {}
+        self._all: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen; ``port`` 0 picks a free port (read it back from ``self.port``)."""
+        try:
+            self._server = await self._listen()
+        except OSError as err:
+            raise OSError(
+                f"cannot listen for stations on [{self.host}]:{self.port}: {err.strerror or err}"
+            ) from err
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("listening for stations on [%s]:%d", self.host, self.port)
+
+    async def _listen(self) -> asyncio.Server:
+        if self.host != "::" or not socket.has_ipv6:
+            return await asyncio.start_server(self._accept, self.host, self.port)
+        # asyncio makes IPv6 sockets IPv6-only; "::" should take IPv4 stations too, as the
+        # firmware's server address is usually an IPv4 one.
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", self.port))
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.start_server(self._accept, sock=sock)
+
+    async def close(self) -> None:
+        """Stop listening and end every session."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._all):
+            session.close("the bridge is shutting down")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def session(self, serial: str) -> Session:
+        """The established session of a station (KeyError if it is not connected)."""
+        return self.sessions[serial]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer)
+        self._all.add(session)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await session.run()
+        finally:
+            self._all.discard(session)
+            self._tasks.discard(task)
+
+    def _register(self, session: Session) -> None:
+        assert session.serial is not None
+        old = self.sessions.get(session.serial)
+        if old is not None:
+            old.close("replaced by a new connection of the same station")
+        self.sessions[session.serial] = session
+        if self._attach is not None:
+            session.hooks = self._attach(session)
+        else:
+            session.hooks = _PassiveHooks(session.serial)
+        self.observer.session_opened(session.serial)
+
+    def _session_ended(self, session: Session, reason: str) -> None:
+        level = logging.INFO if reason.startswith(("replaced", "the bridge")) else logging.WARNING
+        log.log(level, "station %s: session closed: %s", session.name, reason)
+        self.observer.session_closed(session.serial, reason)
+        if session.serial is not None and self.sessions.get(session.serial) is session:
+            del self.sessions[session.serial]
+            session.hooks.disconnected(asyncio.get_running_loop().time(), reason)

@@ -1,0 +1,226 @@
+"""Prometheus metrics: live charge-point values read at scrape time, and service counters.
+
+The collector keeps no copy of the state: every scrape reads the bridge's charge points. Events
+that are not state (Modbus requests, protocol errors, command round trips) are counted here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .chargepoint import allowed_ca, charging, offered_amps
+from .evse.link import LinkObserver
+from .evse.protocol import Pilot
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
+
+log = logging.getLogger(__name__)
+
+PREFIX = "openwb_modbus_evse"
+_CP_LABELS = ["lp", "serial", "name"]
+_PILOT_STATES = ("A", "B", "C", "D", "E", "F", "?")
+
+
+class _ChargePointCollector(Collector):
+    """Reads every charge point of the bridge when scraped."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+
+    def collect(self) -> Iterator[Metric]:
+        bridge = self._bridge
+        now = bridge.clock()
+
+        def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=_CP_LABELS + (extra or []))
+
+        voltage = gauge("voltage_volts", "Phase voltage.", ["phase"])
+        current = gauge("current_amperes", "Phase current.", ["phase"])
+        phase_power = gauge("phase_power_watts", "Phase power (V*I).", ["phase"])
+        power = gauge("power_watts", "Total power: sum of V*I over the phases.")
+        energy = CounterMetricFamily(
+            f"{PREFIX}_energy_imported_joules", "Energy imported.", labels=_CP_LABELS
+        )
+        plugged = gauge("plugged", "1 if a vehicle is plugged in.")
+        charging_ = gauge(
+            "charging", "1 if the contactor is closed and the vehicle asks for power."
+        )
+        requested = gauge("requested_current_amperes", "Current last written by a controller.")
+        allowed = gauge(
+            "allowed_current_amperes", "Current allowed now (0 during a lapse or a sequence)."
+        )
+        offered = gauge("offered_current_amperes", "Current the station offers by its PWM.")
+        pwm = gauge("pwm_duty_cycle_ratio", "PWM duty cycle the station reports (1 = 100 %).")
+        contactor = gauge("contactor_closed", "1 if the station reports the contactor closed.")
+        pilot = gauge("pilot_state", "Control-pilot state (IEC 61851: A..F, ? unknown).", ["state"])
+        cable = gauge(
+            "cable_max_current_amperes", "Cable rating from the proximity pilot (0: none)."
+        )
+        rssi = gauge("wifi_rssi_dbm", "WiFi signal strength of the station.")
+        uptime = gauge("station_uptime_seconds", "Station uptime as it reports it.")
+        age = gauge("data_age_seconds", "Age of the station's latest data.")
+        connected = gauge("connected", "1 if the station's session is established.")
+
+        for point in list(bridge.charge_points.values()):
+            ident = point.identity
+            labels = [str(ident.lp or ""), ident.serial, ident.name]
+            state = point.state
+            energy.add_metric(labels, point.energy.wh * 3600)
+            requested.add_metric(labels, state.requested_ca / 100)
+            allowed.add_metric(labels, allowed_ca(state) / 100)
+            connected.add_metric(labels, 1 if state.connected else 0)
+            if state.data_at is not None:
+                age.add_metric(labels, now - state.data_at)
+            data = point.fresh_data(now)
+            if data is None:
+                continue  # no stale values: a missing series is what "unknown" looks like
+            for i in range(3):
+                phase = [*labels, str(i + 1)]
+                voltage.add_metric(phase, data.voltages_mv[i] / 1000)
+                current.add_metric(phase, data.currents_ma[i] / 1000)
+                phase_power.add_metric(phase, data.phase_powers_w[i])
+            power.add_metric(labels, data.power_w)
+            plugged.add_metric(labels, 1 if data.pilot.plugged else 0)
+            charging_.add_metric(labels, 1 if charging(state) else 0)
+            offered.add_metric(labels, offered_amps(data.pwm))
+            pwm.add_metric(labels, data.pwm / 100)
+            contactor.add_metric(labels, 1 if data.contactor else 0)
+            for letter in _PILOT_STATES:
+                pilot.add_metric([*labels, letter], 1 if _letter(data.pilot) == letter else 0)
+            cable.add_metric(labels, data.proximity.amps or 0)
+            rssi.add_metric(labels, data.rssi_dbm)
+            uptime.add_metric(labels, data.uptime_ms / 1000)
+
+        yield from (voltage, current, phase_power, power, energy, plugged, charging_)
+        yield from (requested, allowed, offered, pwm, contactor, pilot, cable, rssi, uptime)
+        yield from (age, connected)
+
+        heartbeat = bridge.heartbeat
+        yield GaugeMetricFamily(
+            f"{PREFIX}_heartbeat_age_seconds",
+            "Seconds since the last Modbus request.",
+            value=heartbeat.age(),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_heartbeat_lapsed", "1 while the heartbeat is lapsed.", value=heartbeat.lapsed
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_heartbeat_lapses", "Heartbeat lapses.", value=heartbeat.lapses
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_heartbeat_recoveries", "Heartbeat recoveries.", value=heartbeat.recoveries
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_station_sessions",
+            "Stations with an established session.",
+            value=len(bridge.link.sessions),
+        )
+
+
+def _letter(pilot: Pilot) -> str:
+    return pilot.state if pilot is not Pilot.UNKNOWN else "?"
+
+
+class Metrics(LinkObserver):
+    """The bridge's metrics registry, and the observer of link and Modbus events."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_ChargePointCollector(bridge))
+        self._modbus_requests = Counter(
+            f"{PREFIX}_modbus_requests",
+            "Modbus requests answered, by function code and result.",
+            ["function_code", "result"],
+            registry=self.registry,
+        )
+        self._modbus_exceptions = Counter(
+            f"{PREFIX}_modbus_exceptions",
+            "Modbus exception responses, by exception code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self._sessions_opened = Counter(
+            f"{PREFIX}_station_sessions_opened",
+            "Station sessions established.",
+            registry=self.registry,
+        )
+        self._sessions_closed = Counter(
+            f"{PREFIX}_station_connections_closed",
+            "Station connections closed (established or not).",
+            registry=self.registry,
+        )
+        self._protocol_errors = Counter(
+            f"{PREFIX}_protocol_errors",
+            "Malformed input from stations, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._command_duration = Histogram(
+            f"{PREFIX}_station_command_duration_seconds",
+            "Round-trip time of station requests, by command.",
+            ["command"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
+        self._phase_switches = Counter(
+            f"{PREFIX}_phase_switches",
+            "Phase-switch commands run, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    # Modbus events (from the server's observer)
+    def response(self, function_code: int, exception_code: int | None) -> None:
+        """Count one answered Modbus request."""
+        result = "ok" if exception_code is None else "exception"
+        self._modbus_requests.labels(str(function_code), result).inc()
+        if exception_code is not None:
+            self._modbus_exceptions.labels(str(exception_code)).inc()
+
+    # link events
+    def session_opened(self, serial: str) -> None:
+        self._sessions_opened.inc()
+
+    def session_closed(self, serial: str | None, reason: str) -> None:
+        self._sessions_closed.inc()
+
+    def protocol_error(self, reason: str) -> None:
+        self._protocol_errors.labels(reason).inc()
+
+    def command_rtt(self, command: str, seconds: float) -> None:
+        self._command_duration.labels(command).observe(seconds)
+
+    def phase_switch(self, ok: bool) -> None:
+        """Count one run of the phase-switch command."""
+        self._phase_switches.labels("ok" if ok else "failed").inc()
+
+    # HTTP endpoint
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics on ``host:port`` (0 picks a free port); returns the port."""
+        try:
+            server, thread = start_http_server(port, host, registry=self.registry)
+        except OSError as err:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
+        self._http = (server, thread)
+        bound = server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop_http(self) -> None:
+        """Stop serving /metrics."""
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._http = None

@@ -1,0 +1,188 @@
+"""Shared test parts: real sockets on loopback, a raw fake station, the whole bridge in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from openwb_modbus_evse.bridge import Bridge
+from openwb_modbus_evse.config import Settings, StationConfig
+from openwb_modbus_evse.evse import protocol as p
+from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for servers where 0 means "off")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program; skipped if missing, unless CI says it must be there."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("OPENWB_REQUIRE_TOOLS"):
+            pytest.fail(f"{name} is not installed (run make install as root, or apt-get install)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+async def eventually(
+    check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02
+) -> None:
+    """Wait until ``check()`` is true."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(interval)
+
+
+class RawStation:
+    """A hand-driven station: the test decides every byte it sends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, serial: str | None = None, firmware: int = 4) -> RawStation:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        station = cls(reader, writer)
+        if serial is not None:
+            writer.write(p.encode_handshake(serial, firmware))
+        return station
+
+    async def next_request(self, timeout: float = 3.0) -> p.Request:
+        header = await asyncio.wait_for(self.reader.readexactly(p.HEADER_SIZE), timeout)
+        kind, length = p.decode_header(header, p.REQUEST_TYPES)
+        body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        return p.decode_request(kind, body)
+
+    def send(self, raw: bytes) -> None:
+        self.writer.write(raw)
+
+    async def closed_by_peer(self, timeout: float = 3.0) -> bool:
+        """True once the other side closed the connection (everything unread is discarded)."""
+        async with asyncio.timeout(timeout):
+            while await self.reader.read(4096):
+                pass
+        return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def idle_data(**changes) -> p.StationData:
+    """Data of a station with nothing plugged in."""
+    data = p.StationData(
+        contactor=False,
+        pwm=100,
+        pilot=p.Pilot.A_12V,
+        proximity=p.Proximity.CABLE_32A,
+        voltages_mv=(230_000, 230_000, 230_000),
+        currents_ma=(0, 0, 0),
+        rssi_dbm=-60,
+        uptime_ms=1000,
+        cp_adc=1,
+        pp_adc=2,
+    )
+    return replace(data, **changes)
+
+
+# --- the whole bridge in-process ---------------------------------------------------------------
+
+FAST = {"reconnect_delay": 0.2, "request_timeout": 2.0}
+
+
+class Rig:
+    """A running bridge, ways to add virtual stations, and a Modbus client."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.stations: list[VirtualStation] = []
+        self.clients: list[AsyncModbusTcpClient] = []
+
+    @property
+    def modbus_port(self) -> int:
+        assert self.bridge.modbus is not None
+        return self.bridge.modbus.port
+
+    async def station(
+        self, index: int = 1, vehicle: VehicleConfig | None = None, **options
+    ) -> VirtualStation:
+        """A virtual station connected to the bridge, with a fast vehicle plugged in at once."""
+        vehicle = vehicle or VehicleConfig(plug_in_after=0.0, reaction_s=0.05)
+        station = VirtualStation(
+            options.pop("serial", virtual_serial(index)),
+            bridge=("127.0.0.1", self.bridge.link.port),
+            vehicle=vehicle,
+            **{**FAST, **options},
+        )
+        await station.start()
+        self.stations.append(station)
+        await eventually(lambda: station.serial in self.bridge.link.sessions)
+        return station
+
+    async def client(self) -> AsyncModbusTcpClient:
+        client = AsyncModbusTcpClient("127.0.0.1", port=self.modbus_port, timeout=3, retries=0)
+        assert await client.connect()
+        self.clients.append(client)
+        return client
+
+    def point(self, serial: str):
+        return self.bridge.charge_points[serial]
+
+    async def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for station in self.stations:
+            await station.stop()
+        await self.bridge.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for an in-process bridge: free ports, a fresh state file, short timers."""
+    return Settings(
+        evse_host="127.0.0.1",
+        evse_port=0,
+        poll_interval=0.5,
+        modbus_host="127.0.0.1",
+        modbus_port=free_port(),
+        metrics_port=0,
+        state_db=str(tmp_path / "state.sqlite3"),
+        stop_timeout=1.0,
+        phase_switch_pause=0.3,
+        energy_save_interval=0.5,
+    )
+
+
+@pytest.fixture
+async def make_rig() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
+    """``await make_rig(settings, **changes)`` starts a bridge; everything stops afterwards."""
+    rigs: list[Rig] = []
+
+    async def make(settings: Settings, **changes) -> Rig:
+        bridge = Bridge(replace(settings, **changes))
+        await bridge.start()
+        rig = Rig(bridge)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        await rig.close()  # idempotent: a test may have closed it already
+
+
+def station_config(index: int, lp: int, **kw) -> StationConfig:
+    return StationConfig(serial=virtual_serial(index), lp=lp, **kw)

@@ -1,0 +1,227 @@
+"""The station link over real loopback TCP: virtual stations, and hand-made bad peers."""
+
+import asyncio
+import logging
+
+import pytest
+from conftest import RawStation, eventually, idle_data
+
+from openwb_modbus_evse.evse import protocol as p
+from openwb_modbus_evse.evse.link import LinkObserver, StationLink
+from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+
+SERIAL = "10BA23AB50534D53302E3120FF162332"
+
+
+class Recorder(LinkObserver):
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.opened: list[str] = []
+        self.closed: list[tuple[str | None, str]] = []
+
+    def protocol_error(self, reason: str) -> None:
+        self.errors.append(reason)
+
+    def session_opened(self, serial: str) -> None:
+        self.opened.append(serial)
+
+    def session_closed(self, serial: str | None, reason: str) -> None:
+        self.closed.append((serial, reason))
+
+
+@pytest.fixture
+async def link():
+    recorder = Recorder()
+    link = StationLink(
+        "127.0.0.1",
+        0,
+        poll_interval=0.2,
+        response_timeout=0.5,
+        handshake_timeout=0.5,
+        observer=recorder,
+    )
+    await link.start()
+    link.recorder = recorder
+    yield link
+    await link.close()
+
+
+@pytest.fixture
+async def stations(link):
+    started: list[VirtualStation] = []
+
+    async def make(count: int, **options) -> list[VirtualStation]:
+        new = [
+            VirtualStation(
+                virtual_serial(len(started) + i + 1),
+                bridge=("127.0.0.1", link.port),
+                reconnect_delay=0.1,
+                **options,
+            )
+            for i in range(count)
+        ]
+        for station in new:
+            await station.start()
+        started.extend(new)
+        await eventually(lambda: all(s.serial in link.sessions for s in new))
+        return new
+
+    yield make
+    for station in started:
+        await station.stop()
+
+
+def collects(station: VirtualStation) -> int:
+    return sum(r.type is p.RequestType.COLLECT_DATA for r in station.received)
+
+
+async def test_several_stations_are_polled_every_interval(link, stations):
+    group = await stations(4)
+    before = [collects(s) for s in group]
+    await asyncio.sleep(1.0)  # five poll intervals
+    for station, start in zip(group, before, strict=True):
+        assert 3 <= collects(station) - start <= 7
+        session = link.session(station.serial)
+        assert session.latest is not None and session.firmware == 4
+        assert asyncio.get_running_loop().time() - session.latest_at < 0.5
+    assert sorted(link.sessions) == sorted(s.serial for s in group)
+
+
+async def test_firmware_2_stations_are_decoded_with_the_short_layout(link, stations):
+    (station,) = await stations(1, firmware=2)
+    data = link.session(station.serial).latest
+    assert data.cp_adc is None and data.voltages_mv == (230_000, 230_000, 230_000)
+
+
+async def test_set_pwm_and_contactor_await_the_acknowledgement(link, stations):
+    (station,) = await stations(1)
+    session = link.session(station.serial)
+    await session.set_pwm(26)
+    assert station.pwm == 26  # applied before the ack came back
+    await session.set_contactor(True)
+    assert station.contactor
+    data = await session.collect()
+    assert (data.pwm, data.contactor) == (26, True)
+
+
+async def test_garbage_closes_only_that_session(link, stations):
+    group = await stations(2)
+    before = [collects(s) for s in group]
+    rogue = await RawStation.connect(link.port)
+    rogue.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+    assert await rogue.closed_by_peer()
+    await eventually(lambda: "unknown_frame_type" in link.recorder.errors)
+    await asyncio.sleep(0.5)
+    for station, start in zip(group, before, strict=True):
+        assert collects(station) - start >= 2  # still polled
+        assert station.connections == 1  # never dropped
+    assert "474554202F6D6574726963732048545450" not in str(link.sessions)  # never registered
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (bytes([7, 0, 0, 0, 0]), "unknown_frame_type"),
+        (bytes([2, 0, 0x10, 0, 0]), "oversize"),  # announces 1 MiB
+        (p.encode_frame(p.ResponseType.DATA, b"\x00" * 20), "short_data"),
+        (p.pong(), "wrong_response"),  # a pong for a collect-data
+        (p.encode_frame(p.ResponseType.PWM_ACK, b"x"), "bad_body"),
+    ],
+)
+async def test_malformed_responses_close_the_session_with_a_reason(link, reply, reason, caplog):
+    caplog.set_level(logging.WARNING)
+    station = await RawStation.connect(link.port, SERIAL)
+    assert (await station.next_request()).type is p.RequestType.COLLECT_DATA
+    station.send(reply)
+    assert await station.closed_by_peer()
+    assert link.recorder.errors == [reason]
+    assert SERIAL not in link.sessions
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+async def test_a_response_nobody_asked_for_is_a_protocol_error(link):
+    station = await RawStation.connect(link.port, SERIAL)
+    await station.next_request()
+    station.send(p.encode_data(idle_data(), 4))
+    await eventually(lambda: SERIAL in link.sessions)
+    station.send(p.pwm_ack())  # nothing was requested
+    assert await station.closed_by_peer()
+    assert link.recorder.errors == ["unexpected_response"]
+
+
+async def test_no_handshake_within_the_limit_closes_the_connection(link):
+    silent = await RawStation.connect(link.port)  # sends nothing
+    started = asyncio.get_running_loop().time()
+    assert await silent.closed_by_peer()
+    assert 0.4 <= asyncio.get_running_loop().time() - started < 2
+    assert any("no handshake" in reason for _, reason in link.recorder.closed)
+
+
+async def test_a_peer_that_never_answers_is_dropped_after_the_response_timeout(link):
+    station = await RawStation.connect(link.port, SERIAL)
+    assert (await station.next_request()).type is p.RequestType.COLLECT_DATA
+    assert await station.closed_by_peer()
+    assert link.recorder.opened == []
+    assert any("no response within 0.5 s" in reason for _, reason in link.recorder.closed)
+
+
+async def test_silent_virtual_station_is_closed_and_comes_back(link, stations):
+    (station,) = await stations(1)
+    old = link.session(station.serial)
+    station.set_silent(True)
+    await eventually(lambda: old.closed, timeout=3)
+    assert "no response within" in old.close_reason
+    station.set_silent(False)
+    await eventually(lambda: station.serial in link.sessions and station.connections == 2)
+    assert link.session(station.serial) is not old
+
+
+async def test_notify_between_request_and_response_and_coalescing(link):
+    station = await RawStation.connect(link.port, SERIAL)
+    await station.next_request()
+    station.send(p.encode_data(idle_data(), 4))
+    await eventually(lambda: SERIAL in link.sessions)
+    # Three notifies in a row cause one collect-data.
+    station.send(p.notify() * 3)
+    request = await station.next_request(timeout=0.15)  # well before the 0.2 s poll
+    assert request.type is p.RequestType.COLLECT_DATA
+    # A notify between that request and its response is fine, and causes one more collect.
+    station.send(p.notify() + p.encode_data(idle_data(pwm=30), 4))
+    request = await station.next_request(timeout=0.15)
+    assert request.type is p.RequestType.COLLECT_DATA
+    station.send(p.encode_data(idle_data(pwm=31), 4))
+    await eventually(lambda: link.session(SERIAL).latest.pwm == 31)
+    assert link.recorder.errors == []
+
+
+async def test_reconnect_with_the_same_serial_replaces_the_old_session(link):
+    first = await RawStation.connect(link.port, SERIAL)
+    await first.next_request()
+    first.send(p.encode_data(idle_data(), 4))
+    await eventually(lambda: SERIAL in link.sessions)
+    old = link.session(SERIAL)
+    second = await RawStation.connect(link.port, SERIAL)
+    await second.next_request()
+    second.send(p.encode_data(idle_data(pwm=50), 4))
+    assert await first.closed_by_peer()
+    assert old.closed and "replaced" in old.close_reason
+    await eventually(lambda: link.sessions.get(SERIAL) not in (None, old))
+    assert link.session(SERIAL).latest.pwm == 50
+    await second.close()
+
+
+async def test_station_log_lines_are_logged_under_its_name(link, stations, caplog):
+    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.station")
+    (station,) = await stations(1, vehicle=VehicleConfig(plug_in_after=0.0))
+    await eventually(
+        lambda: any(
+            r.name == f"openwb_modbus_evse.station.{station.serial}"
+            and "pilot 12V->9V" in r.getMessage()
+            for r in caplog.records
+        )
+    )
+
+
+def test_poll_interval_must_stay_below_the_station_limit():
+    with pytest.raises(ValueError, match="below 10"):
+        StationLink(poll_interval=10)
