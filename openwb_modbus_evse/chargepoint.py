@@ -21,7 +21,7 @@ from enum import StrEnum
 from .energy import EnergyMeter
 from .evse.protocol import Pilot, Proximity, StationData
 
-MIN_CURRENT_CA = 600  # centiamps, the unit of register 10171
+MIN_CURRENT_CA = 600  # centiamps, the unit of the set_current register
 MAX_CURRENT_CA = 3200
 PWM_OFF = 100  # constant +12 V: no charging allowed
 PWM_STATE_F = 0  # constant -12 V: the EVSE signals an error; used for pilot interruption
@@ -102,11 +102,11 @@ class State:
     """Everything the control decisions depend on."""
 
     config: ChargePointConfig = ChargePointConfig()
-    requested_ca: int = 0  # last value written to 10171; kept through lapses and sequences
+    requested_ca: int = 0  # last set_current written; kept through lapses and sequences
     enforce_heartbeat: bool = True
     heartbeat_lapsed: bool = False
     phases: int = 3  # phases in use (differs from the wiring after a phase switch)
-    phase_target: int | None = None  # written to 10180, applied by the trigger
+    phase_target: int | None = None  # written to phase_target, applied by the trigger
     sequence: Sequence | None = None
     switch_failed: bool = False  # the last phase-switch command failed: stay stopped
     stop_since: float | None = None  # when stopping under load began
@@ -348,7 +348,7 @@ class Identity:
     serial: str  # the station's 32-hex-digit ID
     lp: int | None  # None: all nine LPs are taken; the station is kept safe but not served
     name: str
-    serial_number: str  # what register 10150 shows
+    serial_number: str  # what the serial_number register shows
 
 
 class ChargePoint:

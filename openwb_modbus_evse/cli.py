@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import MISSING, fields
 from typing import Any
 
 import click
@@ -51,48 +52,36 @@ def main() -> None:
     """Serve Dehne-EVSE charging stations as openWB series2 charge points over Modbus TCP."""
 
 
+_DEFAULTS = {f.name: f.default for f in fields(config_mod.Settings) if f.default is not MISSING}
+
+
+def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
+    """A ``serve`` option for a config key; its default is shown from the settings."""
+    default = _DEFAULTS.get(key) if key != "state_db" else config_mod.default_state_db()
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return click.option(
+        f"--{key.replace('_', '-')}", key, type=kind, help=f"{text}  [default: {shown}]"
+    )
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--evse-host", help="Address the stations connect to.  [default: ::]")
-@click.option("--evse-port", type=int, help="Port the stations connect to.  [default: 9091]")
-@click.option("--poll-interval", type=float, help="Seconds between polls, below 10.  [default: 5]")
-@click.option("--modbus-host", help="Modbus TCP listen address.  [default: 0.0.0.0]")
-@click.option("--modbus-port", type=int, help="Modbus TCP port, 0 = off.  [default: 1502]")
-@click.option("--unit-id", type=int, help="Modbus unit ID, 0 = answer any.  [default: 1]")
-@click.option("--state-db", help="SQLite state file (energy, LP numbers).")
-@click.option(
-    "--heartbeat-timeout",
-    type=float,
-    help="Seconds without a request before charging stops.  [default: 80]",
-)
-@click.option(
-    "--stop-timeout",
-    type=float,
-    help="Seconds to wait for the vehicle before opening the contactor.  [default: 6]",
-)
-@click.option(
-    "--phase-switch-pause",
-    type=float,
-    help="Seconds between phase switch and resume.  [default: 5]",
-)
-@click.option(
-    "--phase-switch-timeout",
-    type=float,
-    help="Seconds the phase-switch command may take.  [default: 30]",
-)
-@click.option(
-    "--stop-charging-on-shutdown/--keep-charging-on-shutdown",
-    default=None,
-    help="Stop charging safely on shutdown.  [default: stop]",
-)
-@click.option(
-    "--energy-save-interval", type=float, help="Seconds between energy saves.  [default: 5]"
-)
-@click.option("--metrics-host", help="Prometheus /metrics listen address.  [default: 0.0.0.0]")
-@click.option(
-    "--metrics-port", type=int, help="Prometheus /metrics port, 0 = off.  [default: 9502]"
-)
-@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.  [default: INFO]")
+@_setting("evse_host", str, "Address the stations connect to.")
+@_setting("evse_port", int, "Port the stations connect to.")
+@_setting("poll_interval", float, "Seconds between polls of a station, below 10.")
+@_setting("modbus_host", str, "Modbus TCP listen address.")
+@_setting("modbus_port", int, "Modbus TCP port, 0 = off.")
+@_setting("unit_id", int, "Modbus unit ID, 0 = answer any.")
+@_setting("state_db", str, "SQLite state file (energy, LP numbers).")
+@_setting("heartbeat_timeout", float, "Seconds without a Modbus request before charging stops.")
+@_setting("stop_timeout", float, "Seconds to wait for the vehicle before opening under load.")
+@_setting("phase_switch_pause", float, "Seconds between a phase switch and resuming.")
+@_setting("phase_switch_timeout", float, "Seconds the phase-switch command may take.")
+@_setting("stop_charging_on_shutdown", bool, "Stop charging safely on shutdown (true/false).")
+@_setting("energy_save_interval", float, "Seconds between saves of the energy counters.")
+@_setting("metrics_host", str, "Prometheus /metrics listen address.")
+@_setting("metrics_port", int, "Prometheus /metrics port, 0 = off.")
+@_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
     """Run the bridge."""
@@ -253,12 +242,16 @@ def registers(markdown: bool, lp: int) -> None:
 
 @main.command()
 @click.option("--state-db", default=None, help="State file.  [default: a temporary file]")
-def demo(state_db: str | None) -> None:
-    """The service, two virtual stations with vehicles and a controller, on the default ports."""
+@click.option("--evse-port", default=9091, show_default=True, help="Port for the stations.")
+@click.option("--modbus-port", default=1502, show_default=True, help="Modbus TCP port.")
+@click.option("--metrics-port", default=9502, show_default=True, help="Prometheus port.")
+def demo(state_db: str | None, evse_port: int, modbus_port: int, metrics_port: int) -> None:
+    """The service, two virtual stations with vehicles and a controller, all in one process."""
     from .demo import run_demo
 
     _setup_logging("INFO")
-    asyncio.run(_until_signal(lambda stop: run_demo(stop, state_db)))
+    ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
+    asyncio.run(_until_signal(lambda stop: run_demo(stop, state_db, **ports)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``make demo``: the service, two virtual stations with vehicles, and a small controller.
 
-Everything runs in one process on the default ports, so ``status --watch`` and ``/metrics``
-work without options. The controller writes 10171 like a PV-surplus controller would, so the
-values keep changing.
+Everything runs in one process, on the default ports unless told otherwise, so
+``status --watch`` and ``/metrics`` work without options. The controller writes the charging
+current like a PV-surplus controller would, so the values keep changing.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
         client.close()
 
 
-async def run_demo(stop: asyncio.Event, state_db: str | None = None) -> None:
-    """Run everything until ``stop`` is set."""
+async def run_demo(stop: asyncio.Event, state_db: str | None = None, **ports: int) -> None:
+    """Run everything until ``stop`` is set; ``ports`` override the default ports."""
     with tempfile.TemporaryDirectory(prefix="openwb-modbus-evse-demo-") as tmp:
         serials = [virtual_serial(1), virtual_serial(2)]
         settings = Settings(
             state_db=state_db or str(Path(tmp) / "state.sqlite3"),
+            **ports,
             station=(
                 StationConfig(serial=serials[0], lp=1, name="garage", max_current=16),
                 StationConfig(serial=serials[1], lp=2, name="carport", phases=1, cable="tethered"),

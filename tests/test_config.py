@@ -1,0 +1,184 @@
+"""Configuration: every key validated, every problem one line naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from openwb_modbus_evse import config
+from openwb_modbus_evse.evse.protocol import Calibration
+
+SERIAL = "10BA23AB50534D53302E3120FF162332"
+SERVE = [sys.executable, "-m", "openwb_modbus_evse", "serve"]
+
+GOOD = f"""
+evse_host = "0.0.0.0"
+evse_port = 9091
+poll_interval = 2
+modbus_port = 1502
+unit_id = 1
+state_db = "/tmp/x.db"
+heartbeat_timeout = 80
+stop_charging_on_shutdown = false
+metrics_port = 0
+log_level = "debug"
+
+[[station]]
+serial = "{SERIAL.lower()}"
+lp = 2
+name = "garage"
+serial_number = "WB-0001"
+max_current = 16
+cable = "tethered"
+phases = 1
+phase_switch_command = "/usr/local/bin/relay --phases"
+calibration = {{ u1 = [100, 3, 2], i3 = [0, 10, 1] }}
+"""
+
+
+def test_a_complete_file_loads_with_every_value(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD)
+    s = config.load(path)
+    assert (s.evse_host, s.evse_port, s.poll_interval, s.log_level) == ("0.0.0.0", 9091, 2, "DEBUG")
+    assert s.stop_charging_on_shutdown is False and s.metrics_port == 0
+    (st,) = s.station
+    assert st.serial == SERIAL and st.lp == 2 and st.name == "garage" and st.phases == 1
+    assert st.max_current == 16.0 and st.cable == "tethered"
+    assert st.calibration.voltages[0] == Calibration(100, 3, 2)
+    assert st.calibration.currents[2] == Calibration(0, 10, 1)
+    assert st.calibration.voltages[1] == Calibration()
+
+
+def test_defaults_without_a_file():
+    s = config.load(None)
+    assert (s.evse_host, s.evse_port, s.modbus_host, s.modbus_port, s.unit_id) == (
+        "::",
+        9091,
+        "0.0.0.0",
+        1502,
+        1,
+    )
+    assert (s.poll_interval, s.heartbeat_timeout, s.metrics_port) == (5.0, 80.0, 9502)
+    assert s.stop_charging_on_shutdown and s.station == ()
+    assert s.state_db.endswith("openwb-modbus-evse/state.sqlite3")
+
+
+def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("poll_interval = 2\nmodbus_port = 1600\n")
+    s = config.load(path, {"poll_interval": 3.5, "modbus_port": None})
+    assert s.poll_interval == 3.5 and s.modbus_port == 1600
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("pol_interval = 2", "pol_interval", "unknown key"),
+        ("poll_interval = 10", "poll_interval", "below 10"),
+        ("poll_interval = 0", "poll_interval", "above 0"),
+        ('poll_interval = "5"', "poll_interval", "number"),
+        ("evse_port = 70000", "evse_port", "0..65535"),
+        ("unit_id = true", "unit_id", "integer"),
+        ('log_level = "loud"', "log_level", "one of"),
+        ("stop_charging_on_shutdown = 1", "stop_charging_on_shutdown", "true or false"),
+        ("heartbeat_timeout = -5", "heartbeat_timeout", "above 0"),
+        ("station = 3", "station", "array of tables"),
+        (f'[[station]]\nserial = "{SERIAL}"\nlp = 12', "station[0].lp", "1..9"),
+        (f'[[station]]\nserial = "{SERIAL}"', "station[0].lp", "required"),
+        ('[[station]]\nserial = "ABC"\nlp = 1', "station[0].serial", "32 hex digits"),
+        (f'[[station]]\nserial = "{SERIAL}"\nlp = 1\ncolor = "red"', "station[0].color", "unknown"),
+        (f'[[station]]\nserial = "{SERIAL}"\nlp = 1\nphases = 2', "station[0].phases", "1, 3"),
+        (f'[[station]]\nserial = "{SERIAL}"\nlp = 1\ncable = "usb"', "station[0].cable", "socket"),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\nmax_current = 40',
+            "station[0].max_current",
+            "32",
+        ),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\nserial_number = "{"x" * 21}"',
+            "station[0].serial_number",
+            "20",
+        ),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\ncalibration = {{ u1 = [0, 1, 0] }}',
+            "station[0].calibration.u1",
+            "divider",
+        ),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\ncalibration = {{ u4 = [0, 1, 1] }}',
+            "station[0].calibration.u4",
+            "unknown",
+        ),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\n'
+            f'[[station]]\nserial = "{SERIAL[:-1]}3"\nlp = 1',
+            "station[1].lp",
+            "LP1 is already taken by station[0]",
+        ),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\n[[station]]\nserial = "{SERIAL}"\nlp = 2',
+            "station[1].serial",
+            "already configured",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key, words):
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}: ") and words in str(err.value)
+
+
+def test_broken_toml_and_missing_file_name_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("poll_interval = = 2\n")
+    with pytest.raises(config.ConfigError, match="not valid TOML") as err:
+        config.load(path)
+    assert err.value.key == str(path)
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+
+
+def run_serve(*args):
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=20)
+
+
+def test_serve_stops_with_one_line_and_no_traceback(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[station]]\nserial = "{SERIAL}"\nlp = 0\n')
+    done = run_serve("--config", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "config error: station[0].lp: must be 1..9, got 0"
+    assert done.stdout == ""
+
+
+def test_command_line_values_are_checked_like_file_values():
+    done = run_serve("--poll-interval", "12", "--check-config")
+    assert done.returncode == 2
+    assert done.stderr.startswith("config error: poll_interval: must be below 10 s")
+
+
+def test_check_config_validates_and_exits(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD)
+    done = run_serve("--config", str(path), "--check-config")
+    assert done.returncode == 0 and "1 station(s)" in done.stdout
+
+
+def test_readme_example_file_is_valid_and_shows_the_defaults():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    import tomllib
+
+    values = tomllib.loads(block)
+    settings = config.build(values)
+    defaults = config.Settings()
+    for key, value in values.items():
+        if key not in ("station", "state_db"):
+            assert getattr(defaults, key) == value, f"README shows {key} = {value!r}"
+    assert settings.station[0].phase_switch_command is not None

@@ -1,0 +1,51 @@
+"""Energy integration: trapezoidal, only through a closed contactor, never backwards."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from openwb_modbus_evse.energy import EnergyMeter
+
+
+def test_constant_power_for_an_hour_is_its_watt_hours():
+    meter = EnergyMeter()
+    for t in range(0, 3601, 5):
+        meter.sample(11_000, True, t, max_gap=15)
+    assert meter.wh == pytest.approx(11_000)
+
+
+def test_trapezoid_between_samples():
+    meter = EnergyMeter(wh=10)
+    meter.sample(0, True, 0, max_gap=15)
+    meter.sample(3600, True, 10, max_gap=15)  # ramp 0 -> 3600 W over 10 s
+    assert meter.wh == pytest.approx(10 + 5.0)
+
+
+def test_gaps_longer_than_the_limit_are_skipped_not_invented():
+    meter = EnergyMeter()
+    meter.sample(7200, True, 0, max_gap=15)
+    meter.sample(7200, True, 100, max_gap=15)
+    assert meter.wh == 0
+    meter.interrupt()
+    meter.sample(7200, True, 105, max_gap=15)
+    assert meter.wh == 0
+
+
+def test_open_contactor_counts_nothing():
+    meter = EnergyMeter()
+    for t in range(0, 60, 5):
+        meter.sample(300, False, t, max_gap=15)  # sensor noise with the contactor open
+    assert meter.wh == 0
+
+
+@given(
+    st.lists(st.tuples(st.floats(-1e5, 1e5), st.booleans(), st.floats(0, 1e6)), max_size=50),
+    st.floats(0, 1e6),
+)
+def test_never_decreases(samples, start):
+    meter = EnergyMeter(wh=start)
+    last = meter.wh
+    for power, contactor, at in samples:
+        meter.sample(power, contactor, at, max_gap=15)
+        assert meter.wh >= last
+        last = meter.wh

@@ -1,0 +1,119 @@
+"""register_map.csv is the single source of truth; the encoding follows the openWB table."""
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from openwb_modbus_evse.cli import main
+from openwb_modbus_evse.modbus import registers as r
+from openwb_modbus_evse.modbus.server import WRITE_HANDLERS
+
+ROOT = Path(__file__).resolve().parents[1]
+M = r.REGISTER_MAP
+
+
+def test_csv_has_one_row_per_register_of_the_openwb_table():
+    with open(ROOT / "register_map.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["offset", "name", "type", "access", "scale", "unit", "description"]
+    offsets = {int(row["offset"]): row for row in rows}
+    # The openWB Rev2.0 table, LP-relative (../shared/seeds/openwb-api-secondary-mode.txt).
+    assert sorted(offsets) == [
+        0,
+        2,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        14,
+        15,
+        16,
+        20,
+        21,
+        30,
+        31,
+        32,
+        40,
+        41,
+        43,
+        50,
+        60,
+        71,
+        80,
+        81,
+        90,
+        97,
+        98,
+        99,
+    ]
+    assert {o for o, row in offsets.items() if row["access"] == "W"} == {71, 80, 81, 90, 97, 98, 99}
+    assert {o for o, row in offsets.items() if row["type"] == "int32"} == {0, 2, 21, 41}
+    assert len({row["name"] for row in rows}) == len(rows)
+
+
+def test_packaged_copy_is_the_same_file():
+    packaged = ROOT / "openwb_modbus_evse" / "modbus" / "register_map.csv"
+    assert packaged.read_bytes() == (ROOT / "register_map.csv").read_bytes()
+
+
+def test_every_writable_register_has_a_handler_except_the_pro_only_update():
+    writable = {reg.name for reg in M.registers if reg.writable}
+    assert set(WRITE_HANDLERS) == writable - {"force_update"}
+
+
+def test_no_register_number_is_written_in_the_code():
+    literal = re.compile(r"\b10[1-9]\d\d\b")
+    for path in (ROOT / "openwb_modbus_evse").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not literal.search(line), f"{path.name}:{number}: {line.strip()}"
+
+
+def test_int32_is_high_word_first_and_strings_two_characters_per_register():
+    block = M.encode({"power": 70000, "serial_number": "ABCDE"})
+    assert block[0:2] == [0x0001, 0x1170]  # 70000 = 0x00011170
+    assert block[50:54] == [0x4142, 0x4344, 0x4500, 0]
+    assert M.decode(block)["serial_number"] == "ABCDE"
+
+
+def test_invalid_and_out_of_range_values_are_minus_one():
+    block = M.encode({"power": None, "voltage_l1": None, "current_l1": 400.0})
+    assert block[0:2] == [0xFFFF, 0xFFFF]
+    assert block[M["voltage_l1"].offset] == 0xFFFF
+    assert block[M["current_l1"].offset] == 0xFFFF  # 40000 does not fit int16
+
+
+def test_write_only_and_unknown_offsets_read_as_zero():
+    block = M.encode({name: 1 for name in ("set_current", "heartbeat")})
+    assert block[M["set_current"].offset] == 0 and block[10:14] == [0, 0, 0, 0]
+
+
+@given(st.integers(-(2**15) + 1, 2**15 - 1), st.integers(-(2**31) + 1, 2**31 - 1))
+def test_numbers_round_trip(small, big):
+    values = M.decode(M.encode({"power_l1": small, "energy_imported": big}))
+    assert values["power_l1"] == small and values["energy_imported"] == big
+
+
+def test_registers_command_prints_every_register_with_its_lp_address():
+    result = CliRunner().invoke(main, ["registers", "--lp", "2"])
+    assert result.exit_code == 0
+    for reg in M.registers:
+        assert reg.name in result.output
+        assert str(r.lp_base(2) + reg.offset) in result.output
+
+
+def test_readme_register_table_is_generated_from_the_csv():
+    generated = CliRunner().invoke(main, ["registers", "--markdown"]).output.strip()
+    assert generated in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("lp", [1, 9])
+def test_lp_blocks(lp):
+    assert r.lp_base(lp) == 10000 + 100 * lp
+    assert M.address(lp, "set_current") == 10000 + 100 * lp + 71
