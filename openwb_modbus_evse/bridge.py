@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
 from collections.abc import Callable
 
 from . import chargepoint as cp
@@ -20,6 +19,7 @@ from .heartbeat import Heartbeat
 from .metrics import Metrics
 from .modbus.registers import MAX_LP, chargepoint_values
 from .modbus.server import ChargePointServer, ModbusObserver
+from .phaseswitch import run_switch_command
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -164,31 +164,9 @@ class Bridge:
         station = self.settings.station_by_serial(point.identity.serial)
         seq = point.state.sequence
         assert station is not None and station.phase_switch_command and seq and seq.phases
-        argv = [*shlex.split(station.phase_switch_command), str(seq.phases)]
-        ok = False
-        log.info("%s: switching to %d phase(s): %s", point.name, seq.phases, shlex.join(argv))
-        try:
-            proc = await asyncio.create_subprocess_exec(*argv)
-            try:
-                code = await asyncio.wait_for(proc.wait(), self.settings.phase_switch_timeout)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                log.error(
-                    "%s: phase-switch command did not finish within %g s; charging stays stopped",
-                    point.name,
-                    self.settings.phase_switch_timeout,
-                )
-            else:
-                ok = code == 0
-                if not ok:
-                    log.error(
-                        "%s: phase-switch command failed (exit code %d); charging stays stopped",
-                        point.name,
-                        code,
-                    )
-        except OSError as exc:
-            log.error("%s: cannot run the phase-switch command: %s", point.name, exc)
+        ok = await run_switch_command(
+            station.phase_switch_command, seq.phases, self.settings.phase_switch_timeout, point.name
+        )
         self.metrics.phase_switch(ok)
         point.commit(cp.phase_switch_finished(point.state, ok, self.clock()))
 
@@ -244,6 +222,7 @@ class Bridge:
             await self._stop_charging()
         for task in list(self._switches.values()):
             task.cancel()
+        await asyncio.gather(*self._switches.values(), return_exceptions=True)
         await self.link.close()
         self.metrics.stop_http()
         self.save_energy()
@@ -253,9 +232,11 @@ class Bridge:
             log.info("stopped")
 
     async def _stop_charging(self) -> None:
+        for task in list(self._switches.values()):
+            task.cancel()  # a relay command in flight is abandoned; its outcome no longer matters
         now = self.clock()
         for point in self.charge_points.values():
-            point.commit(cp.set_current(point.state, 0, now))
+            point.commit(cp.shut_down(point.state, now))
         limit = now + self.settings.stop_timeout + SHUTDOWN_GRACE
         while self.clock() < limit:
             busy = [p.name for p in self.charge_points.values() if _not_stopped(p)]

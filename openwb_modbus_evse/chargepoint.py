@@ -263,6 +263,11 @@ def set_current(state: State, centiamps: int, now: float) -> State:
     return settle(replace(state, requested_ca=centiamps), now)
 
 
+def shut_down(state: State, now: float) -> State:
+    """The service stops: no current, and no sequence that would hold or resume charging."""
+    return settle(replace(state, requested_ca=0, sequence=None), now)
+
+
 def set_heartbeat_lapsed(state: State, lapsed: bool, now: float) -> State:
     """No controller has asked anything for the heartbeat timeout (or one came back)."""
     return settle(replace(state, heartbeat_lapsed=lapsed), now)

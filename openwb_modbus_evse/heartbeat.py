@@ -49,19 +49,24 @@ class Heartbeat:
             self._recovered.set()
             self._on_change(False)
 
+    def check(self) -> bool:
+        """Lapse if the deadline has passed; True if it lapsed just now."""
+        if self.lapsed or self._clock() < self.deadline:
+            return False
+        self.lapsed = True
+        self.lapses += 1
+        log.warning(
+            "heartbeat: no Modbus request for %g s; charging stops where it is enforced",
+            self.timeout,
+        )
+        self._recovered.clear()
+        self._on_change(True)
+        return True
+
     async def watch(self) -> None:
         """Lapse the heartbeat at its deadline; runs until cancelled."""
         while True:
-            delay = self.deadline - self._clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            self.lapsed = True
-            self.lapses += 1
-            log.warning(
-                "heartbeat: no Modbus request for %g s; charging stops where it is enforced",
-                self.timeout,
-            )
-            self._recovered.clear()
-            self._on_change(True)
-            await self._recovered.wait()
+            if self.check():
+                await self._recovered.wait()
+            else:
+                await asyncio.sleep(max(0.0, self.deadline - self._clock()))

@@ -124,6 +124,17 @@ def test_current_change_while_charging_changes_only_the_pwm():
     assert cp.target(s, 5) == cp.Target(16, True)
 
 
+def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
+    s = cp.start_cp_interruption(charging_state(), 30, 0)
+    s = cp.observe(s, replace(s.data, pwm=100, pilot=Pilot.B_9V, contactor=False), 1)
+    assert cp.target(s, 1) == cp.Target(0, False)  # holding state F
+    s = cp.shut_down(s, 2)
+    assert s.sequence is None and s.requested_ca == 0
+    assert cp.target(s, 2) == cp.Target(100, False)
+    s = cp.shut_down(charging_state(), 3)
+    assert cp.target(s, 3) == cp.Target(100, True)  # PWM first, as for any stop
+
+
 def test_disconnected_station_gets_no_commands():
     s = cp.disconnect(charging_state(), 1)
     assert cp.target(s, 1) is None
@@ -263,6 +274,7 @@ events = st.one_of(
     st.tuples(st.just("pwm_stuck"), st.booleans()),  # the station acks PWM but ignores it
     st.tuples(st.just("poll"), st.none()),
     st.tuples(st.just("poll"), st.none()),
+    st.tuples(st.just("shutdown"), st.none()),
 )
 
 
@@ -365,6 +377,8 @@ class Station:
             elif kind == "poll":
                 self.poll()
                 s = self.state
+            elif kind == "shutdown":
+                s = cp.shut_down(s, self.now)
             elif kind == "lapse":
                 s = cp.set_heartbeat_lapsed(s, value, self.now)
             elif kind == "enforce":
@@ -420,5 +434,5 @@ def test_safety_rules_hold_over_random_histories(config, start, history):
     for kind, value in history:
         before = station.state.requested_ca
         station.apply(kind, value)
-        if kind not in ("current",):
-            assert station.state.requested_ca == before  # nothing but 10171 changes it
+        if kind not in ("current", "shutdown"):
+            assert station.state.requested_ca == before  # nothing but set_current changes it

@@ -97,7 +97,8 @@ class Session:
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
-        self.peer = f"[{peer[0]}]:{peer[1]}" if peer and ":" in peer[0] else f"{peer}"
+        host, port = (peer[0], peer[1]) if peer else ("?", 0)
+        self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.serial: str | None = None
         self.firmware = 0
         self.calibration = p.NO_CALIBRATION
@@ -187,12 +188,7 @@ class Session:
         """Serve the connection until it ends."""
         reader_task: asyncio.Task[None] | None = None
         try:
-            raw = await asyncio.wait_for(
-                self._reader.readexactly(p.HANDSHAKE_SIZE), self.link.handshake_timeout
-            )
-            handshake = p.decode_handshake(raw)
-            self.firmware = handshake.firmware
-            self.calibration = self.link.calibration_for(handshake.serial)
+            handshake = await self._handshake()
             reader_task = asyncio.create_task(self._read_loop())
             # Only a peer that answers a collect-data like a station is registered: garbage on
             # the port must not claim a serial (and with it a charge point).
@@ -209,14 +205,13 @@ class Session:
             )
             self._accept(first)
             await self._control_loop()
-        except TimeoutError:
-            self.close(f"no handshake within {self.link.handshake_timeout:g} s")
-        except asyncio.IncompleteReadError:
-            self.close("connection closed during the handshake")
         except p.ProtocolError as err:
             self._protocol_error(err)
         except (SessionClosed, ConnectionError) as err:
             self.close(str(err) or "connection lost")
+        except Exception:  # a bug must cost this session only, and say where it was
+            log.exception("station %s: internal error", self.name)
+            self.close("internal error")
         finally:
             self.close(self.close_reason or "session ended")
             if reader_task is not None:
@@ -225,6 +220,20 @@ class Session:
                     await reader_task
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
+
+    async def _handshake(self) -> p.Handshake:
+        try:
+            raw = await asyncio.wait_for(
+                self._reader.readexactly(p.HANDSHAKE_SIZE), self.link.handshake_timeout
+            )
+        except TimeoutError:
+            raise SessionClosed(f"no handshake within {self.link.handshake_timeout:g} s") from None
+        except asyncio.IncompleteReadError:
+            raise SessionClosed("connection closed during the handshake") from None
+        handshake = p.decode_handshake(raw)
+        self.firmware = handshake.firmware
+        self.calibration = self.link.calibration_for(handshake.serial)
+        return handshake
 
     async def _read_loop(self) -> None:
         try:
@@ -253,6 +262,9 @@ class Session:
             self._protocol_error(err)
         except (asyncio.IncompleteReadError, ConnectionError):
             self.close("the station closed the connection")
+        except Exception:
+            log.exception("station %s: internal error while reading", self.name)
+            self.close("internal error")
 
     async def _control_loop(self) -> None:
         poll = self.link.poll_interval
