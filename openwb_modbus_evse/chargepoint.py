@@ -198,6 +198,13 @@ def charging(state: State) -> bool:
     return data is not None and data.contactor and data.pilot.requests_power
 
 
+def fresh_data(state: State, now: float, max_age: float) -> StationData | None:
+    """The latest data, if the station is connected and the data is at most ``max_age`` old."""
+    if not state.connected or state.data is None or state.data_at is None:
+        return None
+    return state.data if now - state.data_at <= max_age else None
+
+
 def next_deadline(state: State) -> float | None:
     """When the decisions change by time alone (stop timeout, end of a pause or hold)."""
     times = []
@@ -413,7 +420,4 @@ class ChargePoint:
 
     def fresh_data(self, now: float) -> StationData | None:
         """The latest data, if the station is connected and the data is recent."""
-        s = self.state
-        if not s.connected or s.data is None or s.data_at is None:
-            return None
-        return s.data if now - s.data_at <= self.max_data_age else None
+        return fresh_data(self.state, now, self.max_data_age)

@@ -12,22 +12,28 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .chargepoint import allowed_ca, charging, offered_amps
+from .chargepoint import allowed_ca, charging, fresh_data, offered_amps
 from .evse.link import LinkObserver
-from .evse.protocol import Pilot
 
 if TYPE_CHECKING:
     from .bridge import Bridge
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # *_created series only double the counters here
 
 PREFIX = "openwb_modbus_evse"
 _CP_LABELS = ["lp", "serial", "name"]
-_PILOT_STATES = ("A", "B", "C", "D", "E", "F", "?")
+_PILOT_STATES = ("A", "B", "C", "D", "E", "F", "unknown")
 
 
 class _ChargePointCollector(Collector):
@@ -61,26 +67,30 @@ class _ChargePointCollector(Collector):
         offered = gauge("offered_current_amperes", "Current the station offers by its PWM.")
         pwm = gauge("pwm_duty_cycle_ratio", "PWM duty cycle the station reports (1 = 100 %).")
         contactor = gauge("contactor_closed", "1 if the station reports the contactor closed.")
-        pilot = gauge("pilot_state", "Control-pilot state (IEC 61851: A..F, ? unknown).", ["state"])
+        pilot = gauge(
+            "pilot_state", "Control-pilot state (IEC 61851 letter, or unknown).", ["state"]
+        )
         cable = gauge(
             "cable_max_current_amperes", "Cable rating from the proximity pilot (0: none)."
         )
         rssi = gauge("wifi_rssi_dbm", "WiFi signal strength of the station.")
-        uptime = gauge("station_uptime_seconds", "Station uptime as it reports it.")
+        uptime = gauge(
+            "station_uptime_seconds", "Station uptime as it reports it (wraps after ~49.7 days)."
+        )
         age = gauge("data_age_seconds", "Age of the station's latest data.")
         connected = gauge("connected", "1 if the station's session is established.")
 
         for point in list(bridge.charge_points.values()):
             ident = point.identity
             labels = [str(ident.lp or ""), ident.serial, ident.name]
-            state = point.state
+            state = point.state  # one snapshot: the loop thread may replace it meanwhile
             energy.add_metric(labels, point.energy.wh * 3600)
             requested.add_metric(labels, state.requested_ca / 100)
             allowed.add_metric(labels, allowed_ca(state) / 100)
             connected.add_metric(labels, 1 if state.connected else 0)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
-            data = point.fresh_data(now)
+            data = fresh_data(state, now, point.max_data_age)
             if data is None:
                 continue  # no stale values: a missing series is what "unknown" looks like
             for i in range(3):
@@ -95,10 +105,11 @@ class _ChargePointCollector(Collector):
             pwm.add_metric(labels, data.pwm / 100)
             contactor.add_metric(labels, 1 if data.contactor else 0)
             for letter in _PILOT_STATES:
-                pilot.add_metric([*labels, letter], 1 if _letter(data.pilot) == letter else 0)
+                pilot.add_metric([*labels, letter], 1 if data.pilot.state == letter else 0)
             cable.add_metric(labels, data.proximity.amps or 0)
             rssi.add_metric(labels, data.rssi_dbm)
-            uptime.add_metric(labels, data.uptime_ms / 1000)
+            # int32 on the wire, wrapping negative after ~24.8 days: read as the uint32 it counts
+            uptime.add_metric(labels, (data.uptime_ms % 2**32) / 1000)
 
         yield from (voltage, current, phase_power, power, energy, plugged, charging_)
         yield from (requested, allowed, offered, pwm, contactor, pilot, cable, rssi, uptime)
@@ -124,10 +135,6 @@ class _ChargePointCollector(Collector):
             "Stations with an established session.",
             value=len(bridge.link.sessions),
         )
-
-
-def _letter(pilot: Pilot) -> str:
-    return pilot.state if pilot is not Pilot.UNKNOWN else "?"
 
 
 class Metrics(LinkObserver):

@@ -101,8 +101,8 @@ class Pilot(IntEnum):
 
     @property
     def state(self) -> str:
-        """IEC 61851 state letter."""
-        return {0: "A", 1: "B", 2: "C", 3: "D", 4: "E", 5: "F"}.get(int(self), "?")
+        """IEC 61851 state letter ("unknown" for a code this codec does not know)."""
+        return {0: "A", 1: "B", 2: "C", 3: "D", 4: "E", 5: "F"}.get(int(self), "unknown")
 
 
 class Proximity(IntEnum):
