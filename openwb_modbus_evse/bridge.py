@@ -17,7 +17,7 @@ from .evse.link import Session, StationLink
 from .evse.protocol import NO_CALIBRATION, StationCalibration
 from .heartbeat import Heartbeat
 from .metrics import Metrics
-from .modbus.registers import MAX_LP, chargepoint_values
+from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
 from .phaseswitch import run_switch_command
 from .store import Store
@@ -46,6 +46,9 @@ class Bridge:
         self.settings = settings
         self.clock = clock or asyncio.get_running_loop().time
         self.charge_points: dict[str, cp.ChargePoint] = {}  # by station serial
+        self._by_lp: dict[int, cp.ChargePoint] = {}
+        self._stored_energy: dict[str, float] = {}  # as loaded at start, for stations to come
+        self._saved_energy: dict[str, float] = {}  # what the state file holds
         self.metrics = Metrics(self)
         self.heartbeat = Heartbeat(settings.heartbeat_timeout, self.clock, self._heartbeat_changed)
         self.store: Store | None = None
@@ -68,7 +71,7 @@ class Bridge:
 
     def charge_point_at(self, lp: int) -> cp.ChargePoint | None:
         """The charge point served as LP ``lp``."""
-        return next((c for c in self.charge_points.values() if c.identity.lp == lp), None)
+        return self._by_lp.get(lp)
 
     def _calibration(self, serial: str) -> StationCalibration:
         station = self.settings.station_by_serial(serial)
@@ -97,11 +100,14 @@ class Bridge:
             max_data_age=STALE_POLLS * self.settings.poll_interval,
         )
         self.charge_points[serial] = point
+        if lp is not None:
+            self._by_lp[lp] = point
         return point
 
     def _load_charge_points(self, store: Store) -> None:
         """Configured stations, then remembered ones, each on its LP (block served at once)."""
-        energy = store.energy_wh()
+        energy = self._stored_energy = store.energy_wh()
+        self._saved_energy = dict(energy)
         for station in self.settings.station:
             self._new_charge_point(station.serial, station.lp, energy.get(station.serial, 0.0))
         configured_lps = {s.lp for s in self.settings.station}
@@ -118,10 +124,9 @@ class Bridge:
         point = self.charge_points.get(serial)
         if point is not None:
             return point
-        taken = {c.identity.lp for c in self.charge_points.values()}
-        lp = next((n for n in range(1, MAX_LP + 1) if n not in taken), None)
+        lp = next((n for n in range(1, MAX_LP + 1) if n not in self._by_lp), None)
         assert self.store is not None
-        energy = self.store.energy_wh().get(serial, 0.0)
+        energy = self._stored_energy.get(serial, 0.0)
         if lp is None:
             log.warning(
                 "station %s: all %d LPs are taken; it is kept safe, not served", serial, MAX_LP
@@ -180,7 +185,6 @@ class Bridge:
         if self.settings.modbus_port:
             self.modbus = ChargePointServer(
                 self.charge_point_at,
-                chargepoint_values,
                 self.clock,
                 unit_id=self.settings.unit_id,
                 observer=_RequestObserver(self.heartbeat, self.metrics),
@@ -197,9 +201,17 @@ class Bridge:
         self._running = True
 
     def save_energy(self) -> None:
-        """Write every energy counter to the state file."""
-        if self.store is not None:
-            self.store.save_energy({s: c.energy.wh for s, c in self.charge_points.items()})
+        """Write the energy counters that changed since the last save to the state file."""
+        if self.store is None:
+            return
+        changed = {
+            serial: point.energy.wh
+            for serial, point in self.charge_points.items()
+            if point.energy.wh != self._saved_energy.get(serial)
+        }
+        if changed:
+            self.store.save_energy(changed)
+            self._saved_energy.update(changed)
 
     async def _save_energy_periodically(self) -> None:
         while True:

@@ -117,3 +117,24 @@ def test_readme_register_table_is_generated_from_the_csv():
 def test_lp_blocks(lp):
     assert r.lp_base(lp) == 10000 + 100 * lp
     assert M.address(lp, "set_current") == 10000 + 100 * lp + 71
+
+
+def test_block_encoder_reuses_a_block_until_what_it_shows_changes():
+    from conftest import idle_data
+
+    from openwb_modbus_evse import chargepoint as cp
+
+    point = cp.ChargePoint(
+        cp.Identity("A" * 32, 1, "LP1", "WB1"), cp.ChargePointConfig(), max_data_age=15
+    )
+    point.observe(idle_data(), 100.0)
+    encoder = r.BlockEncoder()
+    first = encoder.block(point, 100.0)
+    assert encoder.block(point, 101.0) is first  # nothing changed: no work
+    point.observe(idle_data(voltages_mv=(231_000, 230_000, 230_000)), 102.0)
+    second = encoder.block(point, 102.0)
+    assert M.decode(second)["voltage_l1"] == 231.0
+    point.energy.wh = 5.7
+    assert M.decode(encoder.block(point, 103.0))["energy_imported"] == 5
+    stale = encoder.block(point, 102.0 + 16)  # older than max_data_age: no-data values
+    assert M.decode(stale)["voltage_l1"] is None and M.decode(stale)["energy_imported"] == 5

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 
-from ..chargepoint import ChargePoint, charging, offered_amps
+from ..chargepoint import ChargePoint, State, charging, fresh_data, offered_amps
 
 LP_BASE = 10000  # LP n occupies LP_BASE + LP_STRIDE * n ... + LP_STRIDE - 1
 LP_STRIDE = 100
@@ -189,16 +189,18 @@ _MEASUREMENTS = (
 )
 
 
-def chargepoint_values(point: ChargePoint, now: float) -> dict[str, Value]:
-    """The register values of a charge point, by register name (see register_map.csv)."""
+def chargepoint_values(
+    point: ChargePoint, state: State, energy_wh: int, now: float
+) -> dict[str, Value]:
+    """Register values by name (see register_map.csv) of ``point`` in ``state``."""
     values: dict[str, Value] = {
         "hardware_type": SERIES2,
         "serial_number": point.identity.serial_number,
         # The counter is ours and stays valid while the station is away; a -1 here would read as
         # 4.29 GWh to evcc, which takes this register as uint32.
-        "energy_imported": int(point.energy.wh),
+        "energy_imported": energy_wh,
     }
-    data = point.fresh_data(now)
+    data = fresh_data(state, now, point.max_data_age)
     if data is None:
         values.update(dict.fromkeys(_MEASUREMENTS))
         return values
@@ -217,7 +219,27 @@ def chargepoint_values(point: ChargePoint, now: float) -> dict[str, Value]:
         power_l2=phase_powers[1],
         power_l3=phase_powers[2],
         plugged=int(data.pilot.plugged),
-        charging=int(charging(point.state)),
+        charging=int(charging(state)),
         offered_current=offered_amps(data.pwm),
     )
     return values
+
+
+class BlockEncoder:
+    """Encodes a charge point's 100 registers, reusing the last block while nothing it shows
+    has changed: the state (replaced on every change), the whole Wh and the freshness."""
+
+    def __init__(self, regmap: RegisterMap = REGISTER_MAP) -> None:
+        self._regmap = regmap
+        self._last: dict[str, tuple[State, int, bool, list[int]]] = {}
+
+    def block(self, point: ChargePoint, now: float) -> list[int]:
+        """The registers of ``point``'s LP block as of ``now``."""
+        state, energy = point.state, int(point.energy.wh)
+        fresh = fresh_data(state, now, point.max_data_age) is not None
+        last = self._last.get(point.identity.serial)
+        if last is not None and last[0] is state and last[1] == energy and last[2] == fresh:
+            return last[3]
+        block = self._regmap.encode(chargepoint_values(point, state, energy, now))
+        self._last[point.identity.serial] = (state, energy, fresh, block)
+        return block

@@ -18,7 +18,15 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from .. import chargepoint as cp
-from .registers import LP_BASE, LP_STRIDE, MAX_LP, REGISTER_MAP, RegisterMap, signed16
+from .registers import (
+    LP_BASE,
+    LP_STRIDE,
+    MAX_LP,
+    REGISTER_MAP,
+    BlockEncoder,
+    RegisterMap,
+    signed16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +109,6 @@ class ChargePointServer:
     def __init__(
         self,
         charge_point: Callable[[int], cp.ChargePoint | None],
-        values: Callable[[cp.ChargePoint, float], dict[str, object]],
         clock: Callable[[], float],
         *,
         unit_id: int = 1,
@@ -109,7 +116,7 @@ class ChargePointServer:
         regmap: RegisterMap = REGISTER_MAP,
     ) -> None:
         self._charge_point = charge_point
-        self._values = values
+        self._blocks = BlockEncoder(regmap)
         self._clock = clock
         self.unit_id = unit_id
         self._observer = observer or ModbusObserver()
@@ -177,9 +184,7 @@ class ChargePointServer:
                 for point in points:
                     assert point is not None
                     offset = cp_base(point) - start_address
-                    registers[offset : offset + LP_STRIDE] = self._regmap.encode(
-                        self._values(point, now)  # type: ignore[arg-type]
-                    )
+                    registers[offset : offset + LP_STRIDE] = self._blocks.block(point, now)
             # else: pymodbus reads back a single write for its echo; leave the written value.
             return None
         return self._write(address, [int(v) for v in set_values], now)
