@@ -191,9 +191,14 @@ async def test_station_gone_shows_no_data_then_resumes_through_the_normal_sequen
 async def test_silent_station_is_dropped_and_reconnects(make_rig, settings):
     rig = await make_rig(settings)
     client = await rig.client()
-    station = await start_charging(rig, client)
-    station.set_silent(True)  # the response timeout is 5 s
-    await eventually(lambda: station.serial not in rig.bridge.link.sessions, timeout=7)
+    station = await rig.station(1, FAST_VEHICLE, request_timeout=10.0)  # the firmware's 10 s
+    await station.wait_for(lambda s: s.plugged)
+    assert await write(client, 1, "set_current", 1600) is None
+    await station.wait_for(lambda s: s.contactor)
+    session = rig.bridge.link.session(station.serial)
+    station.set_silent(True)
+    await eventually(lambda: session.closed, timeout=7)
+    assert session.close_reason == "no response within 5 s"  # the bridge gave up first
     assert (await read(client))["power"] is None
     station.set_silent(False)
     await eventually(lambda: station.serial in rig.bridge.link.sessions, timeout=3)
