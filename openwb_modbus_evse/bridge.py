@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
 from .phaseswitch import run_switch_command
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,10 @@ class Bridge:
     async def _save_energy_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.energy_save_interval)
-            self.save_energy()
+            try:
+                self.save_energy()
+            except StoreError as err:  # e.g. a full disk: keep counting, try again next time
+                log.error("%s", err)
 
     async def stop(self) -> None:
         """Stop charging safely (if configured), save energy, close everything; idempotent."""
@@ -230,11 +233,12 @@ class Bridge:
                 await task
         if self.modbus is not None:
             await self.modbus.stop()  # no controller may start charging again meanwhile
+        switches = list(self._switches.values())
+        for task in switches:
+            task.cancel()  # a relay command in flight is abandoned (and killed)
+        await asyncio.gather(*switches, return_exceptions=True)
         if self.settings.stop_charging_on_shutdown:
             await self._stop_charging()
-        for task in list(self._switches.values()):
-            task.cancel()
-        await asyncio.gather(*self._switches.values(), return_exceptions=True)
         await self.link.close()
         self.metrics.stop_http()
         self.save_energy()
@@ -244,8 +248,6 @@ class Bridge:
             log.info("stopped")
 
     async def _stop_charging(self) -> None:
-        for task in list(self._switches.values()):
-            task.cancel()  # a relay command in flight is abandoned; its outcome no longer matters
         now = self.clock()
         for point in self.charge_points.values():
             point.commit(cp.shut_down(point.state, now))

@@ -25,6 +25,7 @@ from .registers import (
     REGISTER_MAP,
     BlockEncoder,
     RegisterMap,
+    lp_base,
     signed16,
 )
 
@@ -170,20 +171,19 @@ class ChargePointServer:
         registers: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
-        """pymodbus calls this before every access to our registers."""
-        if function_code not in READ_CODES + WRITE_CODES:
-            return ExcCodes.ILLEGAL_FUNCTION
-        first_lp = (address - LP_BASE) // LP_STRIDE
-        last_lp = (address + count - 1 - LP_BASE) // LP_STRIDE
-        points = [self._charge_point(lp) for lp in range(first_lp, last_lp + 1)]
-        if any(point is None for point in points):
+        """pymodbus calls this before every access to our registers (FC 3, 4, 6, 16 only)."""
+        lps = range(
+            (address - LP_BASE) // LP_STRIDE, (address + count - 1 - LP_BASE) // LP_STRIDE + 1
+        )
+        points = {lp: self._charge_point(lp) for lp in lps}
+        if any(point is None for point in points.values()):
             return ExcCodes.ILLEGAL_ADDRESS
         now = self._clock()
         if set_values is None:
             if function_code in READ_CODES:
-                for point in points:
+                for lp, point in points.items():
                     assert point is not None
-                    offset = cp_base(point) - start_address
+                    offset = lp_base(lp) - start_address
                     registers[offset : offset + LP_STRIDE] = self._blocks.block(point, now)
             # else: pymodbus reads back a single write for its echo; leave the written value.
             return None
@@ -221,11 +221,6 @@ class ChargePointServer:
             _log_changes(point, state)
             point.commit(state)
         return None
-
-
-def cp_base(point: cp.ChargePoint) -> int:
-    """First Modbus address of a charge point's block."""
-    return LP_BASE + LP_STRIDE * point.identity.lp
 
 
 def _log_changes(point: cp.ChargePoint, new: cp.State) -> None:
