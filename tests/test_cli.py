@@ -1,0 +1,65 @@
+"""The command line as users run it: simulate against a live link, help and version."""
+
+import signal
+import subprocess
+import sys
+
+from conftest import eventually
+
+from openwb_modbus_evse.evse.link import StationLink
+from openwb_modbus_evse.simulator import virtual_serial
+
+CLI = [sys.executable, "-m", "openwb_modbus_evse"]
+
+
+async def test_simulate_connects_count_stations_and_stops_cleanly_on_sigint():
+    link = StationLink("127.0.0.1", 0, poll_interval=0.5)
+    await link.start()
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "simulate",
+            "--bridge",
+            f"127.0.0.1:{link.port}",
+            "--count",
+            "3",
+            "--firmware",
+            "2",
+            "--plug-in-after",
+            "0",
+            "--vehicle-phases",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        await eventually(lambda: len(link.sessions) == 3, timeout=10)
+        assert sorted(link.sessions) == [virtual_serial(i) for i in (1, 2, 3)]
+        session = link.session(virtual_serial(2))
+        assert session.firmware == 2
+        await eventually(lambda: session.latest.pilot.plugged, timeout=5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=10)[0]
+        await link.close()
+    assert proc.returncode == 0 and "Traceback" not in output
+
+
+def test_simulate_refuses_a_serial_with_a_count():
+    done = subprocess.run(
+        [*CLI, "simulate", "--serial", "AB" * 16, "--count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2 and "--serial names one station" in done.stderr
+
+
+def test_every_command_has_help_and_the_version_is_printed():
+    for command in ("serve", "simulate", "status", "registers", "demo"):
+        done = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0 and "Usage:" in done.stdout, command
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=20)
+    assert "0.1.0" in done.stdout
