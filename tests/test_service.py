@@ -172,26 +172,19 @@ async def test_sigkill_loses_at_most_a_few_seconds_of_energy_and_never_goes_back
     client.close()
 
 
+def serve_with_state(db: Path) -> subprocess.CompletedProcess:
+    """Start ``serve`` on free ports with this state file (expected to stop at once)."""
+    ports = ["--evse-port", "0", "--modbus-port", "0", "--metrics-port", "0"]
+    return subprocess.run(
+        [*SERVE, "--state-db", str(db), *ports], capture_output=True, text=True, timeout=20
+    )
+
+
 def test_corrupt_state_file_stops_start_up_with_one_line_and_keeps_the_file(tmp_path):
     db = tmp_path / "state.sqlite3"
     db.write_bytes(b"this is not a database" * 100)
     before = db.read_bytes()
-    done = subprocess.run(
-        [
-            *SERVE,
-            "--state-db",
-            str(db),
-            "--evse-port",
-            "0",
-            "--modbus-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = serve_with_state(db)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(db) in lines[0] and "Traceback" not in done.stderr, lines
@@ -203,22 +196,7 @@ def test_newer_schema_stops_start_up(tmp_path):
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA application_id = 0x6F574265")
         conn.execute("PRAGMA user_version = 99")
-    done = subprocess.run(
-        [
-            *SERVE,
-            "--state-db",
-            str(db),
-            "--evse-port",
-            "0",
-            "--modbus-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = serve_with_state(db)
     assert done.returncode != 0 and "newer" in done.stderr and str(db) in done.stderr
 
 

@@ -239,12 +239,6 @@ def _log_changes(point: cp.ChargePoint, new: cp.State) -> None:
         log.info("LP%d: %s started", lp, what)
 
 
-async def _no_such_unit(
-    function_code: int,
-    start_address: int,
-    address: int,
-    count: int,
-    registers: list[int],
-    set_values: list[int] | list[bool] | None,
-) -> ExcCodes | None:
+async def _no_such_unit(*_: object) -> ExcCodes:
+    """The action of the device that stands for every other unit ID."""
     return ExcCodes.GATEWAY_NO_RESPONSE
