@@ -417,7 +417,3 @@ class ChargePoint:
     def next_deadline(self) -> float | None:
         """When to call :meth:`tick` at the latest."""
         return next_deadline(self.state)
-
-    def fresh_data(self, now: float) -> StationData | None:
-        """The latest data, if the station is connected and the data is recent."""
-        return fresh_data(self.state, now, self.max_data_age)

@@ -53,7 +53,10 @@ def test_offered_pwm(amps_x100, proximity, cable, max_a, pwm):
     assert cp.offered_pwm(s) == pwm
 
 
-@pytest.mark.parametrize(("pwm", "amps"), [(10, 6.0), (26, 15.6), (53, 31.8), (90, 65.0), (100, 0)])
+@pytest.mark.parametrize(
+    ("pwm", "amps"),
+    [(0, 0), (5, 0), (10, 6.0), (26, 15.6), (53, 31.8), (85, 51.0), (90, 65.0), (97, 0), (100, 0)],
+)
 def test_offered_amps_follows_iec_61851(pwm, amps):
     assert cp.offered_amps(pwm) == pytest.approx(amps)
 

@@ -204,9 +204,7 @@ async def test_silent_station_is_dropped_and_reconnects(make_rig, settings):
     station.set_silent(False)
     await eventually(lambda: station.serial in rig.bridge.link.sessions, timeout=3)
     assert station.connections == 2
-    await eventually(
-        lambda: rig.point(station.serial).fresh_data(asyncio.get_running_loop().time())
-    )
+    await eventually(lambda: rig.point(station.serial).state.data_at > session.latest_at)
     assert (await read(client))["power"] is not None
 
 

@@ -103,6 +103,16 @@ async def test_unknown_unit_id_gets_gateway_exception(rig):
     assert rr.isError() and rr.exception_code == 0x0B
 
 
+async def test_unit_id_0_answers_every_unit_id(make_rig, settings):
+    rig = await make_rig(settings, unit_id=0)
+    await rig.station(1)
+    client = await rig.client()
+    for unit in (1, 7, 247):
+        rr = await client.read_input_registers(LP1, count=100, device_id=unit)
+        assert not rr.isError(), (unit, rr)
+        assert value(rr.registers, "hardware_type") == 1
+
+
 BAD_WRITES = [
     # (register, values, exception code)
     ("set_current", [500], 3),

@@ -10,7 +10,6 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.simulator import (
     VehicleConfig,
     VirtualStation,
-    offered_amps,
     run_simulators,
     virtual_serial,
 )
@@ -270,13 +269,6 @@ async def test_log_buffer_keeps_the_newest_1024_bytes(connect):
 
 
 # --- vehicle ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("pwm", "amps"), [(5, 0.0), (10, 6.0), (26, 15.6), (85, 51.0), (90, 65.0), (97, 0.0)]
-)
-def test_offered_amps_follows_iec_61851(pwm, amps):
-    assert offered_amps(pwm) == pytest.approx(amps)
 
 
 async def test_vehicle_goes_a_b_c_and_draws_only_with_contactor_closed(connect):
