@@ -3,8 +3,9 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 BIN    := $(VENV)/bin/openwb-modbus-evse
 STAMP  := $(VENV)/.installed
-# Debian packages the tests use as real peers: mbpoll (Modbus master), prometheus (promtool + server).
-DEB_PACKAGES := mbpoll prometheus
+# Debian packages the tests use as real peers: mbpoll (Modbus master), prometheus (promtool + server),
+# mosquitto (MQTT broker).
+DEB_PACKAGES := mbpoll prometheus mosquitto
 CONFIG ?=
 
 .PHONY: install run demo test lint format bench system-packages clean
@@ -20,7 +21,8 @@ $(STAMP): pyproject.toml
 
 # Installs the Debian packages when we are root on a Debian-like system; otherwise says what to do.
 system-packages:
-	@if command -v mbpoll >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null; then \
+	@if command -v mbpoll >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
+		&& PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null; then \
 		: ; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \

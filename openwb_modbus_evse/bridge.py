@@ -1,7 +1,8 @@
-"""Builds and runs the whole service: station link, charge points, Modbus server, metrics, state.
+"""Builds and runs the whole service: station link, charge points, Modbus server, MQTT, metrics.
 
-Start-up order: state file, charge points, station link, Modbus server, metrics. Shutdown: stop
-charging on every station the safe way (if configured), save energy, close everything.
+Start-up order: state file, charge points, station link, Modbus server, MQTT, metrics.
+Shutdown: stop charging on every station the safe way (if configured), save energy, close
+everything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .heartbeat import Heartbeat
 from .metrics import Metrics
 from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
+from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
 
@@ -61,6 +63,18 @@ class Bridge:
             observer=self.metrics,
         )
         self.modbus: ChargePointServer | None = None
+        # MQTT interfaces subscribe and add their wills here before start(); None = MQTT off.
+        self.mqtt: MqttConnection | None = None
+        if settings.mqtt_host:
+            self.mqtt = MqttConnection(
+                MqttSettings(
+                    settings.mqtt_host,
+                    settings.mqtt_port,
+                    settings.mqtt_username,
+                    settings.mqtt_password,
+                    settings.mqtt_ca_file,
+                )
+            )
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
@@ -190,6 +204,8 @@ class Bridge:
                 observer=_RequestObserver(self.heartbeat, self.metrics),
             )
             await self.modbus.start(self.settings.modbus_host, self.settings.modbus_port)
+        if self.mqtt is not None:
+            await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if self.settings.metrics_port:
             self.metrics_port = self.metrics.start_http(
                 self.settings.metrics_host, self.settings.metrics_port
@@ -239,6 +255,8 @@ class Bridge:
         await asyncio.gather(*switches, return_exceptions=True)
         if self.settings.stop_charging_on_shutdown:
             await self._stop_charging()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         await self.link.close()
         self.metrics.stop_http()
         self.save_energy()

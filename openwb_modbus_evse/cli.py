@@ -82,6 +82,16 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @_setting("metrics_host", str, "Prometheus /metrics listen address.")
 @_setting("metrics_port", int, "Prometheus /metrics port, 0 = off.")
 @_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
+@_setting("mqtt_host", str, "MQTT broker address; empty = MQTT off.")
+@_setting("mqtt_port", int, "MQTT broker port.")
+@_setting("mqtt_username", str, "MQTT user name; empty = none.")
+@_setting("mqtt_password", str, "MQTT password.")
+@_setting("mqtt_ca_file", str, "CA certificate file: TLS to the broker; empty = plain TCP.")
+@_setting(
+    "mqtt_heartbeat_timeout",
+    float,
+    "Seconds without the openWB primary's heartbeat before charging stops.",
+)
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
     """Run the bridge."""

@@ -75,6 +75,12 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9502
     log_level: str = "INFO"
+    mqtt_host: str = ""
+    mqtt_port: int = 1883
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    mqtt_ca_file: str = ""
+    mqtt_heartbeat_timeout: float = 80.0
     station: tuple[StationConfig, ...] = ()
 
     def station_by_serial(self, serial: str) -> StationConfig | None:
@@ -114,6 +120,23 @@ def _str(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"must be a non-empty string, got {value!r}")
     return value
+
+
+def _optional_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    return value
+
+
+def _readable_file(key: str, value: Any) -> str:
+    path = _optional_str(key, value)
+    if path:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path} ({exc.strerror})") from exc
+    return path
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -156,6 +179,12 @@ _CHECKS: dict[str, Any] = {
     "metrics_host": _str,
     "metrics_port": lambda k, v: _int(k, v, 0, 65535),
     "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
+    "mqtt_host": _optional_str,
+    "mqtt_port": lambda k, v: _int(k, v, 1, 65535),
+    "mqtt_username": _optional_str,
+    "mqtt_password": _optional_str,
+    "mqtt_ca_file": _readable_file,
+    "mqtt_heartbeat_timeout": _positive,
 }
 
 

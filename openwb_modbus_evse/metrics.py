@@ -130,6 +130,19 @@ class _ChargePointCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_heartbeat_recoveries", "Heartbeat recoveries.", value=heartbeat.recoveries
         )
+        mqtt = bridge.mqtt
+        if mqtt is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_mqtt_connected",
+                "1 while connected to the MQTT broker.",
+                int(mqtt.connected),
+            )
+            for name, doc, value in (
+                ("mqtt_messages_received", "MQTT messages received.", mqtt.messages_in),
+                ("mqtt_messages_sent", "MQTT messages sent.", mqtt.messages_out),
+                ("mqtt_messages_dropped", "MQTT messages dropped.", mqtt.messages_dropped),
+            ):
+                yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",

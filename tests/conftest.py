@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,8 @@ def free_port() -> int:
 
 def require_tool(name: str) -> str:
     """Path of an external program; skipped if missing, unless CI says it must be there."""
-    path = shutil.which(name)
+    # Daemons such as mosquitto live in sbin, which is not on every user's PATH.
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
     if path is None:
         if os.environ.get("OPENWB_REQUIRE_TOOLS"):
             pytest.fail(f"{name} is not installed (run make install as root, or apt-get install)")
@@ -186,3 +188,68 @@ async def make_rig() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
 
 def station_config(index: int, lp: int, **kw) -> StationConfig:
     return StationConfig(serial=virtual_serial(index), lp=lp, **kw)
+
+
+# --- a real MQTT broker --------------------------------------------------------------------------
+
+
+class Broker:
+    """A mosquitto on a free loopback port, started and stopped by the test (same port always)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.executable = require_tool("mosquitto")
+        self.port = free_port()
+        self.config = directory / "mosquitto.conf"
+        self.log = directory / "mosquitto.log"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {self.log}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+        self.log.touch()
+        self.log.chmod(0o666)  # run as root, mosquitto writes as user mosquitto
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.executable, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"mosquitto exited: {self.proc.stderr.read()}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        await eventually(listening, timeout=10, interval=0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    async def restart(self) -> None:
+        """Stop and start again on the same port; without persistence it forgets everything."""
+        self.stop()
+        await self.start()
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    """A running mosquitto for this test."""
+    broker = Broker(tmp_path)
+    await broker.start()
+    yield broker
+    broker.stop()

@@ -505,7 +505,17 @@ def test_readme_lists_every_metric():
     from openwb_modbus_evse.config import Settings
 
     async def families() -> set[str]:
-        bridge = Bridge(Settings(evse_port=0, modbus_port=0, metrics_port=0, state_db=":memory:"))
+        # MQTT on (a broker that is not there): its metrics exist while it retries.
+        bridge = Bridge(
+            Settings(
+                evse_port=0,
+                modbus_port=0,
+                metrics_port=0,
+                state_db=":memory:",
+                mqtt_host="127.0.0.1",
+                mqtt_port=free_port(),
+            )
+        )
         await bridge.start()
         try:
             text = generate_latest(bridge.metrics.registry).decode()
