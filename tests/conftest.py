@@ -196,20 +196,20 @@ def station_config(index: int, lp: int, **kw) -> StationConfig:
 class Broker:
     """A mosquitto on a free loopback port, started and stopped by the test (same port always)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, listener_options: str = "") -> None:
         self.executable = require_tool("mosquitto")
         self.port = free_port()
         self.config = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{listener_options or 'allow_anonymous true'}\n"
             "persistence false\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
+            # Started as root it would switch to user mosquitto, who cannot read the test's files.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
-        self.log.touch()
-        self.log.chmod(0o666)  # run as root, mosquitto writes as user mosquitto
         self.proc: subprocess.Popen | None = None
 
     async def start(self) -> None:

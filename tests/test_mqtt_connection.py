@@ -7,9 +7,10 @@ import contextlib
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import aiomqtt
-from conftest import eventually
+from conftest import Broker, eventually, require_tool
 
 from openwb_modbus_evse.mqtt.connection import Message, MqttConnection, MqttSettings
 
@@ -168,3 +169,57 @@ async def test_the_service_connects_when_mqtt_host_is_set_and_not_otherwise(
     await eventually(lambda: mqtt.connected)
     await rig.bridge.stop()
     assert not mqtt.connected
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for 127.0.0.1 signed by it (made with the openssl command)."""
+    openssl = require_tool("openssl")
+    ca_key, ca, key, csr, cert = (
+        directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
+    )
+    run = lambda *args: subprocess.run([openssl, *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", ca_key, "-out", ca)  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key,
+        "-out", csr)  # fmt: skip
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+        "-extfile", ext, "-out", cert)  # fmt: skip
+    return ca, cert, key
+
+
+async def test_tls_and_login(tmp_path, caplog):
+    ca, cert, key = _tls_files(tmp_path)
+    passwords = tmp_path / "passwords"
+    subprocess.run(
+        [require_tool("mosquitto_passwd"), "-b", "-c", passwords, "evse", "s3cret"], check=True
+    )
+    broker = Broker(
+        tmp_path,
+        f"allow_anonymous false\npassword_file {passwords}\n"
+        f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n",
+    )
+    await broker.start()
+    good = MqttSettings("127.0.0.1", broker.port, "evse", "s3cret", str(ca))
+    bad_password = MqttSettings("127.0.0.1", broker.port, "evse", "wrong", str(ca))
+    no_tls = MqttSettings("127.0.0.1", broker.port, "evse", "s3cret", "")
+    conns = [
+        MqttConnection(s, backoff=FAST, client_id=f"c{i}")
+        for i, s in enumerate((good, bad_password, no_tls))
+    ]
+    try:
+        for conn in conns:
+            conn.publish("svc/x", "1", retain=True)
+            await conn.start()
+        await eventually(lambda: conns[0].connected and not conns[0]._outbox_retained)
+        await asyncio.sleep(0.5)  # the others kept trying meanwhile
+        assert not conns[1].connected and not conns[2].connected
+        # The refused login: one warning, not one per attempt. (Plain TCP to the TLS listener
+        # only times out, after 10 s.)
+        failures = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(failures) == 1 and "Not authorized" in failures[0], failures
+    finally:
+        for conn in conns:
+            await conn.stop()
+        broker.stop()

@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import aiomqtt
 
 log = logging.getLogger(__name__)
+# paho logs every failed attempt; the reconnect loop says it once, with the reason.
+_client_log = logging.getLogger(f"{__name__}.client")
+_client_log.setLevel(logging.CRITICAL)
 
 MAX_PAYLOAD = 16 * 1024  # bytes; larger incoming messages are dropped unread
 MAX_INCOMING = 1000  # messages waiting to be handled; more are dropped by the client
@@ -191,7 +194,7 @@ class MqttConnection:
             timeout=CONNECT_TIMEOUT,
             tls_context=tls,
             max_queued_incoming_messages=MAX_INCOMING,
-            logger=logging.getLogger(f"{__name__}.client"),
+            logger=_client_log,
         )
 
     async def _reconnecting(self, name: str, session: Callable[[], object]) -> None:
