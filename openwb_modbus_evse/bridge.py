@@ -23,6 +23,7 @@ from .modbus.server import ChargePointServer, ModbusObserver
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
+from .web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class Bridge:
                     settings.mqtt_ca_file,
                 )
             )
-        self.metrics_port = 0
+        self.web: WebServer | None = None
+        self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
         self._stopped = False
@@ -207,7 +209,8 @@ class Bridge:
         if self.mqtt is not None:
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if self.settings.metrics_port:
-            self.metrics_port = self.metrics.start_http(
+            self.web = WebServer(self)
+            self.metrics_port = await self.web.start(
                 self.settings.metrics_host, self.settings.metrics_port
             )
         self._tasks = [
@@ -249,6 +252,8 @@ class Bridge:
                 await task
         if self.modbus is not None:
             await self.modbus.stop()  # no controller may start charging again meanwhile
+        if self.web is not None:
+            await self.web.stop()  # nor an action
         switches = list(self._switches.values())
         for task in switches:
             task.cancel()  # a relay command in flight is abandoned (and killed)
@@ -258,7 +263,6 @@ class Bridge:
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()
-        self.metrics.stop_http()
         self.save_energy()
         if self.store is not None:
             self.store.close()

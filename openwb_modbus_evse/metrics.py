@@ -6,19 +6,10 @@ that are not state (Modbus requests, protocol errors, command round trips) are c
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,7 +19,6 @@ from .evse.link import LinkObserver
 if TYPE_CHECKING:
     from .bridge import Bridge
 
-log = logging.getLogger(__name__)
 disable_created_metrics()  # *_created series only double the counters here
 
 PREFIX = "openwb_modbus_evse"
@@ -83,7 +73,7 @@ class _ChargePointCollector(Collector):
         for point in list(bridge.charge_points.values()):
             ident = point.identity
             labels = [str(ident.lp or ""), ident.serial, ident.name]
-            state = point.state  # one snapshot: the loop thread may replace it meanwhile
+            state = point.state
             energy.add_metric(labels, point.energy.wh * 3600)
             requested.add_metric(labels, state.requested_ca / 100)
             allowed.add_metric(labels, allowed_ca(state) / 100)
@@ -148,6 +138,17 @@ class _ChargePointCollector(Collector):
             "Stations with an established session.",
             value=len(bridge.link.sessions),
         )
+        gate = bridge.web.gate if bridge.web is not None else None
+        yield GaugeMetricFamily(
+            f"{PREFIX}_http_connections",
+            "Open HTTP connections.",
+            value=gate.open_connections if gate else 0,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_http_connections_refused",
+            "HTTP connections refused by the connection caps.",
+            value=gate.refused if gate else 0,
+        )
 
 
 class Metrics(LinkObserver):
@@ -197,7 +198,6 @@ class Metrics(LinkObserver):
             ["result"],
             registry=self.registry,
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     # Modbus events (from the server's observer)
     def response(self, function_code: int, exception_code: int | None) -> None:
@@ -223,24 +223,3 @@ class Metrics(LinkObserver):
     def phase_switch(self, ok: bool) -> None:
         """Count one run of the phase-switch command."""
         self._phase_switches.labels("ok" if ok else "failed").inc()
-
-    # HTTP endpoint
-    def start_http(self, host: str, port: int) -> int:
-        """Serve /metrics on ``host:port`` (0 picks a free port); returns the port."""
-        try:
-            server, thread = start_http_server(port, host, registry=self.registry)
-        except OSError as err:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {err.strerror}") from err
-        self._http = (server, thread)
-        bound = server.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def stop_http(self) -> None:
-        """Stop serving /metrics."""
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._http = None

@@ -8,6 +8,9 @@ Four parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
 3. ``capacity``: how many stations one bridge keeps polled on time, with its CPU and memory use.
 4. ``heartbeat``: from the heartbeat deadline to the PWM-100 command.
+5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics
+   (a subprocess: ``python -m tests.bench --scrapers N URL SECONDS``), and a burst of 300
+   simultaneous scrapes.
 
 The load generator and the stations run in this process; register numbers come from
 REGISTER_MAP, the station frames from the protocol codec. Nothing here is collected by pytest.
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import itertools
+import json
 import logging
 import math
 import os
@@ -43,7 +47,7 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
-PARTS = ("modbus", "latency", "capacity", "heartbeat")
+PARTS = ("modbus", "latency", "capacity", "heartbeat", "scrape")
 LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
@@ -939,6 +943,188 @@ async def bench_heartbeat(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+# --- part 5: /metrics under load ----------------------------------------------------------------
+
+SCRAPE_STATIONS = 200
+SCRAPERS = 20
+SCRAPE_BURST = 300
+READ_EVERY = 0.02  # seconds between the controller's Modbus reads
+
+
+@dataclass
+class ScrapeRow:
+    """One phase of the scrape part."""
+
+    phase: str
+    latencies: list[float]
+    errors: int
+    scrapes: dict[str, int]
+    seconds: float
+    bridge_cpu: float
+    rss_kib: int
+    peak_kib: int
+    dropped: int
+
+    def row(self) -> list[object]:
+        """Row of the scrape table."""
+        lat = self.latencies
+        return [
+            self.phase,
+            len(lat),
+            ms(percentile(lat, 50)),
+            ms(percentile(lat, 95)),
+            ms(percentile(lat, 99)),
+            ms(max(lat, default=math.nan)),
+            self.errors,
+            f"{self.scrapes.get('200', 0) / self.seconds:.0f}" if self.scrapes else "-",
+            self.scrapes.get("503", 0) if self.scrapes else "-",
+            f"{self.bridge_cpu:.0f}",
+            f"{self.rss_kib / 1024:.0f}/{self.peak_kib / 1024:.0f}",
+            self.dropped,
+        ]
+
+
+def run_scrapers(count: int, url: str, seconds: float) -> None:
+    """``count`` clients GET ``url`` back to back for ``seconds`` (0: once each, all at once).
+
+    Prints the status counts as JSON, and the largest body size as ``"bytes"``.
+    """
+    import aiohttp
+
+    async def scrape() -> dict[str, int]:
+        statuses: dict[str, int] = {}
+        end = time.perf_counter() + seconds
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def one() -> None:
+                while True:
+                    try:
+                        async with session.get(url) as response:
+                            body = await response.read()
+                            key = str(response.status)
+                            statuses["bytes"] = max(statuses.get("bytes", 0), len(body))
+                    except (aiohttp.ClientError, TimeoutError):
+                        key = "error"
+                    statuses[key] = statuses.get(key, 0) + 1
+                    if time.perf_counter() >= end:
+                        return
+
+            await asyncio.gather(*(one() for _ in range(count)))
+        return statuses
+
+    print(json.dumps(asyncio.run(scrape())))
+
+
+async def controller_reads(client: AsyncModbusTcpClient, seconds: float) -> tuple[list[float], int]:
+    """Read LP1's block every READ_EVERY s for ``seconds``; (latencies, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        try:
+            ok = await read_block(client)
+        except Exception:  # a timeout counts like an exception response
+            ok = False
+        latencies.append(time.perf_counter() - t0)
+        errors += not ok
+        await asyncio.sleep(READ_EVERY)
+    return latencies, errors
+
+
+async def bench_scrape(args: argparse.Namespace, workdir: Path) -> None:
+    """Part 5: Modbus latency while /metrics is hammered, with 200 stations."""
+    metrics_port = free_port()
+    # start_bridge turns /metrics off with --metrics-port 0 first; the later option wins.
+    bridge = await start_bridge(workdir, "scrape", "--metrics-port", str(metrics_port))
+    url = f"http://{HOST}:{metrics_port}/metrics"
+    stations = [
+        MiniStation(virtual_serial(i), requests_power=True) for i in range(1, SCRAPE_STATIONS + 1)
+    ]
+    rows: list[ScrapeRow] = []
+    size = 0
+    client: AsyncModbusTcpClient | None = None
+    seconds = args.duration
+    try:
+        for batch in chunks(stations, CONNECT_BATCH):
+            await asyncio.gather(*(s.connect(bridge.evse_port) for s in batch))
+        async with asyncio.timeout(30):
+            while any(not s.polls for s in stations):
+                await asyncio.sleep(0.05)
+        client = await modbus_client(bridge.modbus_port)
+        await wait_for_lp(client)
+        await write_current(client, 1600)
+        await asyncio.sleep(1)
+
+        async def phase(name: str, scrapers: int, scrape_seconds: float) -> None:
+            nonlocal size
+            meter = CpuMeter(bridge.child)
+            t0 = time.perf_counter()
+            proc = None
+            if scrapers:
+                proc = await asyncio.create_subprocess_exec(
+                    *[sys.executable, "-m", "tests.bench", "--scrapers", str(scrapers), url],
+                    f"{scrape_seconds:g}",
+                    stdout=subprocess.PIPE,
+                )
+            assert client is not None
+            latencies, errors = await controller_reads(client, seconds)
+            scrapes: dict[str, int] = {}
+            if proc is not None:
+                out, _ = await proc.communicate()
+                scrapes = json.loads(out)
+                size = max(size, scrapes.pop("bytes", 0))
+            elapsed = time.perf_counter() - t0
+            cpu, _ = meter.percent()
+            rss, peak = bridge.child.memory_kib()
+            dropped = sum(s.lost for s in stations)
+            rows.append(
+                ScrapeRow(name, latencies, errors, scrapes, elapsed, cpu, rss, peak, dropped)
+            )
+
+        say(f"scrape: {SCRAPE_STATIONS} stations, Modbus reads every {READ_EVERY * 1000:g} ms")
+        await phase("quiet", 0, 0)
+        say(f"scrape: the same while {SCRAPERS} scrapers hammer /metrics")
+        await phase(f"{SCRAPERS} scrapers", SCRAPERS, seconds)
+        say(f"scrape: {SCRAPE_BURST} simultaneous scrapes")
+        await phase(f"{SCRAPE_BURST} at once", SCRAPE_BURST, 0)
+    finally:
+        if client is not None:
+            client.close()
+        await close_stations(stations)
+        bridge.child.stop()
+
+    headers = [
+        "phase",
+        "reads",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "scrapes/s",
+        "503s",
+        "bridge CPU %",
+        "RSS/peak MiB",
+        "stations dropped",
+    ]
+    section(
+        f"5. /metrics under load: {SCRAPE_STATIONS} stations, Modbus reads of LP1's block every "
+        f"{READ_EVERY * 1000:g} ms, {seconds:g} s per phase",
+        table(headers, [r.row() for r in rows]),
+        [
+            f"bridge: {bridge.options}",
+            f"scrapers: python -m tests.bench --scrapers {SCRAPERS} URL SECONDS (a subprocess, "
+            "aiohttp, back to back); 503 = refused by the connection cap",
+            f"exposition size {size / 1024:.0f} KiB; in the {SCRAPE_BURST}-at-once row every "
+            "scraper GETs once, and scrapes/s is over the whole phase",
+            "CPU % is of one core; RSS/peak from /proc/PID/status at the end of each phase",
+        ],
+    )
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -1036,6 +1222,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PORT",
         help="only run the plain pymodbus reference server on PORT (used by the bench itself)",
     )
+    parser.add_argument(
+        "--scrapers",
+        nargs=3,
+        metavar=("N", "URL", "SECONDS"),
+        help="only run N scrapers of URL for SECONDS (used by the bench itself)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1050,6 +1242,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "latency": bench_latency,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
+        "scrape": bench_scrape,
     }
     for part in args.only:
         await benches[part](args, workdir)
@@ -1060,6 +1253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plain_server is not None:
         run_plain_server(args.plain_server)
+        return 0
+    if args.scrapers is not None:
+        count, url, seconds = args.scrapers
+        run_scrapers(int(count), url, float(seconds))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # pymodbus logs every closed connection; the simulator every (re)connect.

@@ -399,7 +399,7 @@ async def test_heartbeat_age_and_lapses(make_rig, settings):
 async def test_metrics_port_0_serves_nothing(make_rig, settings):
     rig = await make_rig(settings, metrics_port=0)
     assert rig.bridge.metrics_port == 0
-    assert rig.bridge.metrics._http is None
+    assert rig.bridge.web is None
 
 
 # --- a real Prometheus ---------------------------------------------------------------------

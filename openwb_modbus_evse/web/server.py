@@ -1,0 +1,154 @@
+"""One aiohttp server on the metrics port: /metrics, the status page, its JSON API, actions.
+
+HTTP runs on the event loop. What keeps it from starving the stations and Modbus is bounded:
+connections pass a :class:`~.gate.Gate` (caps, lifetime), and the exposition is generated at most
+at a rate that keeps its cost near a tenth of a core (see :class:`Exposition`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .gate import Gate
+
+if TYPE_CHECKING:
+    from ..bridge import Bridge
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64  # in total; Prometheus, a few browsers and the CLI need a handful
+MAX_PER_ADDRESS = 32  # one client address cannot take every slot
+CONNECTION_MAX_AGE = 60.0  # seconds; also ends a connection that never completes a request
+KEEPALIVE = 5.0  # seconds an idle keep-alive connection stays open
+# The exposition is regenerated at most once per this many times its own generation time (at
+# most EXPOSITION_MAX_AGE): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of the loop's time.
+EXPOSITION_COST_FACTOR = 10.0
+EXPOSITION_MAX_AGE = 1.0
+
+
+class Exposition:
+    """The Prometheus text exposition of a registry, regenerated only as often as affordable.
+
+    After a generation that took ``t`` seconds, the next one starts ``10 t`` (at most 1 s) later
+    at the earliest; every scrape that arrives meanwhile waits for it and shares it. So a scrape
+    never gets values from before its arrival, and any number of scrapers cost about a tenth of a
+    core at most. Generating runs in one worker thread: for 200 stations it takes ~40 ms of CPU,
+    which on the loop would stall Modbus and the stations that long; from a thread the loop gets
+    the GIL back every few milliseconds. The collectors only read immutable snapshots.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._next_at = -float("inf")  # the earliest time the next generation may start
+        self._pending: asyncio.Future[bytes] | None = None  # for scrapes waiting, not started
+        self._running: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="exposition")
+        self.generated = 0  # how many times it was generated (for tests and the bench)
+
+    async def body(self) -> bytes:
+        """A fresh exposition, shared with the scrapes that arrived while it was due."""
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().create_future()
+            if self._running is None:
+                self._schedule()
+        return await asyncio.shield(self._pending)
+
+    def _schedule(self) -> None:
+        delay = max(0.0, self._next_at - self._clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._start)
+
+    def _start(self) -> None:
+        future, self._pending = self._pending, None
+        assert future is not None
+        self._running = asyncio.ensure_future(self._run(future))
+
+    async def _run(self, future: asyncio.Future[bytes]) -> None:
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(self._worker, self._generate)
+        except Exception as err:  # a collector bug: the waiting scrapes get a 500
+            future.set_exception(err)
+        else:
+            future.set_result(body)
+        finally:
+            self._running = None
+            if self._pending is not None:  # scrapes that came during this generation
+                self._schedule()
+
+    def _generate(self) -> bytes:
+        started = self._clock()
+        body = generate_latest(self._registry)
+        done = self._clock()
+        self._next_at = done + min(EXPOSITION_MAX_AGE, EXPOSITION_COST_FACTOR * (done - started))
+        self.generated += 1
+        return body
+
+    def close(self) -> None:
+        """Stop the worker thread (after the generation in progress, if any)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+class WebServer:
+    """The HTTP server of a bridge."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.exposition = Exposition(bridge.metrics.registry)
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        # No access log: a scraper every few seconds would fill it; actions log themselves.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=KEEPALIVE
+        )
+        self._server: asyncio.Server | None = None
+        self.gate: Gate | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 picks a free port); returns the port."""
+        await self._runner.setup()
+        assert self._runner.server is not None
+        self.gate = Gate(
+            self._runner.server,
+            max_connections=MAX_CONNECTIONS,
+            max_per_address=MAX_PER_ADDRESS,
+            max_age=CONNECTION_MAX_AGE,
+        )
+        try:
+            self._server = await asyncio.get_running_loop().create_server(self.gate, host, port)
+        except OSError as err:
+            await self._runner.cleanup()
+            raise OSError(f"cannot serve HTTP on {host}:{port}: {err.strerror or err}") from err
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("HTTP on http://%s:%d/ (status page, /metrics)", host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is None:
+            return
+        self._server.close()
+        await self._runner.cleanup()
+        assert self.gate is not None
+        self.gate.close_all()
+        await self._server.wait_closed()
+        self.exposition.close()
+        self._server = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=await self.exposition.body(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

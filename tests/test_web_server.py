@@ -1,0 +1,151 @@
+"""The HTTP server: bounded connections, scrapes that cannot starve the stations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import pytest
+from conftest import free_port
+from prometheus_client import CollectorRegistry, Gauge
+
+from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.web import server as web_server
+from openwb_modbus_evse.web.server import Exposition
+
+P = "openwb_modbus_evse_"
+
+
+@pytest.fixture
+async def rig(make_rig, settings):
+    return await make_rig(settings, metrics_host="127.0.0.1", metrics_port=free_port())
+
+
+async def scrape_status(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(url) as response:
+        await response.read()
+        return response.status
+
+
+async def test_300_simultaneous_scrapes_keep_every_station_session(rig):
+    stations = [await rig.station(i) for i in range(1, 6)]
+    client = await rig.client()
+    opened_before = [s.connections for s in stations]
+    url = f"http://127.0.0.1:{rig.bridge.metrics_port}/metrics"
+    generated_before = rig.bridge.web.exposition.generated
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = await asyncio.gather(*(scrape_status(session, url) for _ in range(300)))
+        # Modbus is answered meanwhile and afterwards
+        rr = await client.read_input_registers(REGISTER_MAP.address(1, "power"), count=2)
+        assert not rr.isError()
+        assert await scrape_status(session, url) == 200
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= web_server.MAX_PER_ADDRESS
+    # from one address at most MAX_PER_ADDRESS are served at once; the rest got a quick 503
+    assert statuses.count(503) > 0
+    assert rig.bridge.web.gate.peak == web_server.MAX_PER_ADDRESS
+    # the exposition is shared by scrapes that pile up rather than rebuilt for each
+    assert rig.bridge.web.exposition.generated - generated_before < statuses.count(200) + 1
+    assert [s.connections for s in stations] == opened_before
+    assert all(s.serial in rig.bridge.link.sessions for s in stations)
+
+
+async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def _refused(reader: asyncio.StreamReader) -> bool:
+    answer = await asyncio.wait_for(reader.read(), 3)
+    return answer.startswith(b"HTTP/1.1 503")
+
+
+async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
+    port = rig.bridge.metrics_port
+    gate = rig.bridge.web.gate
+    monkeypatch.setattr(gate, "max_connections", 20)
+    monkeypatch.setattr(gate, "max_per_address", 8)
+    idle = []
+    try:
+        # idle connections that never send a request (slowloris) from one address ...
+        for _ in range(gate.max_per_address):
+            idle.append(await _connect(port, "127.0.0.2"))
+        await asyncio.sleep(0.1)
+        assert gate.open_connections == gate.max_per_address
+        reader, writer = await _connect(port, "127.0.0.2")
+        assert await _refused(reader)
+        writer.close()
+        # ... do not lock out another address, until the total cap is reached
+        for source in ("127.0.0.3", "127.0.0.3", "127.0.0.5") * 4:
+            idle.append(await _connect(port, source))
+        await asyncio.sleep(0.1)
+        reader, writer = await _connect(port, "127.0.0.4")
+        assert await _refused(reader)
+        writer.close()
+        assert gate.refused == 2
+    finally:
+        for _, writer in idle:
+            writer.close()
+    # closed connections free their slots
+    async with aiohttp.ClientSession() as session:
+        await asyncio.sleep(0.1)
+        assert await scrape_status(session, f"http://127.0.0.1:{port}/metrics") == 200
+
+
+async def test_a_connection_that_never_finishes_is_closed_after_its_lifetime(make_rig, settings):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(web_server, "CONNECTION_MAX_AGE", 0.3)
+        rig = await make_rig(settings, metrics_host="127.0.0.1", metrics_port=free_port())
+    reader, writer = await _connect(rig.bridge.metrics_port, "127.0.0.1")
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never end
+    assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert rig.bridge.web.gate.open_connections == 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.step = 0.0  # added on every read: how long a generation "takes"
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_exposition_is_shared_by_scrapes_that_pile_up_and_never_older_than_them():
+    registry = CollectorRegistry()
+    gauge = Gauge("value", "A value.", registry=registry)
+    clock = FakeClock()
+    exposition = Exposition(registry, clock)
+    clock.step = 0.01  # 10 ms per generation: the next one starts 100 ms later at the earliest
+    gauge.set(1)
+    assert b"value 1.0" in await exposition.body()
+    clock.step = 0.0
+    gauge.set(2)  # changed after the first scrape: later scrapes must show it
+    waiting = [asyncio.create_task(exposition.body()) for _ in range(50)]
+    await asyncio.sleep(0.02)
+    assert not any(t.done() for t in waiting)  # they wait for the next generation ...
+    bodies = await asyncio.wait_for(asyncio.gather(*waiting), 2)
+    assert all(b"value 2.0" in b for b in bodies)  # ... and see the value of their time
+    assert exposition.generated == 2
+    exposition.close()
+
+
+async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, monkeypatch):
+    calls = []
+
+    def broken(registry):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("collector bug")
+        return b"ok\n"
+
+    monkeypatch.setattr(web_server, "generate_latest", broken)
+    url = f"http://127.0.0.1:{rig.bridge.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session:
+        with contextlib.suppress(aiohttp.ClientError):
+            assert await scrape_status(session, url) == 500
+        assert await scrape_status(session, url) == 200
