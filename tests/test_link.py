@@ -225,3 +225,16 @@ async def test_station_log_lines_are_logged_under_its_name(link, stations, caplo
 def test_poll_interval_must_stay_below_the_station_limit():
     with pytest.raises(ValueError, match="below 10"):
         StationLink(poll_interval=10)
+
+
+async def test_a_stray_pong_behind_the_first_data_leaves_nothing_registered(link):
+    # Regression (issue 10, finding 7): data and a pong nobody asked for, in one packet. The read
+    # loop closes the session before the handshake code registers it.
+    station = await RawStation.connect(link.port, SERIAL)
+    await station.next_request()
+    station.send(p.encode_data(idle_data(), 4) + p.pong())
+    assert await station.closed_by_peer()
+    await asyncio.sleep(0.1)
+    assert SERIAL not in link.sessions
+    assert link.recorder.opened == []
+    assert link.recorder.errors == ["unexpected_response"]

@@ -140,6 +140,11 @@ class Session:
             except TimeoutError:
                 self.close(f"no response within {self.link.response_timeout:g} s")
                 raise SessionClosed(self.close_reason) from None
+            if self.closed:
+                # The read loop may resolve the future and then close the session on the next
+                # frame of the same packet before this coroutine runs: acting on that response
+                # (registering, observing) would revive a session that already ended.
+                raise SessionClosed(self.close_reason)
             self.link.observer.command_rtt(expect.name.lower(), self._loop.time() - started)
             return result
 
@@ -393,6 +398,8 @@ class StationLink:
 
     def _register(self, session: Session) -> None:
         assert session.serial is not None
+        if session.closed:  # its end was already reported with no serial: nothing would undo it
+            raise SessionClosed(session.close_reason)
         old = self.sessions.get(session.serial)
         if old is not None:
             old.close("replaced by a new connection of the same station")
