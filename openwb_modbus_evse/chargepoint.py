@@ -14,12 +14,17 @@ The IEC 61851 sequence this follows (see the protocol page):
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .energy import EnergyMeter
 from .evse.protocol import Pilot, Proximity, StationData
+from .ratelimit import RateLimit
+
+log = logging.getLogger(__name__)
 
 MIN_CURRENT_CA = 600  # centiamps, the unit of the set_current register
 MAX_CURRENT_CA = 3200
@@ -31,6 +36,12 @@ MIN_CHARGING_PWM = 10
 # powered, so exactly zero never comes.
 STOPPED_MA = 1000
 CP_INTERRUPTION_MAX_S = 60
+# What a 230/400 V station rated up to 32 A can really measure, with headroom: a phase voltage
+# above 300 V (230 V + 30 %) or a current above 64 A (twice the largest rating) is a broken
+# sensor, a bad calibration or a forged frame, never a reading to count or act on.
+MAX_PLAUSIBLE_MV = 300_000
+MAX_PLAUSIBLE_MA = 64_000
+RECENT_LOG_LINES = 20  # station log lines kept per charge point (for the status page)
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,17 @@ def offered_pwm(state: State) -> int:
     return max(MIN_CHARGING_PWM, limit // CA_PER_PWM_PERCENT)
 
 
+def implausible(data: StationData) -> str | None:
+    """Why the report's measurements cannot be real (see MAX_PLAUSIBLE_*), or None."""
+    for i, mv in enumerate(data.voltages_mv):
+        if mv > MAX_PLAUSIBLE_MV:
+            return f"phase {i + 1} voltage {mv / 1000:g} V is above {MAX_PLAUSIBLE_MV // 1000} V"
+    for i, ma in enumerate(data.currents_ma):
+        if ma > MAX_PLAUSIBLE_MA:
+            return f"phase {i + 1} current {ma / 1000:g} A is above {MAX_PLAUSIBLE_MA // 1000} A"
+    return None
+
+
 def target(state: State, now: float) -> Target | None:
     """What the station should do now; None while there is no station to command."""
     data = state.data
@@ -161,7 +183,8 @@ def target(state: State, now: float) -> Target | None:
         return None
     if state.sequence is not None and state.sequence.stage is Stage.HOLD:
         return Target(PWM_STATE_F, False)
-    if data.pilot is Pilot.A_12V or data.pilot.is_fault:
+    if data.pilot is Pilot.A_12V or data.pilot.is_fault or implausible(data) is not None:
+        # Impossible measurements: nothing the report says can be trusted, like a pilot fault.
         return Target(PWM_OFF, False)
     pwm = offered_pwm(state)
     if pwm != PWM_OFF:
@@ -199,8 +222,11 @@ def charging(state: State) -> bool:
 
 
 def fresh_data(state: State, now: float, max_age: float) -> StationData | None:
-    """The latest data, if the station is connected and the data is at most ``max_age`` old."""
+    """The latest data, if the station is connected, the data at most ``max_age`` old and
+    plausible."""
     if not state.connected or state.data is None or state.data_at is None:
+        return None
+    if implausible(state.data) is not None:
         return None
     return state.data if now - state.data_at <= max_age else None
 
@@ -380,10 +406,15 @@ class ChargePoint:
     ) -> None:
         self.identity = identity
         self.state = initial_state(config)
-        self.energy = EnergyMeter(wh=energy_wh)
+        max_power_w = config.max_current_a * config.phases * MAX_PLAUSIBLE_MV / 1000
+        self.energy = EnergyMeter(wh=energy_wh, max_power_w=max_power_w)
         # Data older than this counts as none, and energy is not integrated across such a gap.
         self.max_data_age = max_data_age
         self.on_change: Callable[[], None] = lambda: None
+        self.implausible_reports = 0
+        self._implausible_log = RateLimit(per_second=1 / 60, burst=3)
+        #: The last log lines the station sent (escaped and shortened by the link).
+        self.recent_log: deque[str] = deque(maxlen=RECENT_LOG_LINES)
 
     @property
     def name(self) -> str:
@@ -398,7 +429,22 @@ class ChargePoint:
 
     def observe(self, data: StationData, now: float) -> None:
         """New data from the station; counts energy since the previous data."""
-        self.energy.sample(data.power_w, data.contactor, now, self.max_data_age)
+        self.recent_log.extend(data.log_lines)
+        problem = implausible(data)
+        if problem is None:
+            self.energy.sample(data.power_w, data.contactor, now, self.max_data_age)
+        else:
+            self.implausible_reports += 1
+            self.energy.interrupt()  # the gap around a bad report is skipped, not bridged
+            if self._implausible_log.allow(now):
+                dropped = self._implausible_log.take_dropped()
+                more = f" ({dropped} more since the last such line)" if dropped else ""
+                log.warning(
+                    "station %s: implausible report ignored, treated as a fault: %s%s",
+                    self.name,
+                    problem,
+                    more,
+                )
         self.commit(observe(self.state, data, now))
 
     def disconnected(self, now: float, reason: str) -> None:

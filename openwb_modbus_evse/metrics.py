@@ -69,6 +69,11 @@ class _ChargePointCollector(Collector):
         )
         age = gauge("data_age_seconds", "Age of the station's latest data.")
         connected = gauge("connected", "1 if the station's session is established.")
+        implausible = CounterMetricFamily(
+            f"{PREFIX}_implausible_reports",
+            "Station reports with impossible voltages or currents (ignored, treated as a fault).",
+            labels=_CP_LABELS,
+        )
 
         for point in list(bridge.charge_points.values()):
             ident = point.identity
@@ -78,6 +83,7 @@ class _ChargePointCollector(Collector):
             requested.add_metric(labels, state.requested_ca / 100)
             allowed.add_metric(labels, allowed_ca(state) / 100)
             connected.add_metric(labels, 1 if state.connected else 0)
+            implausible.add_metric(labels, point.implausible_reports)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
             data = fresh_data(state, now, point.max_data_age)
@@ -103,7 +109,7 @@ class _ChargePointCollector(Collector):
 
         yield from (voltage, current, phase_power, power, energy, plugged, charging_)
         yield from (requested, allowed, offered, pwm, contactor, pilot, cable, rssi, uptime)
-        yield from (age, connected)
+        yield from (age, connected, implausible)
 
         heartbeat = bridge.heartbeat
         yield GaugeMetricFamily(
@@ -192,6 +198,11 @@ class Metrics(LinkObserver):
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
+        self._log_lines_dropped = Counter(
+            f"{PREFIX}_station_log_lines_dropped",
+            "Station log lines not logged (rate or size limit).",
+            registry=self.registry,
+        )
         self._phase_switches = Counter(
             f"{PREFIX}_phase_switches",
             "Phase-switch commands run, by result.",
@@ -219,6 +230,9 @@ class Metrics(LinkObserver):
 
     def command_rtt(self, command: str, seconds: float) -> None:
         self._command_duration.labels(command).observe(seconds)
+
+    def log_lines_dropped(self, count: int) -> None:
+        self._log_lines_dropped.inc(count)
 
     def phase_switch(self, ok: bool) -> None:
         """Count one run of the phase-switch command."""

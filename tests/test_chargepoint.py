@@ -260,6 +260,56 @@ def test_current_bounds(value):
         cp.set_current(connected(), value, 0)
 
 
+# --- plausibility ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("volts_mv", "amps_ma", "problem"),
+    [
+        ((230_000, 300_001, 230_000), (0, 0, 0), "phase 2 voltage 300.001 V is above 300 V"),
+        ((230_000,) * 3, (0, 0, 2**32 - 1), "phase 3 current 4.29497e+06 A is above 64 A"),
+        ((300_000,) * 3, (64_000,) * 3, None),
+    ],
+)
+def test_implausible_measurements(volts_mv, amps_ma, problem):
+    assert cp.implausible(idle_data(voltages_mv=volts_mv, currents_ma=amps_ma)) == problem
+
+
+def test_an_implausible_report_is_a_fault_even_while_charging():
+    s = charging_state()
+    bad = idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(99_000, 0, 0))
+    s = cp.observe(s, bad, 1.0)
+    assert cp.target(s, 1.0) == cp.Target(cp.PWM_OFF, False)
+    assert cp.fresh_data(s, 1.0, 15) is None  # served as "no data"
+
+
+def test_implausible_reports_are_counted_not_integrated_and_logged_rate_limited(caplog):
+    point = cp.ChargePoint(cp.Identity("S", 1, "LP1", "S"), CFG)
+    bad = idle_data(contactor=True, voltages_mv=(2**32 - 1,) * 3, currents_ma=(2**32 - 1,) * 3)
+    for t in range(100):
+        point.observe(bad, float(t))
+    assert point.energy.wh == 0
+    assert point.implausible_reports == 100
+    warnings = [r.getMessage() for r in caplog.records if "implausible" in r.getMessage()]
+    assert len(warnings) == 4  # a burst of 3, then one a minute saying how many it left out
+    assert "(57 more since the last such line)" in warnings[3]
+
+
+def test_energy_never_counts_more_than_the_station_can_deliver():
+    config = replace(CFG, max_current_a=16.0, phases=3)
+    point = cp.ChargePoint(cp.Identity("S", 1, "LP1", "S"), config)
+    high = idle_data(contactor=True, voltages_mv=(299_000,) * 3, currents_ma=(63_000,) * 3)
+    for t in range(11):  # plausible readings each, but 56.5 kW through a 16 A station
+        point.observe(high, float(t))
+    assert point.energy.wh == pytest.approx(16 * 3 * 300 * 10 / 3600)
+
+
+def test_the_last_station_log_lines_are_kept_bounded():
+    point = cp.ChargePoint(cp.Identity("S", 1, "LP1", "S"), CFG)
+    point.observe(idle_data(log_lines=tuple(f"l{i}" for i in range(50))), 0.0)
+    assert list(point.recent_log) == [f"l{i}" for i in range(30, 50)]
+
+
 # --- safety properties over random histories -----------------------------------------------
 
 events = st.one_of(

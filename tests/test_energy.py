@@ -42,10 +42,12 @@ def test_open_contactor_counts_nothing():
     st.lists(st.tuples(st.floats(-1e5, 1e5), st.booleans(), st.floats(0, 1e6)), max_size=50),
     st.floats(0, 1e6),
 )
-def test_never_decreases(samples, start):
-    meter = EnergyMeter(wh=start)
-    last = meter.wh
+def test_never_decreases_nor_exceeds_the_maximum_power(samples, start):
+    meter = EnergyMeter(wh=start, max_power_w=22_000)
+    last, last_at = meter.wh, None
     for power, contactor, at in samples:
         meter.sample(power, contactor, at, max_gap=15)
         assert meter.wh >= last
-        last = meter.wh
+        if last_at is not None:
+            assert meter.wh - last <= 22_000 * max(0.0, at - last_at) / 3600 + 1e-6
+        last, last_at = meter.wh, at

@@ -210,16 +210,53 @@ async def test_reconnect_with_the_same_serial_replaces_the_old_session(link):
     await second.close()
 
 
-async def test_station_log_lines_are_logged_under_its_name(link, stations, caplog):
+async def test_station_log_lines_are_logged_with_its_name(link, stations, caplog):
     caplog.set_level(logging.INFO, logger="openwb_modbus_evse.station")
     (station,) = await stations(1, vehicle=VehicleConfig(plug_in_after=0.0))
     await eventually(
         lambda: any(
-            r.name == f"openwb_modbus_evse.station.{station.serial}"
-            and "pilot 12V->9V" in r.getMessage()
+            r.name == "openwb_modbus_evse.station"
+            and r.getMessage() == f"station {station.serial} says: pilot 12V->9V"
             for r in caplog.records
         )
     )
+
+
+async def answer_collect(station: RawStation, data: p.StationData) -> None:
+    assert (await station.next_request()).type is p.RequestType.COLLECT_DATA
+    station.send(p.encode_data(data, 4))
+
+
+async def test_station_log_text_cannot_forge_lines_or_drive_a_terminal(link, caplog):
+    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.station")
+    station = await RawStation.connect(link.port, SERIAL)
+    lines = ("ok\nERROR openwb_modbus_evse: forged", "\x1b[2J\x1b[31mred", "A" * 5000)
+    await answer_collect(station, idle_data(log_lines=lines))
+    await eventually(lambda: SERIAL in link.sessions)
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith(".station")]
+    assert len(messages) == 3
+    assert messages[0] == f"station {SERIAL} says: ok\\nERROR openwb_modbus_evse: forged"
+    assert messages[1].endswith("says: \\x1b[2J\\x1b[31mred")
+    assert all("\n" not in m and "\x1b" not in m and len(m) < 300 for m in messages)
+    assert "[4800 more characters]" in messages[2]
+
+
+async def test_a_flood_of_station_log_lines_is_rate_limited_and_counted(link, caplog):
+    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.station")
+    dropped: list[int] = []
+    link.observer.log_lines_dropped = dropped.append
+    station = await RawStation.connect(link.port, SERIAL)
+    flood = idle_data(log_lines=tuple(f"line {i}" for i in range(200)))
+    await answer_collect(station, flood)
+    await eventually(lambda: SERIAL in link.sessions)
+    for _ in range(10):  # a notify gets a collect-data at once
+        station.send(p.notify())
+        await answer_collect(station, flood)
+    await eventually(lambda: sum(dropped) + 30 >= 11 * 200 - 5)
+    logged = [r for r in caplog.records if r.name.endswith(".station")]
+    assert 30 <= len(logged) <= 32  # the burst, and what ~1 s of 0.5 lines/s adds
+    assert sum(dropped) + len(logged) == 11 * 200
+    assert link.session(SERIAL).latest.log_lines[-1] == "line 63"  # 64 lines per report
 
 
 def test_poll_interval_must_stay_below_the_station_limit():

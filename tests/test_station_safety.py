@@ -40,3 +40,50 @@ async def test_a_stray_pong_behind_a_data_response_leaves_no_zombie(make_rig, se
     for name, value in (("cp_interruption", 5), ("phase_switch_trigger", 1)):
         rr = await client.write_register(ADDR(1, name), value, device_id=1)
         assert rr.isError() and rr.exception_code == 11, (name, rr)  # offline
+
+
+async def answer(station: RawStation, data: p.StationData, count: int) -> list[p.Request]:
+    """Answer ``count`` requests like a station that reports ``data`` and obeys nothing."""
+    requests = []
+    for _ in range(count):
+        request = await station.next_request()
+        requests.append(request)
+        if request.type is p.RequestType.COLLECT_DATA:
+            station.send(p.encode_data(data, 4))
+        elif request.type is p.RequestType.SET_PWM:
+            station.send(p.pwm_ack())
+        elif request.type is p.RequestType.SET_CONTACTOR:
+            station.send(p.contactor_ack())
+    return requests
+
+
+# --- plausibility (finding 5) --------------------------------------------------------------
+
+
+async def test_impossible_measurements_add_no_energy_and_open_the_contactor(make_rig, settings):
+    rig = await make_rig(settings)
+    client = await rig.client()
+    top = 2**32 - 1
+    forged = idle_data(
+        contactor=True, pilot=p.Pilot.C_6V, voltages_mv=(top,) * 3, currents_ma=(top,) * 3
+    )
+    station = await raw_station(rig, data=forged)
+    requests = await answer(station, forged, 8)
+    point = rig.point(SERIAL)
+    await eventually(
+        lambda: (
+            point.implausible_reports
+            == 1 + sum(r.type is p.RequestType.COLLECT_DATA for r in requests)
+        )
+    )
+    assert point.implausible_reports >= 4
+    assert point.energy.wh == 0
+    assert p.Request(p.RequestType.SET_CONTACTOR, contactor=False) in requests  # a fault: open
+    rr = await client.read_input_registers(ADDR(1, "power"), count=100, device_id=1)
+    values = REGISTER_MAP.decode(rr.registers)
+    assert values["energy_imported"] == 0
+    assert values["power"] is None and values["voltage_l1"] is None  # read as -1: no data
+    sample = rig.bridge.metrics.registry.get_sample_value
+    labels = {"lp": "1", "serial": point.identity.serial, "name": "LP1"}
+    assert sample("openwb_modbus_evse_implausible_reports_total", labels) >= 4
+    await station.close()

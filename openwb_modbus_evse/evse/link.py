@@ -15,13 +15,24 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from ..chargepoint import Target
+from ..ratelimit import RateLimit
 from . import protocol as p
 
 log = logging.getLogger(__name__)
 station_log = logging.getLogger(__package__.rsplit(".", 1)[0] + ".station")
+
+# A station's own log lines go to the service log at INFO, bounded per session: a line is cut
+# after LOG_LINE_CHARS, a report contributes at most LOG_LINES_PER_REPORT (the firmware keeps only
+# 1 KiB of log between two reports), and a token bucket lets LOG_BURST lines through at once and
+# LOG_LINES_PER_SECOND after that. What does not pass is counted, and said with the next line.
+LOG_LINE_CHARS = 200
+LOG_LINES_PER_REPORT = 64
+LOG_BURST = 30
+LOG_LINES_PER_SECOND = 0.5
 
 
 class SessionClosed(ConnectionError):
@@ -63,6 +74,9 @@ class LinkObserver:
 
     def command_rtt(self, command: str, seconds: float) -> None:
         """A request was answered after ``seconds``."""
+
+    def log_lines_dropped(self, count: int) -> None:
+        """``count`` station log lines were not logged (rate or size limit)."""
 
 
 class _PassiveHooks:
@@ -114,6 +128,7 @@ class Session:
         self._last_sent: tuple[Target, float] | None = None
         self._retry_at: float | None = None
         self._loop = asyncio.get_running_loop()
+        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
 
     @property
     def name(self) -> str:
@@ -157,10 +172,25 @@ class Session:
 
     def _accept(self, data: p.StationData) -> None:
         now = self._loop.time()
+        if data.log_lines:
+            data = replace(data, log_lines=self._log_station_lines(data.log_lines, now))
         self.latest, self.latest_at = data, now
-        for line in data.log_lines:
-            station_log.getChild(self.name).info("%s", line)
         self.hooks.observe(data, now)
+
+    def _log_station_lines(self, raw: tuple[str, ...], now: float) -> tuple[str, ...]:
+        """Log the station's lines within the limits; returns them made safe for display."""
+        lines = tuple(printable(line) for line in raw[:LOG_LINES_PER_REPORT])
+        dropped = len(raw) - len(lines)
+        for line in lines:
+            if self._log_limit.allow(now):
+                before = self._log_limit.take_dropped()
+                note = f" ({before} lines dropped before this one)" if before else ""
+                station_log.info("station %s says: %s%s", self.name, line, note)
+            else:
+                dropped += 1
+        if dropped:
+            self.link.observer.log_lines_dropped(dropped)
+        return lines
 
     async def set_pwm(self, percent: int) -> None:
         """Set the PWM duty cycle; returns once the station acknowledged it."""
@@ -308,6 +338,18 @@ class Session:
             await self.set_contactor(want.contactor)
         self._last_sent = (want, now)
         return True
+
+
+def printable(line: str) -> str:
+    """``line`` with control and non-ASCII characters escaped, cut after LOG_LINE_CHARS.
+
+    A station's text must not forge log lines (newline) or drive a terminal (ANSI escapes).
+    """
+    if len(line) > LOG_LINE_CHARS:
+        line = line[:LOG_LINE_CHARS] + f"... [{len(line) - LOG_LINE_CHARS} more characters]"
+    if line.isascii() and line.isprintable():
+        return line
+    return "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in line)
 
 
 class StationLink:
