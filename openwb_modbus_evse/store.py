@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,21 @@ log = logging.getLogger(__name__)
 APPLICATION_ID = 0x6F574265
 
 _HINT = "move it away or pass --state-db"
+# SQLite result codes (primary, the low byte of an extended code) that say the file could not
+# be read or written: the file itself may be intact, so moving it away would lose the counters.
+_ACCESS_ERRORS = {
+    3: "no permission",  # SQLITE_PERM
+    5: "locked by another process",  # SQLITE_BUSY
+    6: "locked by another process",  # SQLITE_LOCKED
+    8: "read-only",  # SQLITE_READONLY
+    10: "I/O error",  # SQLITE_IOERR
+    13: "disk full",  # SQLITE_FULL
+    14: "cannot open the file or its -wal/-shm companions",  # SQLITE_CANTOPEN
+}
+_ACCESS_HINT = (
+    "the file itself may be intact: check that the service may write its directory and "
+    "that the disk is not full, then start again (do not move the file away)"
+)
 
 # Statements, not one script: executescript() would commit on its own, outside our transaction.
 _SCHEMA_V1 = (
@@ -47,6 +63,7 @@ class Store:
         """
         self.path = str(path)
         self._conn: sqlite3.Connection | None = None
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file we opened
         if self.path != ":memory:":
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +71,7 @@ class Store:
                 raise StoreError(
                     f"cannot create the directory for state file {self.path} ({exc.strerror})"
                 ) from exc
+            self._refuse_empty_file()
         try:
             # Autocommit mode: transactions are opened explicitly in _transaction(), and PRAGMAs
             # such as journal_mode must not run inside an implicit one.
@@ -66,6 +84,32 @@ class Store:
             conn.close()
             raise
         self._conn = conn
+        self._file_id = self._stat()
+
+    def _refuse_empty_file(self) -> None:
+        # SQLite takes a zero-length file for a new database and would start every counter at 0.
+        # This service never leaves one behind (the header is written at once), so an empty file
+        # is one that lost its content: a crash of the file system, a copy gone wrong.
+        try:
+            size = os.path.getsize(self.path)
+            wal = os.path.getsize(self.path + "-wal") if os.path.exists(self.path + "-wal") else 0
+        except OSError:
+            return  # missing (created below) or unreadable (SQLite says why)
+        if size == 0 and wal == 0 and os.path.isfile(self.path):
+            raise StoreError(
+                f"state file {self.path} is empty (0 bytes) but should hold the energy counters "
+                f"and LP numbers; restore it from a backup, or delete it to start every counter "
+                f"at 0"
+            )
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.path == ":memory:":
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _open(self, conn: sqlite3.Connection) -> None:
         # Everything up to the schema decision only reads, so a file we refuse stays untouched;
@@ -76,6 +120,11 @@ class Store:
             objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as exc:
+            access = _access_problem(exc)
+            if access is not None:
+                raise StoreError(
+                    f"cannot read state file {self.path} ({access}: {exc}); {_ACCESS_HINT}"
+                ) from exc
             if "not a database" in str(exc):
                 raise StoreError(
                     f"state file {self.path} is not a SQLite database ({exc}); {_HINT}"
@@ -114,7 +163,11 @@ class Store:
                         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                         conn.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot initialise state file {self.path} ({exc})") from exc
+            access = _access_problem(exc)
+            why = f"{access}: {exc}" if access else str(exc)
+            raise StoreError(
+                f"cannot initialise state file {self.path} ({why}); {_ACCESS_HINT}"
+            ) from exc
 
     def close(self) -> None:
         """Close the connection; calling it again does nothing."""
@@ -136,12 +189,59 @@ class Store:
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         # Callers only need to know about StoreError, not about sqlite3.
+        self._check_file()
         conn = self._connection()
         try:
             with _transaction(conn):
                 yield conn
         except sqlite3.Error as exc:
-            raise StoreError(f"state file {self.path}: cannot {what} ({exc})") from exc
+            access = _access_problem(exc)
+            why = f"{access}: {exc}" if access else str(exc)
+            raise StoreError(f"state file {self.path}: cannot {what} ({why})") from exc
+
+    def _check_file(self) -> None:
+        """Say so when the file was deleted or replaced while running; write it again if gone.
+
+        SQLite keeps writing to the inode it opened, so without this every count since the
+        deletion would silently vanish with the process.
+        """
+        if self._file_id is None or self._conn is None:
+            return
+        now = self._stat()
+        if now == self._file_id:
+            return
+        if now is not None:
+            log.error(
+                "state file %s was replaced while running; this process keeps using the file it "
+                "opened, and the replacement is used from the next start",
+                self.path,
+            )
+            self._file_id = now  # said once per replacement
+            return
+        log.error("state file %s disappeared while running; writing it again", self.path)
+        # SQLite makes a connection to an unlinked file read-only, so the counters are copied
+        # into a new file. Built under another name and moved in place once complete; the old
+        # -wal/-shm belong to the deleted file and would be taken for the new one's.
+        new = self.path + ".new"
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(new).unlink(missing_ok=True)
+            copy = sqlite3.connect(new)
+            try:
+                self._conn.backup(copy)
+            finally:
+                copy.close()
+            self._conn.close()
+            for companion in ("-wal", "-shm"):
+                Path(self.path + companion).unlink(missing_ok=True)
+            os.replace(new, self.path)
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"state file {self.path}: cannot write it again ({exc})") from exc
+        self._conn = conn
+        self._file_id = self._stat()
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -232,6 +332,12 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _access_problem(exc: sqlite3.Error) -> str | None:
+    """What kept SQLite from reading or writing the file, if that is what ``exc`` says."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else _ACCESS_ERRORS.get(code & 0xFF)
 
 
 def _first_problem(problems: list[str]) -> str:

@@ -271,3 +271,74 @@ def test_committed_save_survives_sigkill(tmp_path: Path) -> None:
     with Store(path) as store:
         assert store.energy_wh() == {SERIAL_A: 4321.5}
         assert store.lp_assignments() == {SERIAL_A: 7}
+
+
+# --- messages that say what is wrong (issue 10, finding 9) -----------------------------------
+
+
+def _make_unwritable(directory: Path, path: Path) -> None:
+    """The directory of an intact state file cannot be written (no -wal/-shm can be created)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+    else:  # root writes anywhere: block the -wal file's name instead, the same SQLite error
+        path.with_name(path.name + "-wal").mkdir()
+
+
+def test_an_unwritable_directory_is_not_called_corrupt(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    path = directory / "state.db"
+    _store_with_data(path)
+    before = path.read_bytes()
+    _make_unwritable(directory, path)
+    try:
+        with pytest.raises(StoreError) as excinfo:
+            Store(path)
+    finally:
+        directory.chmod(0o755)
+    message = str(excinfo.value)
+    assert "cannot read state file" in message and "may be intact" in message
+    assert "corrupt" not in message and "move it away" not in message
+    assert path.read_bytes() == before
+
+
+def test_a_full_disk_is_said_as_such(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        store._connection().execute("PRAGMA max_page_count = 8")  # a disk with no room left
+        with pytest.raises(StoreError, match=r"cannot save energy counters \(disk full"):
+            store.save_energy({f"{i:032x}": float(i) for i in range(2000)})
+
+
+def test_an_empty_state_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.touch()
+    with pytest.raises(StoreError, match=r"is empty \(0 bytes\) but should hold the energy"):
+        Store(path)
+    assert path.stat().st_size == 0
+
+
+def test_a_state_file_deleted_while_running_is_reported_and_written_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        store.assign_lp(SERIAL_A, 3)
+        store.save_energy({SERIAL_A: 100.0})
+        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        store.save_energy({SERIAL_A: 150.0})
+        assert any("disappeared while running" in r.getMessage() for r in caplog.records)
+        store.save_energy({SERIAL_A: 160.0})
+    with Store(path) as store:
+        assert store.energy_wh() == {SERIAL_A: 160.0}
+        assert store.lp_assignments() == {SERIAL_A: 3}
+
+
+def test_only_the_main_file_deleted_while_running(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        store.save_energy({SERIAL_A: 100.0})
+        path.unlink()  # its -wal and -shm stay, in use by the open connection
+        store.save_energy({SERIAL_A: 150.0})
+    with Store(path) as store:
+        assert store.energy_wh() == {SERIAL_A: 150.0}
+        assert _pragma(path, "journal_mode") == "wal"
