@@ -439,11 +439,14 @@ class Station:
             elif kind == "wait":
                 self.now += value
                 s = cp.tick(s, self.now)
-            elif kind == "link":
+            elif kind == "link" and value != self.connected:
+                # Like the link: a new session starts with a collect-data, before any command;
+                # commands sent before the drop are confirmed by that first report.
                 self.connected = value
                 self.unconfirmed = False
-                if not value:
-                    s = cp.disconnect(s, self.now)
+                if value:
+                    self.poll()
+                s = self.state if value else cp.disconnect(s, self.now)
             elif kind == "interrupt":
                 s = cp.start_cp_interruption(s, value, self.now)
             elif kind == "phases":
