@@ -13,10 +13,11 @@ import logging
 from collections.abc import Callable
 
 from . import chargepoint as cp
-from .config import Settings, StationConfig
+from .config import ConfigError, Settings, StationConfig
 from .evse.link import Session, StationLink
 from .evse.protocol import NO_CALIBRATION, StationCalibration
 from .heartbeat import Heartbeat
+from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .metrics import Metrics
 from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
@@ -28,17 +29,23 @@ from .web.server import WebServer
 log = logging.getLogger(__name__)
 
 STALE_POLLS = 3  # data older than this many poll intervals counts as none
+METRICS_CONNECTIONS = 32  # file descriptors kept for /metrics scrapes
 SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contactors on shutdown
 
 
 class _RequestObserver(ModbusObserver):
-    """Every Modbus response refreshes the heartbeat and is counted."""
+    """Every Modbus response is counted; one to a client that may write refreshes the heartbeat.
+
+    A read-only client (outside ``modbus_write_allow``) cannot keep charging going after the
+    controller that set the current has gone.
+    """
 
     def __init__(self, heartbeat: Heartbeat, metrics: Metrics) -> None:
         self._heartbeat, self._metrics = heartbeat, metrics
 
-    def response(self, function_code: int, exception_code: int | None) -> None:
-        self._heartbeat.refresh()
+    def response(self, function_code: int, exception_code: int | None, controller: bool) -> None:
+        if controller:
+            self._heartbeat.refresh()
         self._metrics.response(function_code, exception_code)
 
 
@@ -62,6 +69,12 @@ class Bridge:
             attach=self._attach,
             calibration_for=self._calibration,
             observer=self.metrics,
+            limiter=ConnectionLimiter(
+                "evse",
+                settings.evse_max_connections,
+                settings.evse_max_per_address,
+                observer=self.metrics,
+            ),
         )
         self.modbus: ChargePointServer | None = None
         # MQTT interfaces subscribe and add their wills here before start(); None = MQTT off.
@@ -195,6 +208,7 @@ class Bridge:
 
     async def start(self) -> None:
         """Open the state file and start listening; raises StoreError or OSError."""
+        self._check_fd_budget()
         self.store = Store(self.settings.state_db)
         self._load_charge_points(self.store)
         await self.link.start()
@@ -204,6 +218,15 @@ class Bridge:
                 self.clock,
                 unit_id=self.settings.unit_id,
                 observer=_RequestObserver(self.heartbeat, self.metrics),
+                limiter=ConnectionLimiter(
+                    "modbus",
+                    self.settings.modbus_max_connections,
+                    self.settings.modbus_max_per_address,
+                    allow=self.settings.modbus_allow,
+                    observer=self.metrics,
+                ),
+                write_allow=self.settings.modbus_write_allow,
+                idle_timeout=self.settings.modbus_idle_timeout,
             )
             await self.modbus.start(self.settings.modbus_host, self.settings.modbus_port)
         if self.mqtt is not None:
@@ -218,6 +241,26 @@ class Bridge:
             asyncio.create_task(self._save_energy_periodically()),
         ]
         self._running = True
+
+    def _check_fd_budget(self) -> None:
+        """Every listener's cap must fit into the open-file limit (raised if it can be).
+
+        Otherwise accept() fails with "too many open files" before a cap is reached, for every
+        listener at once, and stations cannot reconnect.
+        """
+        s = self.settings
+        needed = s.evse_max_connections + FD_RESERVE
+        needed += s.modbus_max_connections if s.modbus_port else 0
+        needed += METRICS_CONNECTIONS if s.metrics_port else 0
+        limit = raise_fd_limit(needed)
+        if limit < needed:
+            raise ConfigError(
+                "modbus_max_connections",
+                f"the connection caps (evse_max_connections {s.evse_max_connections}, "
+                f"modbus_max_connections {s.modbus_max_connections}, {METRICS_CONNECTIONS} for "
+                f"metrics, {FD_RESERVE} reserved) need {needed} open files, but the limit is "
+                f"{limit}: lower the caps or raise LimitNOFILE (ulimit -n)",
+            )
 
     def save_energy(self) -> None:
         """Write the energy counters that changed since the last save to the state file."""

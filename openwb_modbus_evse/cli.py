@@ -59,6 +59,8 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
     """A ``serve`` option for a config key; its default is shown from the settings."""
     default = _DEFAULTS.get(key) if key != "state_db" else config_mod.default_state_db()
     shown = str(default).lower() if isinstance(default, bool) else default
+    if isinstance(default, tuple):  # address lists: as typed on the command line
+        shown = ",".join(map(str, default))
     return click.option(
         f"--{key.replace('_', '-')}", key, type=kind, help=f"{text}  [default: {shown}]"
     )
@@ -68,10 +70,17 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
 @_setting("evse_host", str, "Address the stations connect to.")
 @_setting("evse_port", int, "Port the stations connect to.")
+@_setting("evse_max_connections", int, "Station connections open at most.")
+@_setting("evse_max_per_address", int, "Station connections open at most from one address.")
 @_setting("poll_interval", float, "Seconds between polls of a station, below 10.")
 @_setting("modbus_host", str, "Modbus TCP listen address.")
 @_setting("modbus_port", int, "Modbus TCP port, 0 = off.")
 @_setting("unit_id", int, "Modbus unit ID, 0 = answer any.")
+@_setting("modbus_max_connections", int, "Modbus connections open at most.")
+@_setting("modbus_max_per_address", int, "Modbus connections open at most from one address.")
+@_setting("modbus_idle_timeout", float, "Seconds before an idle Modbus connection is closed.")
+@_setting("modbus_allow", str, "Addresses/networks that may connect to Modbus (a,b,...).")
+@_setting("modbus_write_allow", str, "Addresses/networks that may write over Modbus (a,b,...).")
 @_setting("state_db", str, "SQLite state file (energy, LP numbers).")
 @_setting("heartbeat_timeout", float, "Seconds without a Modbus request before charging stops.")
 @_setting("stop_timeout", float, "Seconds to wait for the vehicle before opening under load.")
@@ -111,7 +120,7 @@ def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None
         bridge = Bridge(settings)
         try:
             await bridge.start()
-        except (StoreError, OSError) as err:
+        except (StoreError, OSError, config_mod.ConfigError) as err:
             await bridge.stop()
             raise click.ClickException(str(err)) from None
         await stop.wait()

@@ -20,9 +20,11 @@ from .evse.protocol import (
     Calibration,
     StationCalibration,
 )
+from .limits import Network, parse_networks
 from .modbus.registers import MAX_LP
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 _CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
 
 
@@ -61,10 +63,17 @@ class Settings:
 
     evse_host: str = "::"
     evse_port: int = 9091
+    evse_max_connections: int = 128
+    evse_max_per_address: int = 8
     poll_interval: float = 5.0
     modbus_host: str = "0.0.0.0"
     modbus_port: int = 1502
     unit_id: int = 1
+    modbus_max_connections: int = 64
+    modbus_max_per_address: int = 8
+    modbus_idle_timeout: float = 300.0
+    modbus_allow: tuple[Network, ...] = EVERYONE
+    modbus_write_allow: tuple[Network, ...] = EVERYONE
     state_db: str = field(default_factory=default_state_db)
     heartbeat_timeout: float = 80.0
     stop_timeout: float = 6.0
@@ -162,13 +171,32 @@ def _poll_interval(key: str, value: Any) -> float:
     return number
 
 
+def _networks(key: str, value: Any) -> tuple[Network, ...]:
+    """A list of addresses / networks (TOML), or the same comma-separated (command line)."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"must be a list of addresses or networks, got {value!r}")
+    try:
+        return parse_networks(value)
+    except ValueError as err:
+        raise ConfigError(key, str(err)) from None
+
+
 _CHECKS: dict[str, Any] = {
     "evse_host": _str,
     "evse_port": lambda k, v: _int(k, v, 0, 65535),
+    "evse_max_connections": lambda k, v: _int(k, v, 1, 100_000),
+    "evse_max_per_address": lambda k, v: _int(k, v, 1, 100_000),
     "poll_interval": _poll_interval,
     "modbus_host": _str,
     "modbus_port": lambda k, v: _int(k, v, 0, 65535),
     "unit_id": lambda k, v: _int(k, v, 0, 247),
+    "modbus_max_connections": lambda k, v: _int(k, v, 1, 100_000),
+    "modbus_max_per_address": lambda k, v: _int(k, v, 1, 100_000),
+    "modbus_idle_timeout": _positive,
+    "modbus_allow": _networks,
+    "modbus_write_allow": _networks,
     "state_db": _str,
     "heartbeat_timeout": _positive,
     "stop_timeout": lambda k, v: _number(k, v, 0.5, 60),

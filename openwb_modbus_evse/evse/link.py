@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from ..chargepoint import Target
+from ..limits import ConnectionLimiter, host_of
 from ..ratelimit import RateLimit
 from . import protocol as p
 
@@ -366,6 +367,7 @@ class StationLink:
         attach: Callable[[Session], StationHooks] | None = None,
         calibration_for: Callable[[str], p.StationCalibration] | None = None,
         observer: LinkObserver | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         if not 0 < poll_interval < p.STATION_IDLE_TIMEOUT:
             raise ValueError(
@@ -380,6 +382,7 @@ class StationLink:
         self._attach = attach
         self.calibration_for = calibration_for or (lambda serial: p.NO_CALIBRATION)
         self.observer = observer or LinkObserver()
+        self.limiter = limiter or ConnectionLimiter.unbounded("evse")
         self.sessions: dict[str, Session] = {}
         self._all: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -427,6 +430,16 @@ class StationLink:
         return self.sessions[serial]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host = host_of(writer.get_extra_info("peername"))
+        if self.limiter.admit(host) is not None:
+            writer.transport.abort()
+            return
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.limiter.release(host)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(self, reader, writer)
         self._all.add(session)
         task = asyncio.current_task()

@@ -3,21 +3,36 @@
 Built on pymodbus' device API (``SimDevice``/``SimData`` with an async ``action``). The device's
 register array is only a buffer: every read fills the requested LP blocks from the live charge
 points, and every write is validated as a whole, then handed to the charge points (never stored).
+
+Each client connection is a :class:`_Connection` (pymodbus' request handler, subclassed): it is
+admitted by the listener's :class:`~openwb_modbus_evse.limits.ConnectionLimiter`, closed after
+``idle_timeout`` without a request, may write only from an address in ``write_allow``, and is
+dropped when its MBAP header is malformed (a stream that lost its framing cannot be resynced).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import struct
 from collections.abc import Callable
 from contextlib import suppress
 
 from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
 from pymodbus.pdu.exceptionresponse import ExceptionResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersRequest,
+    ReadInputRegistersResponse,
+)
 from pymodbus.server import ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from .. import chargepoint as cp
+from ..limits import ConnectionLimiter, LogThrottle, Network, address_in, host_of
 from .registers import (
     LP_BASE,
     LP_STRIDE,
@@ -80,6 +95,17 @@ WRITE_HANDLERS: dict[str, Callable[[cp.State, int, float], cp.State]] = {
 }
 
 
+class _Refused(ModbusPDU):
+    """A request answered with an exception without touching the registers."""
+
+    def __init__(self, function_code: int, exception_code: ExcCodes) -> None:
+        super().__init__()
+        self.function_code, self.exception_code = function_code, exception_code
+
+    async def datastore_update(self, context: object, device_id: int) -> ModbusPDU:
+        return ExceptionResponse(self.function_code, self.exception_code)
+
+
 class _UnsupportedFunction(ModbusPDU):
     """A request with a function code an openWB does not answer."""
 
@@ -87,21 +113,231 @@ class _UnsupportedFunction(ModbusPDU):
         return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_FUNCTION)
 
 
+class _ReadResponse(ReadInputRegistersResponse):
+    """A read response encoded in one struct call (pymodbus packs register by register)."""
+
+    def encode(self) -> bytes:
+        count = len(self.registers)
+        return struct.pack(f">B{count}H", 2 * count, *self.registers)
+
+
+class _ReadRequest(ReadInputRegistersRequest):
+    """FC 3 and 4: answered with :class:`_ReadResponse` (the same bytes as pymodbus' own)."""
+
+    async def datastore_update(self, context: object, device_id: int) -> ModbusPDU:
+        values = await context.async_getValues(  # type: ignore[attr-defined]
+            device_id, self.function_code, self.address, self.count
+        )
+        if isinstance(values, ExcCodes):
+            return ExceptionResponse(self.function_code, values)
+        response = _ReadResponse(registers=values)
+        response.function_code = self.function_code
+        return response
+
+
+class _ReadHolding(_ReadRequest):
+    function_code = 3
+
+
+class _ReadInput(_ReadRequest):
+    function_code = 4
+
+
 # pymodbus also serves coils, diagnostics, device identification...; an openWB answers none of
 # them. Every other function code decodes to a request answered with exception 1 (refusing to
 # decode it would make pymodbus answer with function code 0, which clients cannot match).
-_DECODER_TABLE = {fc: DecodePDU.pdu_table[fc] for fc in (*READ_CODES, *WRITE_CODES)}
+_DECODER_TABLE: dict[int, tuple[type[ModbusPDU], type[ModbusPDU]]] = {
+    3: (_ReadHolding, ReadHoldingRegistersResponse),
+    4: (_ReadInput, ReadInputRegistersResponse),
+    **{fc: DecodePDU.pdu_table[fc] for fc in WRITE_CODES},
+}
 for _fc in range(1, 0x80):
     if _fc not in _DECODER_TABLE:
         _cls = type(f"UnsupportedFunction{_fc}", (_UnsupportedFunction,), {"function_code": _fc})
         _DECODER_TABLE[_fc] = (_cls, _cls)
 
 
+class _Decoder(DecodePDU):
+    """Every request decodes to something that answers with the request's function code.
+
+    pymodbus gives up (and answers ``80 01``, function code 0) on a count out of range or a
+    truncated request: those get exception 3 (illegal data value: the request's structure is
+    wrong), and function codes 0x80 and above, which no request may use, exception 1.
+    """
+
+    pdu_table = _DECODER_TABLE
+
+    def __init__(self) -> None:
+        super().__init__(is_server=True)
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        function_code = frame[0]
+        if function_code >= 0x80:
+            return _Refused(function_code, ExcCodes.ILLEGAL_FUNCTION)
+        pdu = super().decode(frame)
+        return pdu if pdu is not None else _Refused(function_code, ExcCodes.ILLEGAL_VALUE)
+
+
+class BadFrame(Exception):
+    """An MBAP header no Modbus TCP client sends: the connection is dropped."""
+
+
+# MBAP length = unit ID + PDU; a PDU is 1..253 bytes (Modbus Application Protocol 1.1b3, 4.1).
+_MBAP_LENGTH = range(2, 255)
+
+
+class _Framer(FramerSocket):
+    """MBAP framing that rejects a protocol ID other than 0 and a length outside 2..254.
+
+    pymodbus waits for more data on such a header, for ever; there is no way to find the next
+    frame in the stream after it, so the connection is dropped instead.
+    """
+
+    def decode(self, data: bytes) -> tuple[int, int, int, bytes]:
+        if len(data) >= 6:
+            _, protocol, length = struct.unpack_from(">HHH", data)
+            if protocol or length not in _MBAP_LENGTH:
+                raise BadFrame(f"protocol ID {protocol}, length {length}")
+        return super().decode(data)
+
+
 class ModbusObserver:
     """Receives every response the server sends (for the heartbeat and for metrics)."""
 
-    def response(self, function_code: int, exception_code: int | None) -> None:
-        """A request was answered; ``exception_code`` None means success."""
+    def response(self, function_code: int, exception_code: int | None, controller: bool) -> None:
+        """A request was answered; ``exception_code`` None means success.
+
+        ``controller`` is true if the client may write (only a controller keeps the heartbeat).
+        """
+
+
+class _Connection(ServerRequestHandler):
+    """One client: admitted by the limiter, closed when idle, read-only unless allowed to write."""
+
+    server: _Server
+
+    def __init__(self, owner: _Server) -> None:
+        super().__init__(owner, None, None, None)
+        self.host = "?"
+        self.may_write = False
+        self._admitted = False
+        self._last_request = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        owner = self.server
+        self.host = host_of(transport.get_extra_info("peername"))
+        if owner.limiter.admit(self.host) is not None:
+            if self.listener is not None:
+                self.listener.active_connections.pop(self.unique_id, None)
+            transport.abort()
+            return
+        self._admitted = True
+        self.may_write = owner.write_allow is None or address_in(self.host, owner.write_allow)
+        self._last_request = self.loop.time()
+        if owner.idle_timeout is not None:
+            self._idle_timer = self.loop.call_later(owner.idle_timeout, self._check_idle)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.server.limiter.release(self.host)
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+        super().connection_lost(exc)
+
+    def _check_idle(self) -> None:
+        idle = self.loop.time() - self._last_request
+        timeout = self.server.idle_timeout
+        assert timeout is not None
+        if idle < timeout:
+            self._idle_timer = self.loop.call_later(timeout - idle, self._check_idle)
+            return
+        log.info("Modbus client %s: closing the connection, idle for %.0f s", self.host, idle)
+        self.close()
+
+    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        """Decode the complete requests in ``data`` and answer each; returns the bytes used.
+
+        Replaces pymodbus' way, which answers one request per call, through another thread's
+        entry point (``run_coroutine_threadsafe``).
+        """
+        self._last_request = self.loop.time()
+        used = 0
+        while used < len(data):
+            try:
+                n, pdu = self.framer.handleFrame(data[used:], 0, 0)
+            except BadFrame as err:
+                self.server.bad_frame(self.host, str(err))
+                self.transport.abort()
+                return len(data)
+            if pdu is None:
+                break
+            used += n
+            self.loop.create_task(self._answer(pdu))
+        return used
+
+    async def _answer(self, request: ModbusPDU) -> None:
+        if request.function_code in WRITE_CODES and not self.may_write:
+            # Not permitted for this client: exception 1, as a device answers a function it
+            # does not offer in its current configuration; the registers are not touched.
+            response: ModbusPDU = ExceptionResponse(request.function_code, WRITE_DENIED)
+        else:
+            try:
+                response = await request.datastore_update(self.server.context, request.dev_id)
+            except Exception:  # a bug costs this request an exception 4, and is logged
+                log.exception("Modbus request %s failed", request)
+                response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
+        response.transaction_id = request.transaction_id
+        response.dev_id = request.dev_id
+        code = response.exception_code if isinstance(response, ExceptionResponse) else None
+        self.server.observer.response(response.function_code & 0x7F, code, self.may_write)
+        if self.transport is not None:
+            # Not pymodbus' send(), which drops a request received meanwhile (a client's
+            # habit: it clears its receive buffer before a request).
+            self.transport.write(self.framer.buildFrame(response))  # type: ignore[attr-defined]
+
+
+#: The exception a client gets for a write from an address not in ``modbus_write_allow``.
+WRITE_DENIED = ExcCodes.ILLEGAL_FUNCTION
+
+
+class _Server(ModbusTcpServer):
+    """pymodbus' TCP server with our connections, decoder and framer."""
+
+    def __init__(
+        self,
+        devices: list[SimDevice],
+        address: tuple[str, int],
+        *,
+        limiter: ConnectionLimiter,
+        write_allow: tuple[Network, ...] | None,
+        idle_timeout: float | None,
+        observer: ModbusObserver,
+    ) -> None:
+        super().__init__(devices, address=address)
+        self.decoder = _Decoder()
+        self.framer = _Framer  # type: ignore[assignment]
+        self.limiter = limiter
+        self.write_allow = write_allow
+        self.idle_timeout = idle_timeout
+        self.observer = observer
+        self._bad_frame_log = LogThrottle()
+
+    def callback_new_connection(self) -> _Connection:
+        return _Connection(self)
+
+    def bad_frame(self, host: str, what: str) -> None:
+        """Log a dropped connection, rate-limited."""
+        skipped = self._bad_frame_log.allow()
+        if skipped is not None:
+            log.warning(
+                "Modbus client %s: malformed MBAP header (%s), connection dropped%s",
+                host,
+                what,
+                LogThrottle.since(skipped),
+            )
 
 
 class ChargePointServer:
@@ -114,6 +350,9 @@ class ChargePointServer:
         *,
         unit_id: int = 1,
         observer: ModbusObserver | None = None,
+        limiter: ConnectionLimiter | None = None,
+        write_allow: tuple[Network, ...] | None = None,
+        idle_timeout: float | None = None,
         regmap: RegisterMap = REGISTER_MAP,
     ) -> None:
         self._charge_point = charge_point
@@ -121,8 +360,11 @@ class ChargePointServer:
         self._clock = clock
         self.unit_id = unit_id
         self._observer = observer or ModbusObserver()
+        self.limiter = limiter or ConnectionLimiter.unbounded("modbus")
+        self._write_allow = write_allow
+        self._idle_timeout = idle_timeout
         self._regmap = regmap
-        self._server: ModbusTcpServer | None = None
+        self._server: _Server | None = None
         self.port = 0
 
     def devices(self) -> list[SimDevice]:
@@ -136,8 +378,14 @@ class ChargePointServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0 picks a free one, readable from ``self.port``)."""
-        server = ModbusTcpServer(self.devices(), address=(host, port), trace_pdu=self._trace_pdu)
-        server.decoder.pdu_table = _DECODER_TABLE
+        server = _Server(
+            self.devices(),
+            (host, port),
+            limiter=self.limiter,
+            write_allow=self._write_allow,
+            idle_timeout=self._idle_timeout,
+            observer=self._observer,
+        )
         try:
             await server.serve_forever(background=True)
         except RuntimeError as err:  # pymodbus' way of saying the bind failed
@@ -153,14 +401,6 @@ class ChargePointServer:
             with suppress(Exception):
                 await self._server.shutdown()
             self._server = None
-
-    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
-        if sending:
-            if isinstance(pdu, ExceptionResponse):
-                self._observer.response(pdu.function_code & 0x7F, pdu.exception_code)
-            else:
-                self._observer.response(pdu.function_code, None)
-        return pdu
 
     async def action(
         self,
