@@ -102,6 +102,11 @@ class Bridge:
         """The charge point served as LP ``lp``."""
         return self._by_lp.get(lp)
 
+    def limiters(self) -> list[ConnectionLimiter]:
+        """The connection limiters of the listeners that run."""
+        found = [self.link.limiter]
+        return found if self.modbus is None else [*found, self.modbus.limiter]
+
     def _calibration(self, serial: str) -> StationCalibration:
         station = self.settings.station_by_serial(serial)
         return station.calibration if station else NO_CALIBRATION

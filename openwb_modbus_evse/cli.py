@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -35,6 +35,17 @@ def _host_port(value: str, default_port: int) -> tuple[str, int]:
     if port and not port.isdigit():
         raise click.BadParameter(f"{value!r} is not HOST:PORT")
     return host, int(port) if port else default_port
+
+
+def _run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (optional extra ``fast``), else on asyncio's
+    own loop: uvloop doubles the Modbus requests a core answers."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -127,7 +138,7 @@ def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None
         logging.getLogger(__name__).info("stopping")
         await bridge.stop()
 
-    asyncio.run(_until_signal(run))
+    _run_service(_until_signal(run))
 
 
 @main.command()

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from .chargepoint import allowed_ca, charging, fresh_data, offered_amps
 from .evse.link import LinkObserver
+from .limits import LimiterObserver
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -155,9 +156,15 @@ class _ChargePointCollector(Collector):
             "HTTP connections refused by the connection caps.",
             value=gate.refused if gate else 0,
         )
+        connections = GaugeMetricFamily(
+            f"{PREFIX}_connections", "Connections open now, by listener.", labels=["listener"]
+        )
+        for limiter in bridge.limiters():
+            connections.add_metric([limiter.listener], limiter.open)
+        yield connections
 
 
-class Metrics(LinkObserver):
+class Metrics(LinkObserver, LimiterObserver):
     """The bridge's metrics registry, and the observer of link and Modbus events."""
 
     def __init__(self, bridge: Bridge) -> None:
@@ -209,6 +216,12 @@ class Metrics(LinkObserver):
             ["result"],
             registry=self.registry,
         )
+        self._connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Connections refused at accept, by listener and reason.",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
 
     # Modbus events (from the server's observer)
     def response(self, function_code: int, exception_code: int | None) -> None:
@@ -233,6 +246,8 @@ class Metrics(LinkObserver):
 
     def log_lines_dropped(self, count: int) -> None:
         self._log_lines_dropped.inc(count)
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self._connections_refused.labels(listener, reason).inc()
 
     def phase_switch(self, ok: bool) -> None:
         """Count one run of the phase-switch command."""

@@ -278,3 +278,72 @@ async def test_mbpoll_reads_what_pymodbus_reads_and_writes_the_current(rig):
     )
     assert "Illegal data value" in out
     assert rig.point(station.serial).state.requested_ca == 1000
+
+
+# --- conformance: raw requests over a real socket ----------------------------------------------
+
+
+async def raw_request(port: int, pdu: bytes, unit: int = 1, tid: int = 9) -> bytes:
+    """Send one MBAP frame with ``pdu``; the response PDU (function code first)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)
+        header = await asyncio.wait_for(reader.readexactly(7), 3)
+        got_tid, protocol, length, got_unit = struct.unpack(">HHHB", header)
+        assert (got_tid, protocol, got_unit) == (tid, 0, unit)
+        return await asyncio.wait_for(reader.readexactly(length - 1), 3)
+    finally:
+        writer.close()
+
+
+SET_CURRENT = ADDR(1, "set_current")
+MALFORMED = [
+    # (request PDU, expected response PDU)
+    (struct.pack(">BHH", 4, LP1, 0), b"\x84\x03"),  # count 0
+    (struct.pack(">BHH", 4, LP1, 126), b"\x84\x03"),  # count above 125
+    (struct.pack(">BHH", 3, LP1, 126), b"\x83\x03"),
+    (struct.pack(">BHH", 3, LP1, 0xFFFF), b"\x83\x03"),
+    (struct.pack(">BH", 3, LP1), b"\x83\x03"),  # truncated: no count
+    (b"\x04", b"\x84\x03"),  # function code only
+    (struct.pack(">BH", 6, SET_CURRENT), b"\x86\x03"),  # truncated: no value
+    (struct.pack(">BHHB", 16, SET_CURRENT, 0, 0), b"\x90\x03"),  # count 0
+    (struct.pack(">BHHBH", 16, SET_CURRENT, 124, 2, 800), b"\x90\x03"),  # count above 123
+    (struct.pack(">BHHBH", 16, SET_CURRENT, 1, 4, 800), b"\x90\x03"),  # byte count != 2 * count
+    (struct.pack(">BHHBB", 16, SET_CURRENT, 1, 2, 3), b"\x90\x03"),  # truncated value
+    (b"\x80\x00", b"\x80\x01"),  # function codes 0x80.. are never requests
+    (b"\x81\x00\x00", b"\x81\x01"),
+    (b"\xff", b"\xff\x01"),
+]
+
+
+@pytest.mark.parametrize(("request_pdu", "expected"), MALFORMED)
+async def test_malformed_requests_get_their_function_code_and_change_nothing(
+    rig, request_pdu, expected
+):
+    station, _ = await charging_rig(rig, amps=10)
+    point = rig.point(station.serial)
+    before = point.state.requested_ca, point.state.sequence, len(station.received)
+    assert await raw_request(rig.modbus_port, request_pdu) == expected
+    await asyncio.sleep(0.1)
+    assert (point.state.requested_ca, point.state.sequence) == before[:2]
+    assert all(r.type.name == "COLLECT_DATA" for r in station.received[before[2] :])
+    assert station.pwm == 16 and station.contactor
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        struct.pack(">HHHB", 1, 0, 0, 1),  # length 0
+        struct.pack(">HHHB", 1, 0, 1, 1),  # length 1: a unit ID without a PDU
+        struct.pack(">HHHB", 1, 1, 6, 1) + struct.pack(">BHH", 4, LP1, 1),  # protocol ID 1
+        struct.pack(">HHHB", 1, 0, 300, 1) + b"\x04" * 40,  # longer than any Modbus frame
+    ],
+)
+async def test_a_broken_mbap_header_drops_the_connection_and_nothing_else(rig, header):
+    await rig.station(1)
+    client = await rig.client()
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.modbus_port)
+    writer.write(header)
+    assert await asyncio.wait_for(reader.read(100), 3) == b""  # closed by the server, silently
+    writer.close()
+    await read_block(client)  # other clients go on

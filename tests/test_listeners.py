@@ -1,0 +1,278 @@
+"""Bounded listeners and access control: connection caps, idle timeout, allow lists, fd budget."""
+
+import asyncio
+import resource
+import subprocess
+import sys
+
+import pytest
+from conftest import RawStation, eventually, free_port
+from pymodbus.client import AsyncModbusTcpClient
+
+from openwb_modbus_evse.config import ConfigError, build
+from openwb_modbus_evse.limits import (
+    ConnectionLimiter,
+    LogThrottle,
+    Refusal,
+    address_in,
+    host_of,
+    parse_networks,
+    raise_fd_limit,
+)
+from openwb_modbus_evse.modbus.registers import REGISTER_MAP, lp_base
+from openwb_modbus_evse.simulator import VehicleConfig
+
+SET_CURRENT = REGISTER_MAP.address(1, "set_current")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused(bridge, listener: str, reason: str) -> float:
+    value = bridge.metrics.registry.get_sample_value(
+        "openwb_modbus_evse_connections_refused_total", {"listener": listener, "reason": reason}
+    )
+    return value or 0.0
+
+
+async def closed_at_once(port: int) -> bool:
+    """Connect; True if the server closes the connection without a word."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(100), 2) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        writer.close()
+
+
+async def modbus_client(port: int) -> AsyncModbusTcpClient:
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+    assert await client.connect()
+    return client
+
+
+# --- the limiter on its own -------------------------------------------------------------------
+
+
+def test_limiter_caps_total_and_per_address_and_releases(caplog):
+    clock = Clock()
+    limiter = ConnectionLimiter("modbus", max_total=3, max_per_address=2, clock=clock)
+    assert limiter.admit("10.0.0.1") is None and limiter.admit("10.0.0.1") is None
+    assert limiter.admit("10.0.0.1") == Refusal.PER_ADDRESS
+    assert limiter.admit("10.0.0.2") is None
+    assert limiter.admit("10.0.0.3") == Refusal.TOTAL
+    assert limiter.open == 3
+    limiter.release("10.0.0.1")
+    assert limiter.admit("10.0.0.3") is None and limiter.open == 3
+
+
+def test_limiter_refuses_addresses_outside_the_allow_list():
+    limiter = ConnectionLimiter(
+        "modbus", 10, 10, allow=parse_networks(["192.168.1.0/24", "fd00::1"])
+    )
+    assert limiter.admit("192.168.1.77") is None
+    assert limiter.admit("fd00::1") is None
+    assert limiter.admit("192.168.2.1") == Refusal.NOT_ALLOWED
+    assert limiter.admit("fd00::2") == Refusal.NOT_ALLOWED
+    assert limiter.admit("not an address") == Refusal.NOT_ALLOWED
+    assert limiter.open == 2
+
+
+def test_refusals_are_logged_at_most_once_a_minute_with_a_count(caplog):
+    clock = Clock()
+    limiter = ConnectionLimiter("evse", max_total=0, max_per_address=1, clock=clock)
+    for _ in range(1000):
+        limiter.admit("10.0.0.1")
+        clock.now += 0.01  # 1000 refusals in 10 s
+    clock.now = 61.0
+    limiter.admit("10.0.0.9")
+    lines = [r.getMessage() for r in caplog.records if r.name == "openwb_modbus_evse.limits"]
+    assert len(lines) == 2
+    assert "refused a connection from 10.0.0.1 (total" in lines[0]
+    assert "10.0.0.9" in lines[1] and "999 more since the last such line" in lines[1]
+
+
+def test_log_throttle_counts_what_it_held_back():
+    clock = Clock()
+    throttle = LogThrottle(clock)
+    assert throttle.allow() == 0
+    assert throttle.allow() is None and throttle.allow() is None
+    clock.now = 60.0
+    assert throttle.allow() == 2
+
+
+def test_peer_addresses_and_networks():
+    assert host_of(("::ffff:192.168.1.5", 1502, 0, 0)) == "192.168.1.5"
+    assert host_of(("fe80::1", 1502, 0, 1)) == "fe80::1"
+    assert address_in("192.168.1.5", parse_networks(["192.168.1.5"]))
+    assert not address_in("192.168.1.6", parse_networks(["192.168.1.5"]))
+    with pytest.raises(ValueError, match=r"'192\.168\.1\.300'"):
+        parse_networks(["192.168.1.300"])
+
+
+def test_address_list_keys_are_validated_and_take_a_comma_list():
+    assert build({"modbus_allow": "127.0.0.1, 10.0.0.0/8"}).modbus_allow == parse_networks(
+        ["127.0.0.1", "10.0.0.0/8"]
+    )
+    assert build({"modbus_write_allow": []}).modbus_write_allow == ()
+    for key, value in (("modbus_allow", ["10.0.0.0/33"]), ("modbus_write_allow", 5)):
+        with pytest.raises(ConfigError) as err:
+            build({key: value})
+        assert err.value.key == key
+    with pytest.raises(ConfigError) as err:
+        build({"modbus_max_connections": 0})
+    assert err.value.key == "modbus_max_connections"
+
+
+def test_fd_limit_is_raised_towards_the_hard_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_fd_limit(200) == 256  # enough already: left alone
+        want = min(hard, 4096)
+        assert raise_fd_limit(want) == want
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == want
+        if hard != resource.RLIM_INFINITY:
+            assert raise_fd_limit(hard + 1) == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_serve_refuses_caps_that_do_not_fit_the_open_file_limit(tmp_path):
+    def low_hard_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openwb_modbus_evse",
+            "serve",
+            "--evse-host",
+            "127.0.0.1",
+            "--evse-port",
+            "0",
+            "--modbus-host",
+            "127.0.0.1",
+            "--modbus-port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            "--state-db",
+            str(tmp_path / "s.sqlite3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        preexec_fn=low_hard_limit,
+    )
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("Error: modbus_max_connections: ") and "the limit is 200" in line
+
+
+# --- the Modbus listener ----------------------------------------------------------------------
+
+
+async def test_modbus_connections_are_capped_per_address_and_in_total(make_rig, settings):
+    rig = await make_rig(settings, modbus_max_connections=5, modbus_max_per_address=3)
+    await rig.station(1)
+    idle = [await asyncio.open_connection("127.0.0.1", rig.modbus_port) for _ in range(3)]
+    assert await closed_at_once(rig.modbus_port)
+    assert refused(rig.bridge, "modbus", Refusal.PER_ADDRESS) == 1
+    _, writer = idle.pop()
+    writer.close()
+    await eventually(lambda: rig.bridge.modbus.limiter.open == 2)
+    client = await rig.client()  # the freed slot is usable
+    rr = await client.read_input_registers(lp_base(1), count=100, device_id=1)
+    assert not rr.isError()
+    for _, w in idle:
+        w.close()
+
+
+async def test_modbus_total_cap(make_rig, settings):
+    rig = await make_rig(settings, modbus_max_connections=2, modbus_max_per_address=10)
+    idle = [await asyncio.open_connection("127.0.0.1", rig.modbus_port) for _ in range(2)]
+    assert await closed_at_once(rig.modbus_port)
+    assert refused(rig.bridge, "modbus", Refusal.TOTAL) == 1
+    for _, w in idle:
+        w.close()
+
+
+async def test_idle_modbus_connections_are_closed_polling_ones_are_not(make_rig, settings):
+    rig = await make_rig(settings, modbus_idle_timeout=0.4)
+    await rig.station(1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.modbus_port)
+    client = await rig.client()
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(100), 3) == b""  # the silent one is closed
+    assert asyncio.get_running_loop().time() - started >= 0.35
+    for _ in range(8):  # 0.8 s of polling every 0.1 s: the polling one stays
+        rr = await client.read_input_registers(lp_base(1), count=10, device_id=1)
+        assert not rr.isError()
+        await asyncio.sleep(0.1)
+    assert rig.bridge.modbus.limiter.open == 1
+    writer.close()
+
+
+async def test_modbus_allow_refuses_other_addresses_at_accept(make_rig, settings):
+    rig = await make_rig(settings, modbus_allow=parse_networks(["192.0.2.0/24", "::1"]))
+    assert await closed_at_once(rig.modbus_port)
+    assert refused(rig.bridge, "modbus", Refusal.NOT_ALLOWED) == 1
+    assert rig.bridge.modbus.limiter.open == 0
+    rig2 = await make_rig(
+        settings, modbus_port=free_port(), modbus_allow=parse_networks(["127.0.0.0/8"])
+    )
+    await rig2.station(1)
+    client = await rig2.client()
+    assert not (await client.read_input_registers(lp_base(1), count=1, device_id=1)).isError()
+
+
+async def test_a_read_only_address_gets_exception_1_for_writes_and_changes_nothing(
+    make_rig, settings
+):
+    rig = await make_rig(settings, modbus_write_allow=parse_networks(["192.0.2.1"]))
+    station = await rig.station(1, VehicleConfig(plug_in_after=0.0, reaction_s=0.05))
+    point = rig.point(station.serial)
+    await station.wait_for(lambda s: s.plugged)
+    client = await rig.client()
+    heard = rig.bridge.heartbeat.last_request
+    for call in (
+        client.write_register(SET_CURRENT, 1600, device_id=1),
+        client.write_registers(SET_CURRENT, [1600], device_id=1),
+        client.write_register(REGISTER_MAP.address(1, "cp_interruption"), 5, device_id=1),
+    ):
+        rr = await call
+        assert rr.isError() and rr.exception_code == 1, rr
+    rr = await client.read_input_registers(lp_base(1), count=100, device_id=1)
+    assert not rr.isError()  # reading is allowed
+    await asyncio.sleep(0.3)
+    assert point.state.requested_ca == 0 and point.state.sequence is None
+    assert all(r.type.name == "COLLECT_DATA" for r in station.received)
+    assert not station.contactor
+    # A read-only client does not keep the heartbeat: charging stops when the controller goes.
+    assert rig.bridge.heartbeat.last_request == heard
+
+
+# --- the station listener ---------------------------------------------------------------------
+
+
+async def test_station_connections_are_capped_and_a_station_gets_a_freed_slot(make_rig, settings):
+    rig = await make_rig(settings, evse_max_connections=100, evse_max_per_address=2)
+    port = rig.bridge.link.port
+    half_open = [await RawStation.connect(port) for _ in range(2)]  # no handshake
+    extra = await RawStation.connect(port)
+    assert await extra.closed_by_peer()
+    assert refused(rig.bridge, "evse", Refusal.PER_ADDRESS) == 1
+    await half_open[0].close()
+    await eventually(lambda: rig.bridge.link.limiter.open == 1)
+    station = await rig.station(1)  # registers within the freed slot
+    assert station.serial in rig.bridge.link.sessions
+    for raw in half_open[1:]:
+        await raw.close()
