@@ -24,12 +24,12 @@ from .modbus.server import ChargePointServer, ModbusObserver
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
+from .web.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .web.server import WebServer
 
 log = logging.getLogger(__name__)
 
 STALE_POLLS = 3  # data older than this many poll intervals counts as none
-METRICS_CONNECTIONS = 32  # file descriptors kept for /metrics scrapes
 SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contactors on shutdown
 
 
@@ -256,14 +256,14 @@ class Bridge:
         s = self.settings
         needed = s.evse_max_connections + FD_RESERVE
         needed += s.modbus_max_connections if s.modbus_port else 0
-        needed += METRICS_CONNECTIONS if s.metrics_port else 0
+        needed += HTTP_MAX_CONNECTIONS if s.metrics_port else 0
         limit = raise_fd_limit(needed)
         if limit < needed:
             raise ConfigError(
                 "modbus_max_connections",
                 f"the connection caps (evse_max_connections {s.evse_max_connections}, "
-                f"modbus_max_connections {s.modbus_max_connections}, {METRICS_CONNECTIONS} for "
-                f"metrics, {FD_RESERVE} reserved) need {needed} open files, but the limit is "
+                f"modbus_max_connections {s.modbus_max_connections}, {HTTP_MAX_CONNECTIONS} for "
+                f"HTTP, {FD_RESERVE} reserved) need {needed} open files, but the limit is "
                 f"{limit}: lower the caps or raise LimitNOFILE (ulimit -n)",
             )
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .ratelimit import RateLimit
+
 log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -62,27 +64,9 @@ def address_in(host: str, networks: tuple[Network, ...]) -> bool:
     return any(address in net for net in networks)
 
 
-class LogThrottle:
-    """Lets one log line through per ``interval``, and counts the events in between."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._logged_at: float | None = None
-        self._skipped = 0
-
-    def allow(self) -> int | None:
-        """None to stay silent, else how many events went unlogged since the last line."""
-        now = self._clock()
-        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
-            self._skipped += 1
-            return None
-        skipped, self._skipped, self._logged_at = self._skipped, 0, now
-        return skipped
-
-    @staticmethod
-    def since(skipped: int) -> str:
-        """The log line's tail about unlogged events."""
-        return f" ({skipped} more since the last such line)" if skipped else ""
+def left_out(count: int) -> str:
+    """The tail of a rate-limited log line: how many such events it did not log."""
+    return f" ({count} more since the last such line)" if count else ""
 
 
 class LimiterObserver:
@@ -106,7 +90,7 @@ class ConnectionLimiter:
     def __post_init__(self) -> None:
         self.open = 0
         self._by_address: dict[str, int] = {}
-        self._throttle = LogThrottle(self.clock)
+        self._log_limit = RateLimit(1 / LOG_INTERVAL, burst=1)
 
     @classmethod
     def unbounded(cls, listener: str) -> ConnectionLimiter:
@@ -140,8 +124,7 @@ class ConnectionLimiter:
     def _refused(self, host: str, reason: str) -> None:
         if self.observer is not None:
             self.observer.connection_refused(self.listener, reason)
-        skipped = self._throttle.allow()
-        if skipped is not None:
+        if self._log_limit.allow(self.clock()):
             log.warning(
                 "%s: refused a connection from %s (%s; %d open, at most %d, %d per address)%s",
                 self.listener,
@@ -150,7 +133,7 @@ class ConnectionLimiter:
                 self.open,
                 self.max_total,
                 self.max_per_address,
-                LogThrottle.since(skipped),
+                left_out(self._log_limit.take_dropped()),
             )
 
 

@@ -246,6 +246,7 @@ class Metrics(LinkObserver, LimiterObserver):
 
     def log_lines_dropped(self, count: int) -> None:
         self._log_lines_dropped.inc(count)
+
     def connection_refused(self, listener: str, reason: str) -> None:
         self._connections_refused.labels(listener, reason).inc()
 

@@ -32,7 +32,8 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from .. import chargepoint as cp
-from ..limits import ConnectionLimiter, LogThrottle, Network, address_in, host_of
+from ..limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of, left_out
+from ..ratelimit import RateLimit
 from .registers import (
     LP_BASE,
     LP_STRIDE,
@@ -323,20 +324,19 @@ class _Server(ModbusTcpServer):
         self.write_allow = write_allow
         self.idle_timeout = idle_timeout
         self.observer = observer
-        self._bad_frame_log = LogThrottle()
+        self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1)
 
     def callback_new_connection(self) -> _Connection:
         return _Connection(self)
 
     def bad_frame(self, host: str, what: str) -> None:
         """Log a dropped connection, rate-limited."""
-        skipped = self._bad_frame_log.allow()
-        if skipped is not None:
+        if self._bad_frame_log.allow(self.loop.time()):
             log.warning(
                 "Modbus client %s: malformed MBAP header (%s), connection dropped%s",
                 host,
                 what,
-                LogThrottle.since(skipped),
+                left_out(self._bad_frame_log.take_dropped()),
             )
 
 
