@@ -4,11 +4,11 @@ PYTHON := $(VENV)/bin/python
 BIN    := $(VENV)/bin/openwb-modbus-evse
 STAMP  := $(VENV)/.installed
 # Debian packages the tests use as real peers: mbpoll (Modbus master), prometheus (promtool + server),
-# mosquitto (MQTT broker).
-DEB_PACKAGES := mbpoll prometheus mosquitto
+# mosquitto (MQTT broker), chromium (headless browser for the status page).
+DEB_PACKAGES := mbpoll prometheus mosquitto chromium
 CONFIG ?=
 
-.PHONY: install run demo test lint format bench system-packages clean
+.PHONY: install run demo test lint format bench screenshot system-packages clean
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # Installs the Debian packages when we are root on a Debian-like system; otherwise says what to do.
 system-packages:
 	@if command -v mbpoll >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
-		&& PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null; then \
+		&& PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null && command -v chromium >/dev/null; then \
 		: ; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \
@@ -49,6 +49,10 @@ format: install
 
 bench: install
 	$(PYTHON) -m tests.bench
+
+# Renews docs/page.png and docs/page-phone.png (the README's) from the browser test.
+screenshot: install
+	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_page.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import aiohttp
 import pytest
-from conftest import free_port
+from conftest import eventually, free_port
 from prometheus_client import CollectorRegistry, Gauge
 
 from openwb_modbus_evse.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.web import server as web_server
+from openwb_modbus_evse.web.history import PowerHistory
 from openwb_modbus_evse.web.server import Exposition
 
 P = "openwb_modbus_evse_"
@@ -149,3 +151,75 @@ async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, mon
         with contextlib.suppress(aiohttp.ClientError):
             assert await scrape_status(session, url) == 500
         assert await scrape_status(session, url) == 200
+
+
+# --- the status page's JSON ------------------------------------------------------------------
+
+
+def test_power_history_is_bounded_and_forgets_gone_stations():
+    history = PowerHistory(interval=5, window=60)
+    assert history.size == 13
+    for i in range(100):
+        history.sample([("A", 1000.4 + i), ("B", None)], at=float(i))
+    assert len(history.series("A")) == 13
+    assert history.series("A")[-1] == (99.0, 1099) and history.series("A")[0] == (87.0, 1087)
+    assert history.series("B")[-1] == (99.0, None)  # no data: a gap in the chart
+    history.sample([("A", 5.0)], at=100.0)
+    assert history.series("B") == []
+
+
+async def get_json(rig, path: str) -> dict:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{rig.bridge.metrics_port}{path}") as response,
+    ):
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
+    client = await rig.client()
+    station = await rig.station(1)
+    await station.wait_for(lambda s: s.plugged)
+    rr = await client.write_register(REGISTER_MAP.address(1, "set_current"), 1000, device_id=1)
+    assert not rr.isError()
+    await station.wait_for(lambda s: s.contactor and any(s.currents_ma))
+    point = rig.point(station.serial)
+    await eventually(lambda: bool(point.state.data and point.state.data.currents_ma[0]))
+    status = await get_json(rig, "/api/status")
+    (cp,) = status["charge_points"]
+    rr = await client.read_input_registers(REGISTER_MAP.address(1, "power"), count=17)
+    regs = REGISTER_MAP.decode(rr.registers + [0] * 83)
+    assert cp["lp"] == 1 and cp["name"] == "LP1" and cp["connected"] and cp["fresh"]
+    assert cp["plugged"] and cp["charging"] and cp["contactor"] and cp["pilot"] == "C"
+    assert cp["requested_a"] == 10 and cp["allowed_a"] == 10
+    assert cp["offered_a"] == regs["offered_current"] == 9.6
+    assert cp["power_w"] == regs["power"]
+    assert cp["currents_a"] == [regs["current_l1"], regs["current_l2"], regs["current_l3"]]
+    assert cp["energy_wh"] == regs["energy_imported"]
+    assert cp["firmware"] == 4 and cp["rssi_dbm"] == -62 and cp["controller"] == "modbus"
+    assert cp["serial_number"] == station.serial[-20:]
+    assert station.serial not in json.dumps(status)  # no full station ID for anyone on the LAN
+    assert "contactor on" in cp["log"]
+    assert 0 <= cp["heartbeat_age_s"] < 5 and not cp["heartbeat_lapsed"]
+
+    await station.stop()
+    await eventually(lambda: not point.state.connected)
+    (cp,) = (await get_json(rig, "/api/status"))["charge_points"]
+    assert not cp["connected"] and not cp["fresh"] and cp["power_w"] is None
+    assert cp["firmware"] is None and not cp["charging"]
+
+
+async def test_page_files_are_served_without_anything_from_elsewhere(rig):
+    async with aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{rig.bridge.metrics_port}"
+        for path, kind in (
+            ("/", "text/html"),
+            ("/app.js", "text/javascript"),
+            ("/style.css", "text/css"),
+        ):
+            async with session.get(base + path) as response:
+                assert response.status == 200 and response.content_type == kind
+                text = await response.text()
+                assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+                assert "https://" not in text

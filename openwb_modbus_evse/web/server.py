@@ -8,16 +8,21 @@ at a rate that keeps its cost near a tenth of a core (see :class:`Exposition`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..chargepoint import fresh_data
 from .gate import Gate
+from .history import PowerHistory
+from .snapshot import status_json
 
 if TYPE_CHECKING:
     from ..bridge import Bridge
@@ -32,6 +37,21 @@ KEEPALIVE = 5.0  # seconds an idle keep-alive connection stays open
 # most EXPOSITION_MAX_AGE): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of the loop's time.
 EXPOSITION_COST_FACTOR = 10.0
 EXPOSITION_MAX_AGE = 1.0
+
+
+# The status page: (file in static/, route, content type). No build step, nothing from a CDN.
+_PAGE_FILES = (
+    ("index.html", "/", "text/html"),
+    ("app.js", "/app.js", "text/javascript"),
+    ("style.css", "/style.css", "text/css"),
+)
+
+
+def _file_handler(body: bytes, kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=kind, charset="utf-8")
+
+    return handler
 
 
 class Exposition:
@@ -107,8 +127,15 @@ class WebServer:
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.exposition = Exposition(bridge.metrics.registry)
+        self.history = PowerHistory()
+        self._sampler: asyncio.Task[None] | None = None
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/status", self._status)
+        static = resources.files(__package__) / "static"
+        for name, route, kind in _PAGE_FILES:
+            body = (static / name).read_bytes()
+            app.router.add_get(route, _file_handler(body, kind))
         # No access log: a scraper every few seconds would fill it; actions log themselves.
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, keepalive_timeout=KEEPALIVE
@@ -133,6 +160,7 @@ class WebServer:
             await self._runner.cleanup()
             raise OSError(f"cannot serve HTTP on {host}:{port}: {err.strerror or err}") from err
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sampler = asyncio.create_task(self._sample_power())
         log.info("HTTP on http://%s:%d/ (status page, /metrics)", host, self.port)
         return self.port
 
@@ -140,6 +168,10 @@ class WebServer:
         """Stop listening and close every connection."""
         if self._server is None:
             return
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         self._server.close()
         await self._runner.cleanup()
         assert self.gate is not None
@@ -147,6 +179,24 @@ class WebServer:
         await self._server.wait_closed()
         self.exposition.close()
         self._server = None
+
+    async def _sample_power(self) -> None:
+        while True:
+            now = self.bridge.clock()
+            self.history.sample(
+                (
+                    (serial, data.power_w if data else None)
+                    for serial, point in list(self.bridge.charge_points.items())
+                    for data in [fresh_data(point.state, now, point.max_data_age)]
+                ),
+                time.time(),
+            )
+            await asyncio.sleep(self.history.interval)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            status_json(self.bridge, self.history), headers={"Cache-Control": "no-store"}
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
