@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from . import chargepoint as cp
+from .actions import ActionError, ActionErrorKind
 from .config import ConfigError, Settings, StationConfig
 from .evse.link import Session, StationLink
 from .evse.protocol import NO_CALIBRATION, StationCalibration
@@ -183,6 +185,78 @@ class Bridge:
         point.on_change = changed
         return point
 
+    # --- LP assignment (operator actions) ---------------------------------------------------
+
+    def stations(self) -> list[dict[str, object]]:
+        """Every station the bridge knows (connected or remembered), in LP order."""
+        assert self.store is not None
+        remembered = self.store.lp_assignments()
+        points = sorted(self.charge_points.values(), key=lambda p: p.identity.lp or MAX_LP + 1)
+        return [
+            {
+                "serial": p.identity.serial,
+                "lp": p.identity.lp,
+                "name": p.name,
+                "connected": p.state.connected,
+                "charging": _busy(p),
+                "configured": self.settings.station_by_serial(p.identity.serial) is not None,
+                "remembered": p.identity.serial in remembered,
+            }
+            for p in points
+        ]
+
+    def _movable(self, serial: str, what: str) -> cp.ChargePoint:
+        point = self.charge_points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        station = self.settings.station_by_serial(serial)
+        if station is not None:
+            raise ActionError(
+                ActionErrorKind.CONFLICT,
+                f"{what} refused: station {serial} is set to LP{station.lp} in the config file",
+            )
+        if _busy(point):
+            raise ActionError(
+                ActionErrorKind.CONFLICT, f"{what} refused: {point.name} is charging; stop it first"
+            )
+        return point
+
+    def move_station(self, serial: str, lp: int) -> None:
+        """Serve the station as LP ``lp`` (a free one) from now on, also after restarts."""
+        if not 1 <= lp <= MAX_LP:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, f"LP must be 1..{MAX_LP}, got {lp}")
+        point = self._movable(serial, "move")
+        holder = self._by_lp.get(lp)
+        if holder is point:
+            return
+        if holder is not None:
+            raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
+        assert self.store is not None
+        self.store.assign_lp(serial, lp)
+        if point.identity.lp is not None:
+            del self._by_lp[point.identity.lp]
+        self._by_lp[lp] = point
+        point.identity = replace(point.identity, lp=lp, name=f"LP{lp}")
+        log.info("station %s is LP%d from now on (moved by an operator)", serial, lp)
+
+    def forget_station(self, serial: str) -> None:
+        """Drop a station that is not connected: its LP is free again (its energy is kept)."""
+        point = self._movable(serial, "forget")
+        if point.state.connected:
+            raise ActionError(
+                ActionErrorKind.CONFLICT,
+                f"forget refused: {point.name} is connected; only a station that is gone can be "
+                "forgotten",
+            )
+        assert self.store is not None
+        self.save_energy()  # should it come back, it continues its counter
+        self._stored_energy[serial] = point.energy.wh
+        self.store.forget_lp(serial)
+        del self.charge_points[serial]
+        if point.identity.lp is not None:
+            del self._by_lp[point.identity.lp]
+        log.info("station %s (%s) forgotten by an operator", serial, point.name)
+
     # --- heartbeat and phase switch ---------------------------------------------------------
 
     def _heartbeat_changed(self, lapsed: bool) -> None:
@@ -328,6 +402,14 @@ class Bridge:
                 return
             await asyncio.sleep(0.1)
         log.warning("shutdown: %s did not confirm the stop in time", ", ".join(busy))
+
+
+def _busy(point: cp.ChargePoint) -> bool:
+    """The station charges, or its contactor is closed (per its latest data)."""
+    data = point.state.data
+    return (
+        point.state.connected and data is not None and (data.contactor or cp.charging(point.state))
+    )
 
 
 def _not_stopped(point: cp.ChargePoint) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -101,6 +102,7 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @_setting("energy_save_interval", float, "Seconds between saves of the energy counters.")
 @_setting("metrics_host", str, "Prometheus /metrics listen address.")
 @_setting("metrics_port", int, "Prometheus /metrics port, 0 = off.")
+@_setting("admin_token", str, "Bearer token for the HTTP actions; empty = actions off.")
 @_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
 @_setting("mqtt_host", str, "MQTT broker address; empty = MQTT off.")
 @_setting("mqtt_port", int, "MQTT broker port.")
@@ -282,6 +284,70 @@ def demo(state_db: str | None, evse_port: int, modbus_port: int, metrics_port: i
     _setup_logging("INFO")
     ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
     asyncio.run(_until_signal(lambda stop: run_demo(stop, state_db, **ports)))
+
+
+# --- actions on a running service (its admin API) -------------------------------------------
+
+_admin_options = [
+    click.option(
+        "--url",
+        default="http://127.0.0.1:9502",
+        show_default=True,
+        help="The service's HTTP address (metrics_host:metrics_port).",
+    ),
+    click.option(
+        "--token",
+        envvar="OPENWB_MODBUS_EVSE_TOKEN",
+        default="",
+        help="admin_token of the service (or env OPENWB_MODBUS_EVSE_TOKEN).",
+    ),
+]
+
+
+def _admin(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_admin_options):
+        command = option(command)
+    return command
+
+
+def _call(url: str, token: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    from .admin import AdminError, call
+
+    try:
+        return call(url, token, method, path, **kw)
+    except AdminError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@main.command()
+@_admin
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def stations(url: str, token: str, as_json: bool) -> None:
+    """List the stations of a running service (connected or remembered)."""
+    from .admin import format_stations
+
+    found = _call(url, token, "GET", "/api/stations")["stations"]
+    click.echo(json.dumps(found, indent=2) if as_json else format_stations(found))
+
+
+@main.command()
+@_admin
+@click.argument("serial")
+@click.argument("lp", type=click.IntRange(1, 9))
+def move(url: str, token: str, serial: str, lp: int) -> None:
+    """Serve station SERIAL as LP (a free one) from now on."""
+    body = json.dumps({"lp": lp}).encode()
+    _call(url, token, "POST", f"/api/stations/{serial}/move", body=body)
+    click.echo(f"station {serial} is LP{lp} now")
+
+
+@main.command()
+@_admin
+@click.argument("serial")
+def forget(url: str, token: str, serial: str) -> None:
+    """Forget station SERIAL (not connected): its LP is free again."""
+    _call(url, token, "POST", f"/api/stations/{serial}/forget")
+    click.echo(f"station {serial} forgotten")
 
 
 if __name__ == "__main__":

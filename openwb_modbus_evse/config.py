@@ -23,6 +23,7 @@ from .evse.protocol import (
 from .limits import Network, parse_networks
 from .modbus.registers import MAX_LP
 
+ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 _CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
@@ -83,6 +84,7 @@ class Settings:
     energy_save_interval: float = 5.0
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9502
+    admin_token: str = ""  # bearer token for the HTTP actions; empty: actions off
     log_level: str = "INFO"
     mqtt_host: str = ""
     mqtt_port: int = 1883
@@ -160,6 +162,15 @@ def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
     return value
 
 
+def _admin_token(key: str, value: Any) -> str:
+    token = _optional_str(key, value)
+    if token and (len(token) < ADMIN_TOKEN_MIN_LENGTH or not token.isascii() or " " in token):
+        raise ConfigError(
+            key, f"must be at least {ADMIN_TOKEN_MIN_LENGTH} ASCII characters without spaces"
+        )
+    return token
+
+
 def _poll_interval(key: str, value: Any) -> float:
     number = _positive(key, value)
     if number >= STATION_IDLE_TIMEOUT:
@@ -206,6 +217,7 @@ _CHECKS: dict[str, Any] = {
     "energy_save_interval": _positive,
     "metrics_host": _str,
     "metrics_port": lambda k, v: _int(k, v, 0, 65535),
+    "admin_token": _admin_token,
     "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
     "mqtt_host": _optional_str,
     "mqtt_port": lambda k, v: _int(k, v, 1, 65535),

@@ -187,3 +187,11 @@ def test_readme_example_file_is_valid_and_shows_the_defaults():
             shown = getattr(config.build({key: value}), key)  # e.g. address lists, parsed
             assert getattr(defaults, key) == shown, f"README shows {key} = {value!r}"
     assert settings.station[0].phase_switch_command is not None
+
+
+def test_admin_token_must_be_long_enough():
+    assert config.build({"admin_token": "a" * 16}).admin_token == "a" * 16
+    assert config.build({"admin_token": ""}).admin_token == ""
+    for bad in ("short", "with a space inside it", 42):
+        with pytest.raises(config.ConfigError, match="admin_token"):
+            config.build({"admin_token": bad})

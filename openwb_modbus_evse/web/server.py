@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..chargepoint import fresh_data
+from .actions import AdminApi
 from .gate import Gate
 from .history import PowerHistory
 from .snapshot import status_json
@@ -132,6 +133,7 @@ class WebServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
+        AdminApi(bridge).add_routes(app)
         static = resources.files(__package__) / "static"
         for name, route, kind in _PAGE_FILES:
             body = (static / name).read_bytes()

@@ -1,0 +1,118 @@
+"""The admin API: actions on stations, each allowed only with the configured bearer token.
+
+Without ``admin_token`` every action answers 403; a request without the token gets 401, one with
+a wrong token 403. Every action (done, refused or failed) is logged with the client address;
+failed token checks are logged rate-limited, so guessing cannot flood the log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..actions import ActionError, ActionErrorKind
+from ..ratelimit import RateLimit
+
+if TYPE_CHECKING:
+    from ..bridge import Bridge
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    ActionErrorKind.BAD_REQUEST: 400,
+    ActionErrorKind.NOT_FOUND: 404,
+    ActionErrorKind.CONFLICT: 409,
+    ActionErrorKind.TOO_LARGE: 413,
+    ActionErrorKind.FAILED: 502,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class AdminApi:
+    """Routes under /api that change something (and the station list, which shows full IDs)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+        self._token = bridge.settings.admin_token.encode()
+        self._failed_log = RateLimit(per_second=1 / 10, burst=5)
+
+    def add_routes(self, app: web.Application) -> None:
+        """Register the routes on ``app``."""
+        app.router.add_get("/api/stations", self._guard("list stations", self._stations))
+        app.router.add_post("/api/stations/{serial}/move", self._guard("move", self._move))
+        app.router.add_post("/api/stations/{serial}/forget", self._guard("forget", self._forget))
+
+    def _guard(self, action: str, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.Response:
+            client = request.remote or "?"
+            refusal = self._check_token(request, action, client)
+            if refusal is not None:
+                return refusal
+            what = f"{action} {request.match_info.get('serial', '')}".strip()
+            try:
+                response = await handler(request)
+            except ActionError as err:
+                log.warning("action %s by %s: %s", what, client, err)
+                return _error(_STATUS[err.kind], str(err))
+            log.info("action %s by %s: done", what, client)
+            return response
+
+        return guarded
+
+    def _check_token(self, request: web.Request, action: str, client: str) -> web.Response | None:
+        if not self._token:
+            return _error(403, "actions are off: set admin_token in the config to use them")
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            self._log_failure(action, client, "no token")
+            return _error(
+                401, "this action needs the admin token", **{"WWW-Authenticate": "Bearer"}
+            )
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            self._log_failure(action, client, "wrong token")
+            return _error(403, "wrong admin token")
+        return None
+
+    def _log_failure(self, action: str, client: str, why: str) -> None:
+        if self._failed_log.allow(time.monotonic()):
+            dropped = self._failed_log.take_dropped()
+            more = f" ({dropped} more not logged)" if dropped else ""
+            log.warning("action %s by %s refused: %s%s", action, client, why, more)
+
+    # --- LP assignment ----------------------------------------------------------------------
+
+    async def _stations(self, request: web.Request) -> web.Response:
+        return web.json_response({"stations": self._bridge.stations()})
+
+    async def _move(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        lp = body.get("lp")
+        if isinstance(lp, bool) or not isinstance(lp, int):
+            raise ActionError(ActionErrorKind.BAD_REQUEST, 'send {"lp": N} with N in 1..9')
+        self._bridge.move_station(request.match_info["serial"].upper(), lp)
+        return web.json_response({"ok": True, "lp": lp})
+
+    async def _forget(self, request: web.Request) -> web.Response:
+        self._bridge.forget_station(request.match_info["serial"].upper())
+        return web.json_response({"ok": True})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ActionError(ActionErrorKind.BAD_REQUEST, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ActionError(ActionErrorKind.BAD_REQUEST, "the body must be a JSON object")
+    return body
