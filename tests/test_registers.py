@@ -94,7 +94,11 @@ def test_write_only_and_unknown_offsets_read_as_zero():
     assert block[M["set_current"].offset] == 0 and block[10:14] == [0, 0, 0, 0]
 
 
-@given(st.integers(-(2**15) + 1, 2**15 - 1), st.integers(-(2**31) + 1, 2**31 - 1))
+# -1 is the "invalid" marker: it reads back as None (tested elsewhere), so it is no round trip.
+@given(
+    st.integers(-(2**15) + 1, 2**15 - 1).filter(lambda x: x != -1),
+    st.integers(-(2**31) + 1, 2**31 - 1).filter(lambda x: x != -1),
+)
 def test_numbers_round_trip(small, big):
     values = M.decode(M.encode({"power_l1": small, "energy_imported": big}))
     assert values["power_l1"] == small and values["energy_imported"] == big
