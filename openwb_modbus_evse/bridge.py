@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from . import chargepoint as cp
@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
 from .mqtt.connection import MqttConnection, MqttSettings
+from .mqtt.openwb import OpenWbSecondary
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
 from .web.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -50,6 +51,9 @@ class _RequestObserver(ModbusObserver):
             self._heartbeat.refresh()
         self._metrics.response(function_code, exception_code)
 
+    def refused(self, kind: cp.RefusalKind) -> None:
+        self._metrics.command_refused("modbus", kind.value)
+
 
 class Bridge:
     """The running service."""
@@ -62,7 +66,17 @@ class Bridge:
         self._stored_energy: dict[str, float] = {}  # as loaded at start, for stations to come
         self._saved_energy: dict[str, float] = {}  # what the state file holds
         self.metrics = Metrics(self)
-        self.heartbeat = Heartbeat(settings.heartbeat_timeout, self.clock, self._heartbeat_changed)
+        # The Modbus heartbeat; it applies to the charge points whose controller is "modbus".
+        self.heartbeat = Heartbeat(
+            settings.heartbeat_timeout, self.clock, self._modbus_heartbeat_changed
+        )
+        # Per controller: is its heartbeat lapsed for this charge point? Interfaces add theirs;
+        # a controller without an interface never has a heartbeat.
+        self.heartbeat_lapsed: dict[str, Callable[[cp.ChargePoint], bool]] = {
+            "modbus": lambda _: self.heartbeat.lapsed
+        }
+        # Called after every change of a charge point (interfaces that publish state).
+        self.change_listeners: list[Callable[[cp.ChargePoint], None]] = []
         self.store: Store | None = None
         self.link = StationLink(
             settings.evse_host,
@@ -92,6 +106,7 @@ class Bridge:
                 )
             )
         self.web: WebServer | None = None
+        self.openwb = OpenWbSecondary(self, self.mqtt) if self.mqtt is not None else None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
@@ -114,7 +129,8 @@ class Bridge:
         return station.calibration if station else NO_CALIBRATION
 
     def _new_charge_point(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
-        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial, lp=0)
+        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
+        controller = self.settings.controller_of(serial)
         identity = cp.Identity(
             serial=serial,
             lp=lp,
@@ -128,6 +144,7 @@ class Bridge:
             can_switch_phases=station.phase_switch_command is not None,
             stop_timeout=self.settings.stop_timeout,
             phase_switch_pause=self.settings.phase_switch_pause,
+            controller=controller,
         )
         point = cp.ChargePoint(
             identity,
@@ -138,6 +155,8 @@ class Bridge:
         self.charge_points[serial] = point
         if lp is not None:
             self._by_lp[lp] = point
+        lapsed = self.heartbeat_lapsed.get(controller, lambda _: True)(point)
+        point.commit(cp.set_heartbeat_lapsed(point.state, lapsed, self.clock()))
         return point
 
     def _load_charge_points(self, store: Store) -> None:
@@ -145,8 +164,9 @@ class Bridge:
         energy = self._stored_energy = store.energy_wh()
         self._saved_energy = dict(energy)
         for station in self.settings.station:
-            self._new_charge_point(station.serial, station.lp, energy.get(station.serial, 0.0))
-        configured_lps = {s.lp for s in self.settings.station}
+            if station.lp is not None:  # else: its remembered LP below, or one when it connects
+                self._new_charge_point(station.serial, station.lp, energy.get(station.serial, 0.0))
+        configured_lps = {s.lp for s in self.settings.station if s.lp is not None}
         for serial, lp in sorted(store.lp_assignments().items(), key=lambda kv: kv[1]):
             if serial in self.charge_points:
                 continue
@@ -178,6 +198,8 @@ class Bridge:
 
         def changed() -> None:
             session.wake()
+            for listener in self.change_listeners:
+                listener(point)
             seq = point.state.sequence
             if seq is not None and seq.stage is cp.Stage.READY:
                 self._start_phase_switch(point)
@@ -210,7 +232,7 @@ class Bridge:
         if point is None:
             raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
         station = self.settings.station_by_serial(serial)
-        if station is not None:
+        if station is not None and station.lp is not None:
             raise ActionError(
                 ActionErrorKind.CONFLICT,
                 f"{what} refused: station {serial} is set to LP{station.lp} in the config file",
@@ -259,9 +281,16 @@ class Bridge:
 
     # --- heartbeat and phase switch ---------------------------------------------------------
 
-    def _heartbeat_changed(self, lapsed: bool) -> None:
+    def _modbus_heartbeat_changed(self, lapsed: bool) -> None:
+        self.apply_heartbeat(
+            lapsed,
+            (p for p in self.charge_points.values() if p.state.config.controller == "modbus"),
+        )
+
+    def apply_heartbeat(self, lapsed: bool, points: Iterable[cp.ChargePoint]) -> None:
+        """A controller's heartbeat lapsed or recovered: apply it to the points it drives."""
         now = self.clock()
-        for point in self.charge_points.values():
+        for point in list(points):
             point.commit(cp.set_heartbeat_lapsed(point.state, lapsed, now))
 
     def _start_phase_switch(self, point: cp.ChargePoint) -> None:
@@ -309,6 +338,8 @@ class Bridge:
             )
             await self.modbus.start(self.settings.modbus_host, self.settings.modbus_port)
         if self.mqtt is not None:
+            assert self.openwb is not None
+            self.openwb.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if self.settings.metrics_port:
             self.web = WebServer(self)
@@ -376,12 +407,16 @@ class Bridge:
             await self.modbus.stop()  # no controller may start charging again meanwhile
         if self.web is not None:
             await self.web.stop()  # nor an action
+        if self.openwb is not None:
+            self.openwb.close()
         switches = list(self._switches.values())
         for task in switches:
             task.cancel()  # a relay command in flight is abandoned (and killed)
         await asyncio.gather(*switches, return_exceptions=True)
         if self.settings.stop_charging_on_shutdown:
             await self._stop_charging()
+        if self.openwb is not None:
+            await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()

@@ -54,6 +54,7 @@ class ChargePointConfig:
     can_switch_phases: bool = False  # an external phase-switch command is configured
     stop_timeout: float = 6.0  # how long to wait for the vehicle before opening under load
     phase_switch_pause: float = 5.0
+    controller: str = "modbus"  # the only interface whose writes are accepted (config.CONTROLLERS)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class RefusalKind(StrEnum):
     BAD_VALUE = "bad_value"
     BUSY = "busy"
     OFFLINE = "offline"
+    NOT_CONTROLLER = "not_controller"
 
 
 class Refused(Exception):
@@ -289,6 +291,15 @@ def tick(state: State, now: float) -> State:
     return settle(state, now)
 
 
+def check_writer(state: State, interface: str) -> None:
+    """Refuse a command from an interface that does not control this charge point."""
+    if interface != state.config.controller:
+        raise Refused(
+            RefusalKind.NOT_CONTROLLER,
+            f"this charge point is controlled by {state.config.controller}, not {interface}",
+        )
+
+
 def set_current(state: State, centiamps: int, now: float) -> State:
     """The controller's current: 0 or 600..3200 centiamps (kept during sequences)."""
     if centiamps != 0 and not MIN_CURRENT_CA <= centiamps <= MAX_CURRENT_CA:
@@ -374,6 +385,24 @@ def start_cp_interruption(state: State, seconds: int, now: float) -> State:
     _check_can_start_sequence(state, "pilot interruption")
     seq = Sequence(stage=Stage.STOPPING, seconds=seconds, after_report=state.reports)
     return settle(replace(state, sequence=seq), now)
+
+
+def describe_changes(old: State, new: State) -> list[str]:
+    """What a controller's command changed, for the log."""
+    changes = []
+    if new.requested_ca != old.requested_ca:
+        changes.append(f"charging current set to {new.requested_ca / 100:.2f} A")
+    if new.enforce_heartbeat != old.enforce_heartbeat:
+        changes.append(f"heartbeat enforcement {'on' if new.enforce_heartbeat else 'off'}")
+    if new.sequence is not None and new.sequence != old.sequence:
+        seq = new.sequence
+        what = (
+            f"phase switch to {seq.phases} phase(s)"
+            if seq.phases is not None
+            else f"control-pilot interruption for {seq.seconds} s"
+        )
+        changes.append(f"{what} started")
+    return changes
 
 
 # --- the live charge point -------------------------------------------------------------------

@@ -26,6 +26,9 @@ from .modbus.registers import MAX_LP
 ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
+#: Who may drive a charge point (``controller``); every interface reads, only this one writes.
+CONTROLLERS = ("modbus", "openwb-mqtt")
+MQTT_CONTROLLERS = ("openwb-mqtt",)  # need mqtt_host
 _CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
 
 
@@ -48,7 +51,10 @@ class StationConfig:
     """One ``[[station]]`` entry."""
 
     serial: str
-    lp: int
+    lp: int | None = None  # None: the remembered LP, else the lowest free one
+    controller: str | None = None  # None: the global ``controller``
+    mqtt_prefix: str | None = None  # None (and no duo_num): the default openWB tree of LP1/LP2
+    duo_num: int | None = None
     name: str | None = None
     serial_number: str | None = None
     max_current: float = 32.0
@@ -92,11 +98,17 @@ class Settings:
     mqtt_password: str = ""
     mqtt_ca_file: str = ""
     mqtt_heartbeat_timeout: float = 80.0
+    controller: str = "modbus"
     station: tuple[StationConfig, ...] = ()
 
     def station_by_serial(self, serial: str) -> StationConfig | None:
         """The ``[[station]]`` entry of this serial, if any."""
         return next((s for s in self.station if s.serial == serial), None)
+
+    def controller_of(self, serial: str) -> str:
+        """Which interface drives the station (its own ``controller``, else the global one)."""
+        station = self.station_by_serial(serial)
+        return (station.controller if station else None) or self.controller
 
 
 # --- value checks ----------------------------------------------------------------------------
@@ -225,6 +237,7 @@ _CHECKS: dict[str, Any] = {
     "mqtt_password": _optional_str,
     "mqtt_ca_file": _readable_file,
     "mqtt_heartbeat_timeout": _positive,
+    "controller": lambda k, v: _choice(k, v, CONTROLLERS),
 }
 
 
@@ -258,16 +271,25 @@ def _station(index: int, raw: Any) -> StationConfig:
     for key in raw:
         if key not in known:
             raise ConfigError(f"{prefix}.{key}", "unknown key")
-    for key in ("serial", "lp"):
-        if key not in raw:
-            raise ConfigError(f"{prefix}.{key}", "is required")
+    if "serial" not in raw:
+        raise ConfigError(f"{prefix}.serial", "is required")
     serial = _str(f"{prefix}.serial", raw["serial"]).upper()
     if not re.fullmatch(r"[0-9A-F]{32}", serial):
         raise ConfigError(f"{prefix}.serial", f"must be 32 hex digits, got {raw['serial']!r}")
-    values: dict[str, Any] = {
-        "serial": serial,
-        "lp": _int(f"{prefix}.lp", raw["lp"], 1, MAX_LP),
-    }
+    values: dict[str, Any] = {"serial": serial}
+    if "lp" in raw:
+        values["lp"] = _int(f"{prefix}.lp", raw["lp"], 1, MAX_LP)
+    if "controller" in raw:
+        values["controller"] = _choice(f"{prefix}.controller", raw["controller"], CONTROLLERS)
+    if "mqtt_prefix" in raw:
+        mqtt_prefix = _optional_str(f"{prefix}.mqtt_prefix", raw["mqtt_prefix"])
+        if any(c in mqtt_prefix for c in "+#\0") or (mqtt_prefix and not mqtt_prefix.endswith("/")):
+            raise ConfigError(
+                f"{prefix}.mqtt_prefix", f"must end with / and hold no + or #, got {mqtt_prefix!r}"
+            )
+        values["mqtt_prefix"] = mqtt_prefix
+    if "duo_num" in raw:
+        values["duo_num"] = _int(f"{prefix}.duo_num", raw["duo_num"], 0, 1)
     if "name" in raw:
         values["name"] = _str(f"{prefix}.name", raw["name"])
     if "serial_number" in raw:
@@ -304,14 +326,44 @@ def build(values: Mapping[str, Any]) -> Settings:
             settings[key] = _CHECKS[key](key, value)
         else:
             raise ConfigError(key, "unknown key")
-    return Settings(**settings)
+    result = Settings(**settings)
+    _check_mqtt(result)
+    return result
+
+
+def _check_mqtt(settings: Settings) -> None:
+    """MQTT controllers need a broker; two stations cannot share an openWB tree."""
+    if not settings.mqtt_host:
+        if settings.controller in MQTT_CONTROLLERS:
+            raise ConfigError("controller", f"{settings.controller!r} needs mqtt_host")
+        for i, st in enumerate(settings.station):
+            if st.controller in MQTT_CONTROLLERS:
+                raise ConfigError(f"station[{i}].controller", f"{st.controller!r} needs mqtt_host")
+    trees: dict[tuple[str, int], int] = {}
+    for i, st in enumerate(settings.station):
+        tree = station_tree(st)
+        if tree is None:
+            continue
+        if tree in trees:
+            raise ConfigError(
+                f"station[{i}].duo_num",
+                f"{tree[0]}openWB/internal_chargepoint/{tree[1]} is already station[{trees[tree]}]",
+            )
+        trees[tree] = i
+
+
+def station_tree(station: StationConfig) -> tuple[str, int] | None:
+    """The openWB MQTT tree (prefix, duo_num) configured for the station, None if not set."""
+    if station.mqtt_prefix is None and station.duo_num is None:
+        return None
+    return station.mqtt_prefix or "", station.duo_num or 0
 
 
 def _check_unique(stations: tuple[StationConfig, ...]) -> None:
     seen_lp: dict[int, int] = {}
     seen_serial: dict[str, int] = {}
     for i, st in enumerate(stations):
-        if st.lp in seen_lp:
+        if st.lp is not None and st.lp in seen_lp:
             raise ConfigError(
                 f"station[{i}].lp", f"LP{st.lp} is already taken by station[{seen_lp[st.lp]}]"
             )
@@ -319,7 +371,9 @@ def _check_unique(stations: tuple[StationConfig, ...]) -> None:
             raise ConfigError(
                 f"station[{i}].serial", f"already configured as station[{seen_serial[st.serial]}]"
             )
-        seen_lp[st.lp], seen_serial[st.serial] = i, i
+        seen_serial[st.serial] = i
+        if st.lp is not None:
+            seen_lp[st.lp] = i
 
 
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -1,4 +1,5 @@
-"""The controller heartbeat: one clock for the whole server, refreshed by any Modbus request."""
+"""A controller's heartbeat: one clock per controller (Modbus requests, an openWB primary's
+global_data), applied by its owner to the charge points that controller drives."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Lapses when no request came for ``timeout`` seconds; recovers with the next request.
 
-    ``on_change(lapsed)`` is called on every lapse and recovery.
+    ``on_change(lapsed)`` is called on every lapse and recovery. ``what`` names the requests in
+    the log. ``lapsed=True`` starts lapsed (no grace period: charging waits for the first
+    request), otherwise start-up counts as a request.
     """
 
     def __init__(
@@ -20,12 +23,16 @@ class Heartbeat:
         timeout: float,
         clock: Callable[[], float],
         on_change: Callable[[bool], None],
+        *,
+        what: str = "Modbus request",
+        lapsed: bool = False,
     ) -> None:
         self.timeout = timeout
+        self.what = what
         self._clock = clock
         self._on_change = on_change
-        self.last_request = clock()  # start-up counts as a request: a grace period
-        self.lapsed = False
+        self.last_request = clock()
+        self.lapsed = lapsed
         self.lapses = 0
         self.recoveries = 0
         self._recovered = asyncio.Event()
@@ -45,7 +52,7 @@ class Heartbeat:
         if self.lapsed:
             self.lapsed = False
             self.recoveries += 1
-            log.info("heartbeat: requests are back; the requested currents apply again")
+            log.info("heartbeat: %ss are back; the requested currents apply again", self.what)
             self._recovered.set()
             self._on_change(False)
 
@@ -56,7 +63,8 @@ class Heartbeat:
         self.lapsed = True
         self.lapses += 1
         log.warning(
-            "heartbeat: no Modbus request for %g s; charging stops where it is enforced",
+            "heartbeat: no %s for %g s; charging stops where it is enforced",
+            self.what,
             self.timeout,
         )
         self._recovered.clear()
@@ -66,7 +74,7 @@ class Heartbeat:
     async def watch(self) -> None:
         """Lapse the heartbeat at its deadline; runs until cancelled."""
         while True:
-            if self.check():
+            if self.lapsed or self.check():
                 await self._recovered.wait()
             else:
                 await asyncio.sleep(max(0.0, self.deadline - self._clock()))

@@ -75,6 +75,9 @@ class _ChargePointCollector(Collector):
             "Station reports with impossible voltages or currents (ignored, treated as a fault).",
             labels=_CP_LABELS,
         )
+        controller = gauge(
+            "controller_info", "1, labelled with the interface that drives it.", ["controller"]
+        )
 
         for point in list(bridge.charge_points.values()):
             ident = point.identity
@@ -85,6 +88,7 @@ class _ChargePointCollector(Collector):
             allowed.add_metric(labels, allowed_ca(state) / 100)
             connected.add_metric(labels, 1 if state.connected else 0)
             implausible.add_metric(labels, point.implausible_reports)
+            controller.add_metric([*labels, state.config.controller], 1)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
             data = fresh_data(state, now, point.max_data_age)
@@ -110,7 +114,7 @@ class _ChargePointCollector(Collector):
 
         yield from (voltage, current, phase_power, power, energy, plugged, charging_)
         yield from (requested, allowed, offered, pwm, contactor, pilot, cable, rssi, uptime)
-        yield from (age, connected, implausible)
+        yield from (age, connected, implausible, controller)
 
         heartbeat = bridge.heartbeat
         yield GaugeMetricFamily(
@@ -140,6 +144,21 @@ class _ChargePointCollector(Collector):
                 ("mqtt_messages_dropped", "MQTT messages dropped.", mqtt.messages_dropped),
             ):
                 yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        if bridge.openwb is not None:
+            age_ = GaugeMetricFamily(
+                f"{PREFIX}_mqtt_heartbeat_age_seconds",
+                "Seconds since the openWB primary's last fresh heartbeat (or since start).",
+                labels=["prefix"],
+            )
+            lapsed_ = GaugeMetricFamily(
+                f"{PREFIX}_mqtt_heartbeat_lapsed",
+                "1 while the openWB primary's heartbeat is lapsed (or has not come yet).",
+                labels=["prefix"],
+            )
+            for prefix, primary in bridge.openwb.heartbeats.items():
+                age_.add_metric([prefix], primary.clock.age())
+                lapsed_.add_metric([prefix], int(primary.clock.lapsed))
+            yield from (age_, lapsed_)
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",
@@ -222,6 +241,12 @@ class Metrics(LinkObserver, LimiterObserver):
             ["listener", "reason"],
             registry=self.registry,
         )
+        self._commands_refused = Counter(
+            f"{PREFIX}_commands_refused",
+            "Controller commands refused, by interface and reason.",
+            ["interface", "reason"],
+            registry=self.registry,
+        )
 
     # Modbus events (from the server's observer)
     def response(self, function_code: int, exception_code: int | None) -> None:
@@ -249,6 +274,10 @@ class Metrics(LinkObserver, LimiterObserver):
 
     def connection_refused(self, listener: str, reason: str) -> None:
         self._connections_refused.labels(listener, reason).inc()
+
+    def command_refused(self, interface: str, reason: str) -> None:
+        """Count one controller command that was refused."""
+        self._commands_refused.labels(interface, reason).inc()
 
     def phase_switch(self, ok: bool) -> None:
         """Count one run of the phase-switch command."""

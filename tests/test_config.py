@@ -89,7 +89,23 @@ def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
         ('mqtt_ca_file = "/nonexistent/ca.crt"', "mqtt_ca_file", "cannot read"),
         ("mqtt_heartbeat_timeout = 0", "mqtt_heartbeat_timeout", "above 0"),
         (f'[[station]]\nserial = "{SERIAL}"\nlp = 12', "station[0].lp", "1..9"),
-        (f'[[station]]\nserial = "{SERIAL}"', "station[0].lp", "required"),
+        ("[[station]]\nlp = 1", "station[0].serial", "required"),
+        ('controller = "ocpp"', "controller", "modbus, openwb-mqtt"),
+        ('controller = "openwb-mqtt"', "controller", "needs mqtt_host"),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\ncontroller = "openwb-mqtt"',
+            "station[0].controller",
+            "needs mqtt_host",
+        ),
+        (f'[[station]]\nserial = "{SERIAL}"\nmqtt_prefix = "lp3"', "station[0].mqtt_prefix", "/"),
+        (f'[[station]]\nserial = "{SERIAL}"\nmqtt_prefix = "#/"', "station[0].mqtt_prefix", "#"),
+        (f'[[station]]\nserial = "{SERIAL}"\nduo_num = 2', "station[0].duo_num", "0..1"),
+        (
+            f'mqtt_host = "x"\n[[station]]\nserial = "{SERIAL}"\nmqtt_prefix = "a/"\n'
+            f'[[station]]\nserial = "{SERIAL[:-1]}3"\nmqtt_prefix = "a/"\nduo_num = 0',
+            "station[1].duo_num",
+            "a/openWB/internal_chargepoint/0 is already station[0]",
+        ),
         ('[[station]]\nserial = "ABC"\nlp = 1', "station[0].serial", "32 hex digits"),
         (f'[[station]]\nserial = "{SERIAL}"\nlp = 1\ncolor = "red"', "station[0].color", "unknown"),
         (f'[[station]]\nserial = "{SERIAL}"\nlp = 1\nphases = 2', "station[0].phases", "1, 3"),
@@ -195,3 +211,14 @@ def test_admin_token_must_be_long_enough():
     for bad in ("short", "with a space inside it", 42):
         with pytest.raises(config.ConfigError, match="admin_token"):
             config.build({"admin_token": bad})
+
+
+def test_a_station_with_only_serial_and_controller_is_valid(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'mqtt_host = "127.0.0.1"\n[[station]]\nserial = "{SERIAL}"\ncontroller = "openwb-mqtt"\n'
+    )
+    settings = config.load(path)
+    assert settings.station[0].lp is None
+    assert settings.controller_of(SERIAL) == "openwb-mqtt"
+    assert settings.controller_of("0" * 32) == "modbus"  # the global default

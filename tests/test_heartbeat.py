@@ -49,3 +49,17 @@ async def test_watch_lapses_on_time():
     await asyncio.sleep(0.1)
     assert [c[0] for c in changes] == [True, False] and not hb.lapsed
     task.cancel()
+
+
+async def test_a_heartbeat_that_starts_lapsed_waits_for_the_first_request():
+    loop = asyncio.get_running_loop()
+    changes: list[bool] = []
+    hb = Heartbeat(0.2, loop.time, changes.append, what="openWB heartbeat", lapsed=True)
+    task = asyncio.create_task(hb.watch())
+    await asyncio.sleep(0.3)
+    assert hb.lapsed and changes == [] and hb.lapses == 0  # no grace period, no lapse counted
+    hb.refresh()
+    assert not hb.lapsed and changes == [False]
+    await asyncio.sleep(0.3)
+    assert hb.lapsed and changes == [False, True]
+    task.cancel()

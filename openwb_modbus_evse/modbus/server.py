@@ -57,7 +57,11 @@ _REFUSAL_CODES = {
     cp.RefusalKind.BUSY: ExcCodes.DEVICE_BUSY,
     # We are a gateway to the station; it cannot be reached.
     cp.RefusalKind.OFFLINE: ExcCodes.GATEWAY_NO_RESPONSE,
+    # Another interface controls this LP: the spec's "wrong state to process a request of this
+    # type" is exception 1.
+    cp.RefusalKind.NOT_CONTROLLER: ExcCodes.ILLEGAL_FUNCTION,
 }
+CONTROLLER = "modbus"  # the value of ``controller`` that lets Modbus writes through
 
 
 class NotWritable(Exception):
@@ -339,6 +343,9 @@ class _Server(ModbusTcpServer):
                 left_out(self._bad_frame_log.take_dropped()),
             )
 
+    def refused(self, kind: cp.RefusalKind) -> None:
+        """A write was refused by the charge point (bad value, busy, offline, not controller)."""
+
 
 class ChargePointServer:
     """Serves the charge point of LP n at 10000 + 100 n over Modbus TCP."""
@@ -445,8 +452,10 @@ class ChargePointServer:
                 return ExcCodes.ILLEGAL_ADDRESS
             state = staged.get(lp, (point, point.state))[1]
             try:
+                cp.check_writer(state, CONTROLLER)
                 staged[lp] = (point, handler(state, value, now))
             except cp.Refused as refusal:
+                self._observer.refused(refusal.kind)
                 log.warning(
                     "LP%d: write of %d to %s (%d) refused: %s",
                     lp,
@@ -464,19 +473,8 @@ class ChargePointServer:
 
 
 def _log_changes(point: cp.ChargePoint, new: cp.State) -> None:
-    old, lp = point.state, point.identity.lp
-    if new.requested_ca != old.requested_ca:
-        log.info("LP%d: charging current set to %.2f A", lp, new.requested_ca / 100)
-    if new.enforce_heartbeat != old.enforce_heartbeat:
-        log.info("LP%d: heartbeat enforcement %s", lp, "on" if new.enforce_heartbeat else "off")
-    if new.sequence is not None and new.sequence != old.sequence:
-        seq = new.sequence
-        what = (
-            f"phase switch to {seq.phases} phase(s)"
-            if seq.phases is not None
-            else f"control-pilot interruption for {seq.seconds} s"
-        )
-        log.info("LP%d: %s started", lp, what)
+    for change in cp.describe_changes(point.state, new):
+        log.info("LP%d: %s", point.identity.lp, change)
 
 
 async def _no_such_unit(*_: object) -> ExcCodes:
