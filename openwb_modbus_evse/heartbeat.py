@@ -52,7 +52,7 @@ class Heartbeat:
         if self.lapsed:
             self.lapsed = False
             self.recoveries += 1
-            log.info("heartbeat: %ss are back; the requested currents apply again", self.what)
+            log.info("heartbeat: %s arrived; the requested currents apply again", self.what)
             self._recovered.set()
             self._on_change(False)
 
