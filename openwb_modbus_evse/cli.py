@@ -1,4 +1,4 @@
-"""Command line: serve, simulate, status, registers, demo."""
+"""Command line: serve, simulate, status, registers, mosquitto-config, demo."""
 
 from __future__ import annotations
 
@@ -249,11 +249,65 @@ def simulate(
 @click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
-def status(host: str, port: int, unit: int, watch: bool, interval: float, as_json: bool) -> None:
+@click.option(
+    "--metrics-port",
+    default=9502,
+    show_default=True,
+    help="This service's metrics port, for the controller column; 0 = do not ask.",
+)
+def status(
+    host: str,
+    port: int,
+    unit: int,
+    watch: bool,
+    interval: float,
+    as_json: bool,
+    metrics_port: int,
+) -> None:
     """Show every charge point of an openWB Rev2.0 secondary (this service or a real openWB)."""
     from .status import run
 
-    sys.exit(run(host, port, unit, watch=watch, interval=interval, as_json=as_json))
+    sys.exit(
+        run(
+            host,
+            port,
+            unit,
+            watch=watch,
+            interval=interval,
+            as_json=as_json,
+            metrics_port=metrics_port or None,
+        )
+    )
+
+
+@main.command("mosquitto-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="[PREFIX=]IP",
+    help="Address the openWB primary connects to for the trees without a prefix (IP), or with "
+    "one (lp3/=IP); repeat for each prefix.",
+)
+@click.option("--port", default=1883, show_default=True, help="Port of the primaries' listeners.")
+def mosquitto_config(config_path: str | None, addresses: tuple[str, ...], port: int) -> None:
+    """Print a mosquitto configuration for the configured charge points (openWB MQTT API)."""
+    from .mqtt.mosquitto import build
+
+    try:
+        settings = config_mod.load(config_path)
+    except config_mod.ConfigError as err:
+        click.echo(f"config error: {err}", err=True)
+        sys.exit(2)
+    by_prefix = {}
+    for item in addresses:
+        prefix, _, address = item.rpartition("=")
+        by_prefix[prefix] = address
+    text, warnings = build(settings, by_prefix, port)
+    click.echo(text)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()

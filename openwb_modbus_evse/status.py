@@ -3,6 +3,9 @@
 It reads the way evcc and openWB's own tester do (function code 4, whole LP blocks), so it works
 against this project's service and against a real openWB alike. Note that on a real openWB every
 read also refreshes the Modbus heartbeat, so ``--watch`` keeps it alive.
+
+Which interface controls each LP is not in the openWB register layout: it comes from this
+service's metrics (``controller_info``) when they answer on ``metrics_port``, else it shows "-".
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import os
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
+from prometheus_client.parser import text_string_to_metric_families
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
@@ -49,13 +54,19 @@ class LpStatus:
     currents_a: Phases
     power_w: int | None
     energy_wh: int | None
+    controller: str | None = None  # None: unknown (not this service, or its metrics are off)
 
 
 async def read_status(
-    host: str, port: int = 1502, unit: int = 1, timeout: float = 3.0
+    host: str,
+    port: int = 1502,
+    unit: int = 1,
+    timeout: float = 3.0,
+    metrics_port: int | None = None,
 ) -> list[LpStatus]:
     """Read LP1..LP9 and return the charge points that are present, in LP order.
 
+    With ``metrics_port``, each row also says which interface controls it (if that answers).
     Raises StatusError when the host cannot be reached or stops answering.
     """
     # No retries and no background reconnects: a one-shot reader should fail fast and say why.
@@ -90,9 +101,29 @@ async def read_status(
             row = _lp_status(lp, REGISTER_MAP.decode(result.registers))
             if row is not None:
                 rows.append(row)
-        return rows
     finally:
         client.close()
+    if metrics_port and rows:
+        controllers = await asyncio.to_thread(_controllers, host, metrics_port, timeout)
+        rows = [dataclasses.replace(row, controller=controllers.get(row.lp)) for row in rows]
+    return rows
+
+
+def _controllers(host: str, port: int, timeout: float) -> dict[int, str]:
+    """LP -> controller, from this service's ``controller_info`` metric; {} if unavailable."""
+    url = f"http://{_endpoint(host, port)}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=min(timeout, 1.0)) as response:
+            text = response.read(4_000_000).decode()
+        found = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "openwb_modbus_evse_controller_info":
+                for sample in family.samples:
+                    if sample.labels.get("lp", "").isdigit():
+                        found[int(sample.labels["lp"])] = sample.labels["controller"]
+        return found
+    except (OSError, ValueError, KeyError):  # not this service, or not reachable: unknown
+        return {}
 
 
 async def _connect_error(host: str, port: int, timeout: float) -> str:
@@ -156,8 +187,9 @@ _HEADER = (
     "L3 A",
     "power W",
     "energy kWh",
+    "controller",
 )
-_LEFT_ALIGNED = {"LP", "serial", "plugged", "charging"}
+_LEFT_ALIGNED = {"LP", "serial", "plugged", "charging", "controller"}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -176,6 +208,7 @@ def _cells(row: LpStatus) -> tuple[str, ...]:
         *(_fmt(a, ".2f") for a in row.currents_a),
         _fmt(row.power_w, "d"),
         _fmt(energy_kwh, ".3f"),
+        row.controller or "-",
     )
 
 
@@ -220,6 +253,7 @@ def run(
     interval: float = 2.0,
     as_json: bool = False,
     timeout: float = 3.0,
+    metrics_port: int | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Print the status once (or refresh it every ``interval`` s with ``watch``); the exit code.
@@ -233,7 +267,7 @@ def run(
     try:
         with _quiet_pymodbus():
             while True:
-                rows = asyncio.run(read_status(host, port, unit, timeout))
+                rows = asyncio.run(read_status(host, port, unit, timeout, metrics_port))
                 if as_json:
                     text = to_json(rows, indent=None if watch else 2) + "\n"
                 elif watch:

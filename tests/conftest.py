@@ -196,14 +196,17 @@ def station_config(index: int, lp: int, **kw) -> StationConfig:
 class Broker:
     """A mosquitto on a free loopback port, started and stopped by the test (same port always)."""
 
-    def __init__(self, directory: Path, listener_options: str = "") -> None:
+    def __init__(
+        self, directory: Path, listener_options: str = "", config: tuple[str, int] | None = None
+    ) -> None:
+        """``config``: a whole configuration and the port of its 127.0.0.1 listener."""
         self.executable = require_tool("mosquitto")
-        self.port = free_port()
+        self.port = config[1] if config else free_port()
         self.config = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
+        listener = f"listener {self.port} 127.0.0.1\n{listener_options or 'allow_anonymous true'}"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"{listener_options or 'allow_anonymous true'}\n"
+            f"{config[0] if config else listener}\n"
             "persistence false\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

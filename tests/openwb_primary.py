@@ -21,9 +21,15 @@ class Primary:
     """The primary's side of one secondary charge point (``prefix``, ``duo``)."""
 
     def __init__(
-        self, port: int, *, duo: int = 0, prefix: str = "", clock_offset: float = 0.0
+        self,
+        port: int,
+        *,
+        duo: int = 0,
+        prefix: str = "",
+        clock_offset: float = 0.0,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.port, self.duo, self.prefix = port, duo, prefix
+        self.port, self.duo, self.prefix, self.host = port, duo, prefix, host
         self.clock_offset = clock_offset  # the primary's clock minus ours
 
     def topic(self, name: str) -> str:
@@ -35,7 +41,7 @@ class Primary:
 
     async def publish(self, topic: str, payload: bytes | str) -> None:
         """One publish on its own connection, as the primary does."""
-        async with aiomqtt.Client("127.0.0.1", self.port, clean_session=True) as client:
+        async with aiomqtt.Client(self.host, self.port, clean_session=True) as client:
             await client.publish(topic, payload, qos=0, retain=True)
 
     async def send(self, name: str, value: Any) -> None:
@@ -77,13 +83,16 @@ class Primary:
     async def read(self, seconds: float = 1.0, what: str = "get/#") -> dict[str, Any]:
         """Everything under ``.../<duo>/<what>`` within ``seconds``, JSON-decoded."""
         base = f"{self.prefix}openWB/internal_chargepoint/{self.duo}/"
-        return await read_json(self.port, base + what, seconds, strip=base + what.rstrip("#"))
+        strip = base + what.rstrip("#")
+        return await read_json(self.port, base + what, seconds, strip=strip, host=self.host)
 
 
-async def read_json(port: int, topic_filter: str, seconds: float, strip: str = "") -> dict:
+async def read_json(
+    port: int, topic_filter: str, seconds: float, strip: str = "", host: str = "127.0.0.1"
+) -> dict:
     """Messages under ``topic_filter`` (retained and live), JSON-decoded, minus ``strip``."""
     seen: dict[str, Any] = {}
-    async with aiomqtt.Client("127.0.0.1", port, clean_session=True) as client:
+    async with aiomqtt.Client(host, port, clean_session=True) as client:
         await client.subscribe(topic_filter)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):

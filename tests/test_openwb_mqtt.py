@@ -314,3 +314,84 @@ async def test_a_configured_tree_with_a_prefix_and_a_station_with_only_a_control
         values = await lp3.read(0.5)
     assert values["charge_state"] is True and values["fault_state"] == 0
     assert "lp3/" in rig.bridge.openwb.heartbeats
+
+
+# --- the service as a process: last will and clean stop --------------------------------------
+
+
+async def _serving_process(tmp_path, broker):
+    from test_service import VEHICLE, Service
+
+    from openwb_modbus_evse.simulator import VirtualStation
+
+    svc = Service(
+        tmp_path,
+        mqtt_host='"127.0.0.1"',
+        mqtt_port=broker.port,
+        controller='"openwb-mqtt"',
+        mqtt_heartbeat_timeout=5,
+    )
+    await svc.start()
+    station = VirtualStation(
+        virtual_serial(1), bridge=("127.0.0.1", svc.evse_port), vehicle=VEHICLE
+    )
+    await station.start()
+    primary = Primary(broker.port)
+    await station.wait_for(lambda s: s.plugged, timeout=5)
+    await primary.cycle(16)
+    await station.wait_for(lambda s: s.contactor, timeout=5)
+    await asyncio.sleep(0.5)
+    values = await primary.read(0.5)
+    assert values["fault_state"] == 0 and values["charge_state"] is True
+    return svc, station, primary
+
+
+@pytest.mark.slow
+async def test_the_last_will_marks_every_charge_point_faulted_when_the_service_dies(
+    tmp_path, broker
+):
+    svc, station, _ = await _serving_process(tmp_path, broker)
+    try:
+        svc.proc.kill()
+        svc.proc.wait()
+        await asyncio.sleep(0.3)
+        for duo in (0, 1):
+            assert (await Primary(broker.port, duo=duo).read(0.3))["fault_state"] == 2
+    finally:
+        await station.stop()
+        svc.stop()
+
+
+@pytest.mark.slow
+async def test_a_clean_stop_publishes_stopped_and_not_charging(tmp_path, broker):
+    svc, station, primary = await _serving_process(tmp_path, broker)
+    try:
+        svc.proc.terminate()
+        assert await asyncio.to_thread(svc.proc.wait, 15) == 0
+        values = await primary.read(0.3)
+        assert values["fault_state"] == 2 and "stopped" in values["fault_str"]
+        assert values["charge_state"] is False and values["power"] == 0
+    finally:
+        await station.stop()
+        svc.stop()
+
+
+async def test_status_shows_which_controller_drives_each_lp(broker, mqtt_settings, make_rig):
+    from conftest import free_port
+
+    from openwb_modbus_evse.status import format_table, read_status
+
+    stations = (station_config(1, lp=1), station_config(2, lp=2, controller="modbus"))
+    metrics_port = free_port()
+    rig = await make_rig(
+        mqtt_settings, station=stations, metrics_host="127.0.0.1", metrics_port=metrics_port
+    )
+    for i in (1, 2):
+        await rig.station(i, FAST_VEHICLE)
+    rows = await read_status("127.0.0.1", rig.modbus_port, metrics_port=metrics_port)
+    assert [(r.lp, r.controller) for r in rows] == [(1, "openwb-mqtt"), (2, "modbus")]
+    assert format_table(rows).splitlines()[1].endswith("openwb-mqtt")
+    # A secondary without these metrics (a real openWB): the column shows "-".
+    rows = await read_status("127.0.0.1", rig.modbus_port, metrics_port=free_port())
+    assert [r.controller for r in rows] == [None, None]
+    assert format_table(rows).splitlines()[1].endswith(" -")

@@ -155,6 +155,7 @@ async def test_table_has_aligned_columns_and_dashes_for_invalid_values():
         "16.05",
         "11040",
         "123.456",
+        "-",
     ]
     assert lines[2].split() == [
         "LP3",
@@ -170,9 +171,12 @@ async def test_table_has_aligned_columns_and_dashes_for_invalid_values():
         "-",
         "-",
         "-",
+        "-",
     ]
-    # Numbers are right-aligned under their headers.
-    assert len({len(line) for line in lines}) == 1
+    # Numbers are right-aligned under their headers; the controller is left-aligned after them.
+    column = lines[0].index("controller")
+    assert len({len(line[:column]) for line in lines}) == 1
+    assert all(line[column:] in ("controller", "-") for line in lines)
     power_end = lines[0].index("power W") + len("power W")
     assert lines[1][:power_end].endswith("11040")
     assert lines[2][:power_end].endswith(" -")
@@ -195,6 +199,7 @@ def test_json_round_trips_with_numbers_and_nulls():
             "currents_a": [16.0, 15.95, 16.05],
             "power_w": 11040,
             "energy_wh": 123456,
+            "controller": None,
         },
         {
             "lp": 3,
@@ -206,6 +211,7 @@ def test_json_round_trips_with_numbers_and_nulls():
             "currents_a": [6.25, 0.0, None],
             "power_w": None,
             "energy_wh": None,
+            "controller": None,
         },
     ]
     assert isinstance(data[0]["power_w"], int) and isinstance(data[0]["energy_wh"], int)
