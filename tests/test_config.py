@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 
@@ -192,7 +193,9 @@ def test_readme_example_file_is_valid_and_shows_the_defaults():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    # The complete example: the toml block under "Configuration" (others show snippets).
+    configuration = readme.split("\n## Configuration\n", 1)[1]
+    block = configuration.split("```toml\n", 1)[1].split("```", 1)[0]
     import tomllib
 
     values = tomllib.loads(block)
@@ -202,6 +205,8 @@ def test_readme_example_file_is_valid_and_shows_the_defaults():
         if key not in ("station", "state_db"):
             shown = getattr(config.build({key: value}), key)  # e.g. address lists, parsed
             assert getattr(defaults, key) == shown, f"README shows {key} = {value!r}"
+    missing = {f.name for f in fields(config.Settings)} - set(values)
+    assert not missing, f"README config example lacks {missing}"
     assert settings.station[0].phase_switch_command is not None
 
 
