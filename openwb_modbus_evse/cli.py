@@ -114,6 +114,11 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
     float,
     "Seconds without the openWB primary's heartbeat before charging stops.",
 )
+@_setting(
+    "controller",
+    click.Choice(config_mod.CONTROLLERS),
+    "Who drives the charge points without their own controller.",
+)
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
     """Run the bridge."""

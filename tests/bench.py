@@ -1,11 +1,12 @@
 """Benchmarks of the bridge, run as ``python -m tests.bench`` (``make bench``) from the repo root.
 
-Four parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free loopback ports:
+The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free loopback ports:
 
 1. ``modbus``: Modbus read throughput and latency (whole LP1 block, function code 4) with 1 and 8
    concurrent clients, side by side with a plain pymodbus server holding static registers (a
    subprocess too: ``python -m tests.bench --plain-server PORT``).
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
+   ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
 3. ``capacity``: how many stations one bridge keeps polled on time, with its CPU and memory use.
 4. ``heartbeat``: from the heartbeat deadline to the PWM-100 command.
 5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics
@@ -29,6 +30,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +49,7 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
-PARTS = ("modbus", "latency", "capacity", "heartbeat", "scrape")
+PARTS = ("modbus", "latency", "mqtt", "capacity", "heartbeat", "scrape")
 LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
@@ -718,6 +720,87 @@ async def bench_latency(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+# --- part 2b: MQTT command-to-PWM latency ------------------------------------------------------
+
+
+async def start_mosquitto(workdir: Path) -> tuple[Child, int]:
+    """A mosquitto on a free loopback port (Debian's, from /usr/sbin)."""
+    path = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if path is None:
+        raise BenchError("the mqtt part needs mosquitto (apt-get install mosquitto)")
+    port = free_port()
+    config = workdir / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    child = Child("mosquitto", [path, "-c", str(config)], workdir / "mosquitto.log")
+    await wait_listening(port, child)
+    return child, port
+
+
+async def bench_mqtt(args: argparse.Namespace, workdir: Path) -> None:
+    """Part 2b: from an MQTT set_current publish to set-PWM on the station socket."""
+    import aiomqtt
+
+    say(f"mqtt: {args.writes} set_current commands over MQTT")
+    broker, mqtt_port = await start_mosquitto(workdir)
+    bridge = await start_bridge(
+        workdir,
+        "mqtt",
+        *("--mqtt-host", HOST, "--mqtt-port", str(mqtt_port), "--controller", "openwb-mqtt"),
+    )
+    station = MiniStation(virtual_serial(1), record=True)
+    base = "openWB/set/internal_chargepoint/"
+    to_pwm: list[float] = []
+    try:
+        await station.connect(bridge.evse_port)
+        await registered(station)
+        # One client for the commands, so the figure is the service's path, not openWB's
+        # connection set-up (it opens one per publish).
+        async with aiomqtt.Client(HOST, mqtt_port) as client:
+            await client.subscribe("openWB/internal_chargepoint/0/get/fault_state")
+            async with asyncio.timeout(15):  # ready: connected, station seen, heartbeat fresh
+                async for message in client.messages:
+                    if message.payload == b"0":
+                        break
+                    beat = f'{{"heartbeat": {time.time()}}}'
+                    await client.publish(base + "global_data", beat, retain=True)
+            steps = [(16, 16 * 100 // CA_PER_PWM_PERCENT), (10, 10 * 100 // CA_PER_PWM_PERCENT)]
+            for i in range(args.writes):
+                amps, pwm = steps[i % 2]
+                station.drain()
+                t0 = time.perf_counter()
+                await client.publish(base + "0/data/set_current", str(amps), retain=True)
+                at, request = await station.expect(is_pwm(), timeout=5.0)
+                if request.pwm != pwm:
+                    raise BenchError(f"sent {amps} A, expected PWM {pwm}, got {request.pwm}")
+                to_pwm.append(at - t0)
+                await station.expect(is_collect, timeout=5.0)
+    finally:
+        await close_stations([station])
+        bridge.child.stop()
+        broker.stop()
+
+    rows = [
+        [
+            "MQTT publish -> set-PWM on station",
+            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
+            ms(max(to_pwm)),
+        ]
+    ]
+    section(
+        f"2b. openWB set_current over MQTT -> set-PWM command on the station socket, "
+        f"{args.writes} commands alternating 16/10 A (PWM {steps[0][1]}/{steps[1][1]}); "
+        "compare with part 2",
+        table(["interval", "p50 ms", "p99 ms", "max ms"], rows),
+        [
+            f"bridge: {bridge.options}",
+            "  through a mosquitto on loopback; the primary's client stays connected",
+        ],
+    )
+
+
 # --- part 3: station capacity -------------------------------------------------------------------
 
 
@@ -1240,6 +1323,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     benches = {
         "modbus": bench_modbus,
         "latency": bench_latency,
+        "mqtt": bench_mqtt,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,

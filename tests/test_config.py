@@ -227,3 +227,10 @@ def test_a_station_with_only_serial_and_controller_is_valid(tmp_path):
     assert settings.station[0].lp is None
     assert settings.controller_of(SERIAL) == "openwb-mqtt"
     assert settings.controller_of("0" * 32) == "modbus"  # the global default
+
+
+def test_every_key_is_also_a_serve_option():
+    from openwb_modbus_evse.cli import serve
+
+    options = {param.name for param in serve.params}
+    assert {f.name for f in fields(config.Settings)} - {"station"} <= options
