@@ -70,10 +70,10 @@ class Bridge:
         self.heartbeat = Heartbeat(
             settings.heartbeat_timeout, self.clock, self._modbus_heartbeat_changed
         )
-        # Per controller: is its heartbeat lapsed for this charge point? Interfaces add theirs;
-        # a controller without an interface never has a heartbeat.
-        self.heartbeat_lapsed: dict[str, Callable[[cp.ChargePoint], bool]] = {
-            "modbus": lambda _: self.heartbeat.lapsed
+        # Per controller: the heartbeat that applies to a charge point it drives. Interfaces add
+        # theirs; without one (None) the charge point counts as lapsed.
+        self.heartbeats: dict[str, Callable[[cp.ChargePoint], Heartbeat | None]] = {
+            "modbus": lambda _: self.heartbeat
         }
         # Called after every change of a charge point (interfaces that publish state).
         self.change_listeners: list[Callable[[cp.ChargePoint], None]] = []
@@ -155,9 +155,14 @@ class Bridge:
         self.charge_points[serial] = point
         if lp is not None:
             self._by_lp[lp] = point
-        lapsed = self.heartbeat_lapsed.get(controller, lambda _: True)(point)
+        heartbeat = self.heartbeat_of(point)
+        lapsed = heartbeat is None or heartbeat.lapsed
         point.commit(cp.set_heartbeat_lapsed(point.state, lapsed, self.clock()))
         return point
+
+    def heartbeat_of(self, point: cp.ChargePoint) -> Heartbeat | None:
+        """The heartbeat of the controller that drives the charge point (None: it has none)."""
+        return self.heartbeats.get(point.state.config.controller, lambda _: None)(point)
 
     def _load_charge_points(self, store: Store) -> None:
         """Configured stations, then remembered ones, each on its LP (block served at once)."""

@@ -391,6 +391,16 @@ async def test_status_shows_which_controller_drives_each_lp(broker, mqtt_setting
     rows = await read_status("127.0.0.1", rig.modbus_port, metrics_port=metrics_port)
     assert [(r.lp, r.controller) for r in rows] == [(1, "openwb-mqtt"), (2, "modbus")]
     assert format_table(rows).splitlines()[1].endswith("openwb-mqtt")
+    # The status page's API says the same, with the age of each controller's own heartbeat.
+    import json
+    import urllib.request
+
+    url = f"http://127.0.0.1:{metrics_port}/api/status"
+    page = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))
+    cards = {c["lp"]: c for c in page["charge_points"]}
+    assert (cards[1]["controller"], cards[2]["controller"]) == ("openwb-mqtt", "modbus")
+    assert cards[1]["heartbeat_lapsed"]  # no primary yet; the Modbus clock is fresh
+    assert not cards[2]["heartbeat_lapsed"]
     # A secondary without these metrics (a real openWB): the column shows "-".
     rows = await read_status("127.0.0.1", rig.modbus_port, metrics_port=free_port())
     assert [r.controller for r in rows] == [None, None]

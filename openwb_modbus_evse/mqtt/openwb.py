@@ -282,7 +282,7 @@ class OpenWbSecondary:
                 global_topic(prefix, "global_data"), lambda m, p=prefix: self._global_data(p, m)
             )
             connection.subscribe(global_topic(prefix, "last_tag"), self._last_tag)
-        bridge.heartbeat_lapsed[CONTROLLER] = self._lapsed_for
+        bridge.heartbeats[CONTROLLER] = self._heartbeat_of
         bridge.change_listeners.append(self._changed)
 
     # --- trees and charge points ----------------------------------------------------------
@@ -304,7 +304,7 @@ class OpenWbSecondary:
         point = self.bridge.charge_point_at(tree.lp or 0)
         return point if point is not None and self.tree_of(point) == tree else None
 
-    def _lapsed_for(self, point: cp.ChargePoint) -> bool:
+    def _heartbeat_of(self, point: cp.ChargePoint) -> Heartbeat | None:
         tree = self.tree_of(point)
         if tree is None:
             if point.identity.serial not in self._warned_no_tree:
@@ -315,8 +315,8 @@ class OpenWbSecondary:
                     point.name,
                     CONTROLLER,
                 )
-            return True
-        return self.heartbeats[tree.prefix].clock.lapsed
+            return None
+        return self.heartbeats[tree.prefix].clock
 
     # --- publishing -----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def charge_point_json(
     values = chargepoint_values(point, state, int(point.energy.wh), now)
     data = cp.fresh_data(state, now, point.max_data_age)
     session = bridge.link.sessions.get(point.identity.serial)
-    heartbeat = bridge.heartbeat
+    heartbeat = bridge.heartbeat_of(point)  # its controller's
     power = values["power"]
     return {
         "lp": point.identity.lp,
@@ -49,8 +49,8 @@ def charge_point_json(
         "currents_a": _phases(values, "current"),
         "pilot": data.pilot.state if data else None,
         "contactor": data.contactor if data else None,
-        "controller": "modbus",
-        "heartbeat_age_s": round(heartbeat.age(), 1),
+        "controller": state.config.controller,
+        "heartbeat_age_s": round(heartbeat.age(), 1) if heartbeat else None,
         "heartbeat_enforced": state.enforce_heartbeat,
         "heartbeat_lapsed": state.heartbeat_lapsed,
         "uptime_s": (data.uptime_ms % 2**32) // 1000 if data else None,
