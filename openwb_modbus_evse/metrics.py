@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .chargepoint import allowed_ca, charging, fresh_data, offered_amps
+from .chargepoint import allowed_ca, fresh_data
 from .evse.link import LinkObserver
 from .limits import LimiterObserver
+from .modbus.registers import Value, chargepoint_values
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -91,18 +92,21 @@ class _ChargePointCollector(Collector):
             controller.add_metric([*labels, state.config.controller], 1)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
+            # What the registers serve, so a sum here is what evcc and Home Assistant sum;
+            # a value the registers serve as unknown (-1, None here) is left out.
+            served = chargepoint_values(point, state, int(point.energy.wh), now)
+            for i in (1, 2, 3):
+                phase = [*labels, str(i)]
+                _add(voltage, phase, served[f"voltage_l{i}"])
+                _add(current, phase, served[f"current_l{i}"])
+                _add(phase_power, phase, served[f"power_l{i}"])
+            _add(power, labels, served["power"])
+            _add(plugged, labels, served["plugged"])
+            _add(charging_, labels, served["charging"])
+            _add(offered, labels, served["offered_current"])
             data = fresh_data(state, now, point.max_data_age)
             if data is None:
-                continue  # no stale values: a missing series is what "unknown" looks like
-            for i in range(3):
-                phase = [*labels, str(i + 1)]
-                voltage.add_metric(phase, data.voltages_mv[i] / 1000)
-                current.add_metric(phase, data.currents_ma[i] / 1000)
-                phase_power.add_metric(phase, data.phase_powers_w[i])
-            power.add_metric(labels, data.power_w)
-            plugged.add_metric(labels, 1 if data.pilot.plugged else 0)
-            charging_.add_metric(labels, 1 if charging(state) else 0)
-            offered.add_metric(labels, offered_amps(data.pwm))
+                continue  # no stale station values: a missing series is what "unknown" looks like
             pwm.add_metric(labels, data.pwm / 100)
             contactor.add_metric(labels, 1 if data.contactor else 0)
             for letter in _PILOT_STATES:
@@ -181,6 +185,12 @@ class _ChargePointCollector(Collector):
         for limiter in bridge.limiters():
             connections.add_metric([limiter.listener], limiter.open)
         yield connections
+
+
+def _add(family: GaugeMetricFamily, labels: list[str], value: Value) -> None:
+    """One sample, unless the value is unknown (what a register serves as -1)."""
+    if isinstance(value, int | float):
+        family.add_metric(labels, value)
 
 
 class Metrics(LinkObserver, LimiterObserver):

@@ -25,15 +25,18 @@ P = "openwb_modbus_evse_"
 FAST_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
 SERIAL = virtual_serial(1)
 LP1 = {"lp": "1", "serial": SERIAL, "name": "LP1"}
-# Series that only exist while a station's data is fresh.
-MEASUREMENTS = (
-    "voltage_volts",
+# Values that are also registers: without fresh data they follow the register rule.
+SERVED_AS_REGISTERS = (
     "current_amperes",
     "phase_power_watts",
     "power_watts",
     "plugged",
     "charging",
     "offered_current_amperes",
+)
+# Series that only exist while a station's data is fresh (the registers serve voltages as -1).
+MEASUREMENTS = (
+    "voltage_volts",
     "pwm_duty_cycle_ratio",
     "contactor_closed",
     "pilot_state",
@@ -215,12 +218,12 @@ async def test_charge_point_values_match_the_live_state(rig):
     assert third.value(P + "requested_current_amperes", **LP1) == 10
 
 
-async def test_disconnected_station_shows_connected_0_and_no_stale_values(rig):
+async def test_disconnected_station_shows_connected_0_no_stale_values_and_the_register_rule(rig):
     station = await rig.station(1, FAST_VEHICLE)
     point = rig.point(station.serial)
     await eventually(lambda: point.state.data is not None and point.state.data.pilot.plugged)
     before = await scrape(rig)
-    for name in MEASUREMENTS:
+    for name in MEASUREMENTS + SERVED_AS_REGISTERS:
         assert before.series(P + name, serial=SERIAL), name  # present while connected
     assert before.value(P + "plugged", **LP1) == 1
 
@@ -231,6 +234,18 @@ async def test_disconnected_station_shows_connected_0_and_no_stale_values(rig):
     assert after.value(P + "connected", **LP1) == 0
     for name in MEASUREMENTS:
         assert after.series(P + name, serial=SERIAL) == [], name
+    # the same as the registers: nothing to add up, plugged kept through a short outage
+    client = await rig.client()
+    rr = await client.read_input_registers(ADDR(1, "power"), count=100, device_id=1)
+    registers = REGISTER_MAP.decode(rr.registers)
+    assert after.value(P + "plugged", **LP1) == registers["plugged"] == 1
+    assert after.value(P + "charging", **LP1) == registers["charging"] == 0
+    assert after.value(P + "offered_current_amperes", **LP1) == registers["offered_current"] == 0
+    assert after.value(P + "power_watts", **LP1) == registers["power"] == 0
+    for phase in ("1", "2", "3"):
+        assert after.value(P + "current_amperes", phase=phase, **LP1) == 0
+        assert after.value(P + "phase_power_watts", phase=phase, **LP1) == 0
+    assert registers["voltage_l1"] is None
     # what is still known stays: the counter, the request, how old the last data is
     assert after.value(P + "energy_imported_joules_total", **LP1) >= 0
     assert after.value(P + "requested_current_amperes", **LP1) == 0

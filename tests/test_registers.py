@@ -94,14 +94,19 @@ def test_write_only_and_unknown_offsets_read_as_zero():
     assert block[M["set_current"].offset] == 0 and block[10:14] == [0, 0, 0, 0]
 
 
-# -1 is the "invalid" marker: it reads back as None (tested elsewhere), so it is no round trip.
-@given(
-    st.integers(-(2**15) + 1, 2**15 - 1).filter(lambda x: x != -1),
-    st.integers(-(2**31) + 1, 2**31 - 1).filter(lambda x: x != -1),
-)
+def valid(bits: int):
+    """Every value an int register can carry except -1, which means "invalid"."""
+    return st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).filter(lambda n: n != r.INVALID)
+
+
+@given(valid(16), valid(32))
 def test_numbers_round_trip(small, big):
     values = M.decode(M.encode({"power_l1": small, "energy_imported": big}))
     assert values["power_l1"] == small and values["energy_imported"] == big
+
+
+def test_minus_one_reads_back_as_invalid():
+    assert M.decode(M.encode({"power_l1": -1, "energy_imported": -1}))["power_l1"] is None
 
 
 def test_registers_command_prints_every_register_with_its_lp_address():
@@ -142,3 +147,90 @@ def test_block_encoder_reuses_a_block_until_what_it_shows_changes():
     assert M.decode(encoder.block(point, 103.0))["energy_imported"] == 5
     stale = encoder.block(point, 102.0 + 16)  # older than max_data_age: no-data values
     assert M.decode(stale)["voltage_l1"] is None and M.decode(stale)["energy_imported"] == 5
+
+
+# --- what a charge point without fresh data serves ------------------------------------------
+
+
+def _point():
+    from openwb_modbus_evse import chargepoint as cp
+
+    return cp.ChargePoint(
+        cp.Identity("A" * 32, 1, "LP1", "WB1"), cp.ChargePointConfig(), max_data_age=15
+    )
+
+
+def _charging_data():
+    from conftest import idle_data
+
+    from openwb_modbus_evse.evse.protocol import Pilot
+
+    return idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(15_600,) * 3)
+
+
+def test_no_fresh_data_serves_0_for_what_clients_add_up_and_holds_the_plug_state():
+    point = _point()
+    point.observe(_charging_data(), 100.0)
+    point.energy.wh = 1234.0
+    served = r.chargepoint_values(point, point.state, 1234, 100.0)
+    assert served["power"] > 0 and served["charging"] == 1 and served["plugged"] == 1
+
+    point.disconnected(101.0, "gone")
+    for now in (101.0, 100.0 + r.PLUG_HOLD):  # a WiFi hiccup: the session goes on
+        values = M.decode(M.encode(r.chargepoint_values(point, point.state, 1234, now)))
+        assert values["plugged"] == 1, now
+        assert values["charging"] == values["offered_current"] == 0
+        for name in ("power", "power_l1", "power_l2", "power_l3"):
+            assert values[name] == 0, name
+        for name in ("current_l1", "current_l2", "current_l3"):
+            assert values[name] == 0, name
+        for name in ("voltage_l1", "voltage_l2", "voltage_l3"):
+            assert values[name] is None, name  # -1: unknown, and no client adds voltages up
+        assert values["energy_imported"] == 1234
+
+    later = M.decode(M.encode(r.chargepoint_values(point, point.state, 1234, 100.1 + r.PLUG_HOLD)))
+    assert later["plugged"] == 0 and later["power"] == 0 and later["voltage_l1"] is None
+
+
+def test_stale_data_of_a_connected_but_silent_station_follows_the_same_rule():
+    point = _point()
+    point.observe(_charging_data(), 100.0)
+    values = M.decode(M.encode(r.chargepoint_values(point, point.state, 0, 100.0 + 16)))
+    assert point.state.connected
+    assert values["plugged"] == 1 and values["power"] == 0 and values["voltage_l1"] is None
+
+
+def test_a_station_never_seen_serves_plugged_0():
+    values = M.decode(M.encode(r.chargepoint_values(_point(), _point().state, 7, 5.0)))
+    assert values["plugged"] == 0 and values["power"] == 0 and values["energy_imported"] == 7
+
+
+def test_block_encoder_notices_the_end_of_the_plug_hold():
+    point = _point()
+    point.observe(_charging_data(), 100.0)
+    point.disconnected(100.0, "gone")
+    encoder = r.BlockEncoder()
+    assert M.decode(encoder.block(point, 200.0))["plugged"] == 1
+    assert M.decode(encoder.block(point, 100.0 + r.PLUG_HOLD + 1))["plugged"] == 0
+
+
+def test_the_register_table_states_the_no_data_rule_the_code_follows():
+    """Every readable register whose description states a no-data value serves that value."""
+    point = _point()
+    point.observe(_charging_data(), 100.0)
+    point.disconnected(100.0, "gone")
+    offline = M.decode(M.encode(r.chargepoint_values(point, point.state, 42, 110.0)))
+    stated = {"0 without fresh data": 0, "-1 without fresh data": None}
+    checked = set()
+    for reg in M.readable:
+        for phrase, expected in stated.items():
+            if reg.description.endswith(phrase):
+                assert offline[reg.name] == expected, reg.name
+                checked.add(reg.name)
+    summed = {"power", "power_l1", "power_l2", "power_l3", "current_l1", "current_l2"}
+    assert summed | {"current_l3", "voltage_l1", "charging", "offered_current"} <= checked
+    assert f"for up to {r.PLUG_HOLD:g} s" in M["plugged"].description
+    assert offline["plugged"] == 1
+    energy = M["energy_imported"].description
+    assert "uint32" in energy and "evcc" in energy and "Home Assistant" in energy
+    assert offline["energy_imported"] == 42

@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 
 from ..chargepoint import ChargePoint, State, charging, fresh_data, offered_amps
+from ..evse.protocol import STATION_SAFETY_TIMEOUT
 
 LP_BASE = 10000  # LP n occupies LP_BASE + LP_STRIDE * n ... + LP_STRIDE - 1
 LP_STRIDE = 100
@@ -175,18 +177,31 @@ def format_table(regmap: RegisterMap, lp: int = 1, *, markdown: bool = False) ->
     )
 
 
-_MEASUREMENTS = (
-    "power",
-    "voltage_l1",
-    "voltage_l2",
-    "voltage_l3",
-    "current_l1",
-    "current_l2",
-    "current_l3",
-    "power_l1",
-    "power_l2",
-    "power_l3",
-)
+# Summed by clients (evcc and Home Assistant add up power and currents): 0 without fresh data,
+# as openWB serves them, so an offline station adds nothing instead of -1 W or -0.01 A.
+_SUMMED = ("power", "power_l1", "power_l2", "power_l3", "current_l1", "current_l2", "current_l3")
+# Truly unknown without fresh data, and summed by no client: served as -1.
+_UNKNOWN = ("voltage_l1", "voltage_l2", "voltage_l3")
+# How long the last plug state is served after the data stops: a WiFi hiccup must not end a
+# controller's charging session, and after this long the station has switched itself off.
+PLUG_HOLD = STATION_SAFETY_TIMEOUT
+
+
+class Freshness(Enum):
+    """What the registers can say about a charge point's station."""
+
+    FRESH = "fresh"  # data at most max_data_age old: everything as measured
+    HOLD = "hold"  # no fresh data, the last plug state at most PLUG_HOLD old
+    NONE = "none"  # no data, or older than that
+
+
+def freshness(point: ChargePoint, state: State, now: float) -> Freshness:
+    """Which of the served-value rules applies to ``point`` in ``state`` at ``now``."""
+    if fresh_data(state, now, point.max_data_age) is not None:
+        return Freshness.FRESH
+    if state.data_at is not None and now - state.data_at <= PLUG_HOLD:
+        return Freshness.HOLD
+    return Freshness.NONE
 
 
 def chargepoint_values(
@@ -200,9 +215,12 @@ def chargepoint_values(
         # 4.29 GWh to evcc, which takes this register as uint32.
         "energy_imported": energy_wh,
     }
-    data = fresh_data(state, now, point.max_data_age)
-    if data is None:
-        values.update(dict.fromkeys(_MEASUREMENTS))
+    shown = freshness(point, state, now)
+    data = state.data
+    if shown is not Freshness.FRESH or data is None:
+        values.update(dict.fromkeys(_SUMMED, 0), **dict.fromkeys(_UNKNOWN))
+        held = shown is Freshness.HOLD and data is not None and data.pilot.plugged
+        values.update(plugged=int(held), charging=0, offered_current=0)
         return values
     volts = [mv / 1000 for mv in data.voltages_mv]
     amps = [ma / 1000 for ma in data.currents_ma]
@@ -231,12 +249,12 @@ class BlockEncoder:
 
     def __init__(self, regmap: RegisterMap = REGISTER_MAP) -> None:
         self._regmap = regmap
-        self._last: dict[str, tuple[State, int, bool, list[int]]] = {}
+        self._last: dict[str, tuple[State, int, Freshness, list[int]]] = {}
 
     def block(self, point: ChargePoint, now: float) -> list[int]:
         """The registers of ``point``'s LP block as of ``now``."""
         state, energy = point.state, int(point.energy.wh)
-        fresh = fresh_data(state, now, point.max_data_age) is not None
+        fresh = freshness(point, state, now)
         last = self._last.get(point.identity.serial)
         if last is not None and last[0] is state and last[1] == energy and last[2] == fresh:
             return last[3]
