@@ -253,7 +253,9 @@ def settle(state: State, now: float) -> State:
         and data.pilot.requests_power
         and offered_pwm(state) == PWM_OFF
     )
-    stop_since = (state.stop_since or now) if stopping_under_load else None
+    stop_since = None
+    if stopping_under_load:  # "is None", not "or": a stop that began at t = 0.0 has begun
+        stop_since = now if state.stop_since is None else state.stop_since
     state = replace(state, stop_since=stop_since)
 
     seq = state.sequence

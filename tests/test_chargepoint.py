@@ -109,6 +109,15 @@ def test_stop_opens_after_the_time_limit_even_under_load():
     assert cp.target(cp.tick(s, 16), 16) == cp.Target(100, False)
 
 
+def test_stop_timeout_counts_from_a_stop_that_began_at_time_zero():
+    s = cp.set_current(charging_state(now=0.0), 0, 0.0)
+    assert s.stop_since == 0.0
+    s = cp.observe(s, replace(s.data, pwm=100), 1.0)  # still drawing
+    assert s.stop_since == 0.0 and cp.next_deadline(s) == 6.0
+    assert cp.target(cp.tick(s, 5.9), 5.9) == cp.Target(100, True)
+    assert cp.target(cp.tick(s, 6.0), 6.0) == cp.Target(100, False)
+
+
 def test_stop_never_opens_before_the_station_reports_pwm_100():
     s = cp.set_current(charging_state(), 0, 10)
     s = cp.observe(s, replace(s.data, currents_ma=(0, 0, 0)), 30)  # still PWM 26 reported
