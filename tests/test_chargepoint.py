@@ -340,8 +340,16 @@ events = st.one_of(
 )
 
 
+# The cable rating the proximity pilot shows, in centiamps (the IEC 61851 coding resistors).
+CABLE_CA = {Proximity.CABLE_13A: 1300, Proximity.CABLE_20A: 2000, Proximity.CABLE_32A: 3200}
+
+
 class Station:
-    """The station and vehicle under the charge point, applying commands like the link does."""
+    """The station and vehicle under the charge point, applying commands like the link does.
+
+    It also keeps its own record of what happened (requests, heartbeat, sequences, reports),
+    from which it knows, without asking the code under test, the most that may be offered.
+    """
 
     def __init__(self, config: cp.ChargePointConfig) -> None:
         self.pwm, self.contactor = 100, False
@@ -352,6 +360,15 @@ class Station:
         self.state = cp.initial_state(config)
         self.now = 0.0
         self.config = config
+        # the independent record
+        self.requested_ca = 0
+        self.lapsed, self.enforced = False, True
+        self.switch_running = False  # a phase switch until its command succeeded
+        self.switch_failed = False  # its command failed: nothing until the next switch
+        self.blocked_until = -1.0  # an interruption's hold or a switch's pause: nothing before
+        self.interrupting = False  # an interruption was asked for and has not ended yet
+        self.reported = None  # the last data the station reported
+        self.stop_began: float | None = None  # PWM 100 commanded while charging under load
 
     def data(self):
         currents = (self.draw_ma,) * 3 if self.contactor else (0, 0, 0)
@@ -363,9 +380,43 @@ class Station:
             currents_ma=currents,
         )
 
+    def may_offer_ca(self) -> int:
+        """The most that may be offered now, from the record alone (0: nothing)."""
+        if self.lapsed and self.enforced:
+            return 0
+        if self.switch_running or self.switch_failed or self.now < self.blocked_until:
+            return 0
+        proximity = self.reported.proximity if self.reported else Proximity.UNKNOWN
+        cable = CABLE_CA.get(proximity, 0)
+        if proximity is Proximity.NO_CABLE and self.config.cable == "tethered":
+            cable = 3200  # a fixed cable without a coding resistor: the station limit applies
+        return min(self.requested_ca, cable, round(self.config.max_current_a * 100))
+
+    def settled(self) -> None:
+        """Check the decision after every event; record when a stop under load began."""
+        if self.state.sequence is None:
+            self.interrupting = False
+        data = self.state.data
+        want = cp.target(self.state, self.now)
+        stopping = (
+            self.connected
+            and data is not None
+            and data.contactor
+            and data.pilot.requests_power
+            and want is not None
+            and want.pwm == 100
+        )
+        if want is not None and 10 <= want.pwm <= 85:  # the decision, before any command
+            assert want.pwm * cp.CA_PER_PWM_PERCENT <= self.may_offer_ca(), "may not offer that"
+        if not stopping:
+            self.stop_began = None
+        elif self.stop_began is None:
+            self.stop_began = self.now
+
     def reconcile(self) -> None:
         """One round of the link: send what differs from the last report. Like the link, no
         new round before the report that follows the commands; events can come in between."""
+        self.settled()
         if not self.connected or self.unconfirmed:
             return
         want = cp.target(self.state, self.now)
@@ -386,27 +437,31 @@ class Station:
         """A report, and the round the link does after it."""
         if not self.connected:
             return
-        self.state = cp.observe(self.state, self.data(), self.now)
-        self.unconfirmed = False
+        self.report()
         self.reconcile()
         holding = self.state.sequence and self.state.sequence.stage is cp.Stage.HOLD
         if (self.pilot is Pilot.A_12V or self.pilot.is_fault) and not holding:
-            self.state = cp.observe(self.state, self.data(), self.now)
-            self.unconfirmed = False
+            self.report()
             self.reconcile()
             assert not self.contactor, "contactor left closed after unplug or fault"
             holding = self.state.sequence and self.state.sequence.stage is cp.Stage.HOLD
             if not holding:  # an interruption may hold state F even with nothing plugged in
                 assert self.pwm == 100 or self.pwm_stuck, "PWM left on after unplug or fault"
 
+    def report(self) -> None:
+        self.reported = self.data()
+        self.state = cp.observe(self.state, self.reported, self.now)
+        self.unconfirmed = False
+
     def check_pwm(self, pwm: int) -> None:
         if 10 <= pwm <= 85:
             offered_ca = pwm * cp.CA_PER_PWM_PERCENT
-            assert offered_ca <= self.state.requested_ca, "more than the controller allows"
+            assert offered_ca <= self.may_offer_ca(), "more than may be offered"
             assert offered_ca <= self.config.max_current_a * 100, "more than the station limit"
-            assert offered_ca <= cp.cable_limit_ca(self.state), "more than the cable allows"
+        elif pwm == 0:
+            assert self.interrupting, "state F outside an interruption"
         else:
-            assert pwm in (0, 100)
+            assert pwm == 100
         if pwm == 0:
             assert not self.contactor, "state F with the contactor closed"
 
@@ -422,12 +477,19 @@ class Station:
         if under_load:
             # Opening under load only after PWM 100 %, seen in the station's own report.
             assert self.pwm == 100 and self.state.data.pwm == 100, "opened under load"
+        reported = self.state.data
+        if reported.pilot.requests_power and max(reported.currents_ma) >= cp.STOPPED_MA:
+            # The vehicle still draws, by its last report: only once the stop timeout is over.
+            assert self.stop_began is not None, "opened under load without a stop"
+            waited = self.now - self.stop_began
+            assert waited >= self.config.stop_timeout, f"opened under load after {waited} s"
 
     def apply(self, kind: str, value) -> None:
         s = self.state
         try:
             if kind == "current":
                 s = cp.set_current(s, value, self.now)
+                self.requested_ca = value
             elif kind == "pilot":
                 self.pilot = value
             elif kind == "draw":
@@ -441,10 +503,14 @@ class Station:
                 s = self.state
             elif kind == "shutdown":
                 s = cp.shut_down(s, self.now)
+                self.requested_ca = 0
+                self.switch_running, self.blocked_until = False, -1.0  # sequences end
             elif kind == "lapse":
                 s = cp.set_heartbeat_lapsed(s, value, self.now)
+                self.lapsed = value
             elif kind == "enforce":
                 s = cp.set_heartbeat_enforced(s, value, self.now)
+                self.enforced = value
             elif kind == "wait":
                 self.now += value
                 s = cp.tick(s, self.now)
@@ -458,10 +524,18 @@ class Station:
                 s = self.state if value else cp.disconnect(s, self.now)
             elif kind == "interrupt":
                 s = cp.start_cp_interruption(s, value, self.now)
+                self.blocked_until = self.now + value  # stop first, then hold: at least this
+                self.interrupting = True
             elif kind == "phases":
+                before = s.sequence
                 s = cp.trigger_phase_switch(cp.set_phase_target(s, value, self.now), self.now)
+                if before is None and s.sequence is not None:
+                    self.switch_running, self.switch_failed = True, False
             elif kind == "switch_done" and s.sequence and s.sequence.stage is cp.Stage.SWITCHING:
                 s = cp.phase_switch_finished(s, value, self.now)
+                self.switch_running, self.switch_failed = False, not value
+                if value:
+                    self.blocked_until = self.now + self.config.phase_switch_pause
         except cp.Refused:
             return  # refused commands change nothing, which the next steps check anyway
         if s.sequence and s.sequence.stage is cp.Stage.READY:  # the bridge runs the command
@@ -488,14 +562,17 @@ class Station:
         st.sampled_from([0, 16000]),
         st.booleans(),  # the station acknowledges PWM commands but ignores them
     ),
+    charging_polls=st.sampled_from([0, 2]),
     history=st.lists(events, max_size=40),
 )
-def test_safety_rules_hold_over_random_histories(config, start, history):
+def test_safety_rules_hold_over_random_histories(config, start, charging_polls, history):
     station = Station(config)
     station.pilot, station.proximity, current, station.draw_ma, stuck = start
     station.poll()
     station.apply("current", current)
     station.pwm_stuck = stuck
+    for _ in range(charging_polls):  # two reports: a vehicle that asks is charging by then
+        station.apply("poll", None)
     for kind, value in history:
         before = station.state.requested_ca
         station.apply(kind, value)
