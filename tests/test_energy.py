@@ -51,3 +51,22 @@ def test_never_decreases_nor_exceeds_the_maximum_power(samples, start):
         if last_at is not None:
             assert meter.wh - last <= 22_000 * max(0.0, at - last_at) / 3600 + 1e-6
         last, last_at = meter.wh, at
+
+
+def test_a_disconnect_resets_the_meter_so_no_energy_is_counted_across_it():
+    """ChargePoint.disconnected interrupts the meter: the reconnect starts a new segment."""
+    from conftest import idle_data
+
+    from openwb_modbus_evse import chargepoint as cp
+    from openwb_modbus_evse.evse.protocol import Pilot
+
+    point = cp.ChargePoint(
+        cp.Identity("A" * 32, 1, "LP1", "WB1"), cp.ChargePointConfig(), max_data_age=15
+    )
+    charging = idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(16_000,) * 3)
+    point.observe(charging, 0.0)
+    point.disconnected(1.0, "gone")
+    point.observe(charging, 5.0)  # back within max_data_age: still no energy for 0..5 s
+    assert point.energy.wh == 0
+    point.observe(charging, 6.0)  # and counting goes on from the reconnect
+    assert point.energy.wh == pytest.approx(charging.power_w / 3600)
