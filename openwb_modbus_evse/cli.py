@@ -333,16 +333,34 @@ def registers(markdown: bool, lp: int) -> None:
 
 @main.command()
 @click.option("--state-db", default=None, help="State file.  [default: a temporary file]")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Listen address of all three ports (0.0.0.0 lets other machines in).",
+)
 @click.option("--evse-port", default=9091, show_default=True, help="Port for the stations.")
 @click.option("--modbus-port", default=1502, show_default=True, help="Modbus TCP port.")
 @click.option("--metrics-port", default=9502, show_default=True, help="Prometheus port.")
-def demo(state_db: str | None, evse_port: int, modbus_port: int, metrics_port: int) -> None:
+def demo(
+    state_db: str | None, host: str, evse_port: int, modbus_port: int, metrics_port: int
+) -> None:
     """The service, two virtual stations with vehicles and a controller, all in one process."""
     from .demo import run_demo
 
     _setup_logging("INFO")
     ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
-    asyncio.run(_until_signal(lambda stop: run_demo(stop, state_db, **ports)))
+
+    async def run(stop: asyncio.Event) -> None:
+        try:
+            await run_demo(stop, state_db, host, **ports)
+        except OSError as err:  # a port in use: one line, as serve says it
+            raise click.ClickException(
+                f"{err} (is the service or another demo running? Stop it, or give the demo "
+                "other ports: --evse-port, --modbus-port, --metrics-port)"
+            ) from None
+
+    asyncio.run(_until_signal(run))
 
 
 # --- actions on a running service (its admin API) -------------------------------------------

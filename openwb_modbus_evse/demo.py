@@ -1,7 +1,8 @@
 """``make demo``: the service, two virtual stations with vehicles, and a small controller.
 
-Everything runs in one process, on the default ports unless told otherwise, so
-``status --watch`` and ``/metrics`` work without options. The controller writes the charging
+Everything runs in one process, on the default ports unless told otherwise (and on loopback
+only: the virtual stations are not for the LAN), so ``status --watch`` and ``/metrics`` work
+without options. The controller writes the charging
 current like a PV-surplus controller would, so the values keep changing.
 """
 
@@ -44,12 +45,20 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
         client.close()
 
 
-async def run_demo(stop: asyncio.Event, state_db: str | None = None, **ports: int) -> None:
-    """Run everything until ``stop`` is set; ``ports`` override the default ports."""
+async def run_demo(
+    stop: asyncio.Event, state_db: str | None = None, host: str = "127.0.0.1", **ports: int
+) -> None:
+    """Run everything until ``stop`` is set; ``ports`` override the default ports.
+
+    Raises OSError (one line: which port) when a port is taken, e.g. by ``make run``.
+    """
     with tempfile.TemporaryDirectory(prefix="openwb-modbus-evse-demo-") as tmp:
         serials = [virtual_serial(1), virtual_serial(2)]
         settings = Settings(
             state_db=state_db or str(Path(tmp) / "state.sqlite3"),
+            evse_host=host,
+            modbus_host=host,
+            metrics_host=host,
             **ports,
             station=(
                 StationConfig(serial=serials[0], lp=1, name="garage", max_current=16),
@@ -57,7 +66,11 @@ async def run_demo(stop: asyncio.Event, state_db: str | None = None, **ports: in
             ),
         )
         bridge = Bridge(settings)
-        await bridge.start()
+        try:
+            await bridge.start()
+        except OSError:
+            await bridge.stop()
+            raise
         stations = [
             VirtualStation(
                 serials[0],

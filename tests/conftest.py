@@ -21,6 +21,31 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _is_loopback(address: object) -> bool:
+    if not isinstance(address, tuple):
+        return True  # a Unix socket path
+    host = str(address[0])
+    return host.startswith("127.") or host in LOOPBACK_HOSTS
+
+
+@pytest.fixture(autouse=True)
+def listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every server a test starts in this process binds to loopback, never to "::" or 0.0.0.0.
+
+    Subprocesses (serve, demo, bench) are given loopback hosts by their tests.
+    """
+    bind = socket.socket.bind
+
+    def loopback_bind(sock: socket.socket, address: object) -> None:
+        assert _is_loopback(address), f"a test listens on {address}: use 127.0.0.1"
+        bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", loopback_bind)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for servers where 0 means "off")."""
     with socket.socket() as s:

@@ -1,6 +1,7 @@
 """make demo: live values change in `status` and in /metrics."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -71,3 +72,20 @@ def test_demo_shows_live_values_in_status_and_metrics(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
+
+
+def test_demo_with_a_port_in_use_says_so_in_one_line(tmp_path):
+    """`make demo` while `make run` runs: serve's one-line error, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "demo", "--evse-port", "0", "--modbus-port", str(port), "--metrics-port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "--modbus-port" in errors[0]

@@ -523,6 +523,7 @@ def test_readme_lists_every_metric():
         # MQTT on (a broker that is not there): its metrics exist while it retries.
         bridge = Bridge(
             Settings(
+                evse_host="127.0.0.1",
                 evse_port=0,
                 modbus_port=0,
                 metrics_port=0,

@@ -174,7 +174,8 @@ async def test_sigkill_loses_at_most_a_few_seconds_of_energy_and_never_goes_back
 
 def serve_with_state(db: Path) -> subprocess.CompletedProcess:
     """Start ``serve`` on free ports with this state file (expected to stop at once)."""
-    ports = ["--evse-port", "0", "--modbus-port", "0", "--metrics-port", "0"]
+    ports = ["--evse-host", "127.0.0.1", "--evse-port", "0", "--modbus-port", "0"]
+    ports += ["--metrics-port", "0"]
     return subprocess.run(
         [*SERVE, "--state-db", str(db), *ports], capture_output=True, text=True, timeout=20
     )
