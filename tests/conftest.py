@@ -21,29 +21,21 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
-def _is_loopback(address: object) -> bool:
-    if not isinstance(address, tuple):
-        return True  # a Unix socket path
-    host = str(address[0])
-    return host.startswith("127.") or host in LOOPBACK_HOSTS
-
-
 @pytest.fixture(autouse=True)
 def listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every server a test starts in this process binds to loopback, never to "::" or 0.0.0.0.
+    """Every server a test starts in this process listens on loopback, never on "::" or 0.0.0.0.
 
-    Subprocesses (serve, demo, bench) are given loopback hosts by their tests.
+    Subprocesses (serve, demo, bench, brokers) are given loopback hosts by their tests.
     """
-    bind = socket.socket.bind
+    listen = socket.socket.listen
 
-    def loopback_bind(sock: socket.socket, address: object) -> None:
-        assert _is_loopback(address), f"a test listens on {address}: use 127.0.0.1"
-        bind(sock, address)
+    def loopback_listen(sock: socket.socket, *backlog: int) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = sock.getsockname()[0]
+            assert host.startswith("127.") or host == "::1", f"a test listens on {host!r}"
+        listen(sock, *backlog)
 
-    monkeypatch.setattr(socket.socket, "bind", loopback_bind)
+    monkeypatch.setattr(socket.socket, "listen", loopback_listen)
 
 
 def free_port() -> int:

@@ -82,7 +82,8 @@ async def test_impossible_measurements_add_no_energy_and_open_the_contactor(make
     rr = await client.read_input_registers(ADDR(1, "power"), count=100, device_id=1)
     values = REGISTER_MAP.decode(rr.registers)
     assert values["energy_imported"] == 0
-    assert values["power"] is None and values["voltage_l1"] is None  # read as -1: no data
+    # no data: nothing for clients to add up (0), the voltages unknown (-1)
+    assert values["power"] == 0 and values["voltage_l1"] is None
     sample = rig.bridge.metrics.registry.get_sample_value
     labels = {"lp": "1", "serial": point.identity.serial, "name": "LP1"}
     assert sample("openwb_modbus_evse_implausible_reports_total", labels) >= 4

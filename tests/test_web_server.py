@@ -206,7 +206,8 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     await station.stop()
     await eventually(lambda: not point.state.connected)
     (cp,) = (await get_json(rig, "/api/status"))["charge_points"]
-    assert not cp["connected"] and not cp["fresh"] and cp["power_w"] is None
+    assert not cp["connected"] and not cp["fresh"] and cp["power_w"] == 0  # as the register
+    assert cp["voltages_v"] == [None, None, None] and cp["plugged"]  # plug state held
     assert cp["firmware"] is None and not cp["charging"]
 
 
