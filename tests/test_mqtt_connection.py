@@ -45,6 +45,8 @@ async def test_retained_values_survive_a_broker_restart_and_messages_reach_handl
     conn.publish("svc/a", "1", retain=True)  # before connecting: kept, sent on connect
     received: list[Message] = []
     conn.subscribe("cmd/#", received.append)
+    connects: list[bool] = []
+    conn.on_connect(lambda: connects.append(conn.connected))
     await conn.start()
     try:
         await eventually(lambda: conn.connected)
@@ -63,6 +65,7 @@ async def test_retained_values_survive_a_broker_restart_and_messages_reach_handl
         conn.publish("svc/b", "", retain=True)  # deleted: not sent again
         conn.publish("svc/live", "dropped")  # not retained, disconnected: dropped
         await eventually(lambda: conn.connected and conn.connects == 2)
+        assert connects == [True, True]
         await eventually(lambda: not conn._outbox_retained)
         assert await read_retained(broker.port, "svc/#") == {"svc/a": b"2"}
         assert conn.messages_dropped == 1

@@ -112,7 +112,7 @@ class MqttConnection:
         new = topic_filter not in self._subscriptions
         self._subscriptions.setdefault(topic_filter, []).append(handler)
         if new and self._client is not None:
-            task = asyncio.create_task(self._subscribe(self._client, [topic_filter]))
+            task = asyncio.create_task(self._subscribe_now(self._client, topic_filter))
             self._subscribing.add(task)
             task.add_done_callback(self._subscribing.discard)
 
@@ -251,6 +251,10 @@ class MqttConnection:
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
         if filters:
             await client.subscribe([(f, 0) for f in filters])
+
+    async def _subscribe_now(self, client: aiomqtt.Client, topic_filter: str) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):  # lost meanwhile: made on the reconnect
+            await self._subscribe(client, [topic_filter])
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
