@@ -11,6 +11,7 @@ from conftest import eventually, station_config
 from openwb_primary import Primary, read_json
 from test_control import FAST_VEHICLE, read, relay_command, write
 
+from openwb_modbus_evse.mqtt.openwb import LOG_BURST
 from openwb_modbus_evse.simulator import virtual_serial
 
 MANDATORY = (
@@ -230,6 +231,18 @@ async def test_every_bad_payload_is_ignored_logged_once_and_cleared(
         assert hits, (name, payload, words)
     assert len(warnings) == len(BAD) + 3, warnings
     assert await set_topics_left(broker) == {}
+    # A peer that sends a new bad value every time cannot flood the log.
+    for amps in range(40, 80):
+        await primary.send("set_current", amps)
+    await asyncio.sleep(0.3)
+    logged = [r for r in caplog.records if r.levelname in ("WARNING", "INFO")]
+    ours = [r for r in logged if r.name == "openwb_modbus_evse.mqtt.openwb"]
+    assert len(ours) <= LOG_BURST + 2  # + "waiting for the heartbeat" and "current set to 16 A"
+    refused = rig.bridge.metrics.registry.get_sample_value(
+        "openwb_modbus_evse_commands_refused_total",
+        {"interface": "openwb-mqtt", "reason": "bad_value"},
+    )
+    assert refused == 2 * len(BAD) + 3 + 40  # every one counted
 
 
 async def test_writes_from_the_interface_that_does_not_control_are_refused(

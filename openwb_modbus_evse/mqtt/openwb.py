@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .. import chargepoint as cp
 from ..config import Settings, station_tree
 from ..heartbeat import Heartbeat
+from ..ratelimit import RateLimit
 from .connection import Message, MqttConnection
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ CONTROLLER = "openwb-mqtt"
 REFRESH_INTERVAL = 1.0  # s between checks for values that changed by time alone (stale data)
 FAULT_OK, FAULT_WARNING, FAULT_ERROR = 0, 1, 2
 _VERSION = f"openwb-modbus-evse {version('openwb-modbus-evse')}"
+LOG_TEXT_MAX = 200  # characters of peer input shown in a log line
+# Log lines caused by what peers publish: a burst, then one every 10 s (refusals stay counted).
+LOG_BURST, LOG_PER_SECOND = 30, 0.1
 # Commands that act once: a retained copy of them is an old command, not a new one.
 _ONE_SHOT = ("trigger_phase_switch", "cp_interruption_duration")
 
@@ -271,6 +275,7 @@ class OpenWbSecondary:
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_no_tree: set[str] = set()
+        self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
         for tree in self.trees:
             connection.add_will(tree.get_base + "fault_state", str(FAULT_ERROR))
             for name in (*COMMANDS, "parent_cp"):
@@ -346,12 +351,17 @@ class OpenWbSecondary:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _bad(f"not JSON: {message.payload[:40]!r}") from None
 
+    def _log(self, level: int, text: str) -> None:
+        """A log line about what a peer published: shortened and rate-limited."""
+        if self._log_limit.allow(self.bridge.clock()):
+            log.log(level, "%s", text[:LOG_TEXT_MAX])
+
     def _refused(self, topic: str, refusal: cp.Refused | str, kind: str) -> None:
         text = str(refusal)
         self.bridge.metrics.command_refused(CONTROLLER, kind)
-        if self._last_refusal.get(topic) != text:
+        if self._last_refusal.get(topic) != text:  # the primary repeats itself every cycle
             self._last_refusal[topic] = text
-            log.warning("MQTT %s ignored: %s", topic, text)
+            self._log(logging.WARNING, f"MQTT {topic} ignored: {text}")
 
     def _handled(self, message: Message) -> bool:
         """Common part of every set topic: skip our own clears, clear what we handle."""
@@ -391,7 +401,7 @@ class OpenWbSecondary:
             raise _bad(f"parent_cp must be a string, got {value!r}")
         if self.parent_cp.get(tree) != str(value):
             self.parent_cp[tree] = str(value)
-            log.info("%s is charge point %s of the openWB primary", tree.name, value)
+            self._log(logging.INFO, f"{tree.name} is charge point {value} of the openWB primary")
 
     def _last_tag(self, message: Message) -> None:
         if not self._handled(message):
@@ -416,7 +426,7 @@ class OpenWbSecondary:
         parent_ip = value.get("parent_ip")
         if isinstance(parent_ip, str) and parent_ip != heartbeat.parent_ip:
             heartbeat.parent_ip = parent_ip
-            log.info("openWB primary at %s drives %s", parent_ip, prefix or "openWB/")
+            self._log(logging.INFO, f"openWB primary at {parent_ip} drives {prefix or 'openWB/'}")
         heartbeat.received(timestamp, message.retain)
 
     def _heartbeat_changed(self, prefix: str, lapsed: bool) -> None:
