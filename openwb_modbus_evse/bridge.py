@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -103,7 +104,9 @@ class Bridge:
                     settings.mqtt_username,
                     settings.mqtt_password,
                     settings.mqtt_ca_file,
-                )
+                ),
+                # Two services on one host and broker must not take over each other's session.
+                client_id=f"openwb-modbus-evse-{socket.gethostname()}-{settings.evse_port}",
             )
         self.web: WebServer | None = None
         self.openwb = OpenWbSecondary(self, self.mqtt) if self.mqtt is not None else None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -82,12 +81,12 @@ class MqttConnection:
         self,
         settings: MqttSettings,
         *,
-        client_id: str | None = None,
+        client_id: str = "openwb-modbus-evse",
         backoff: tuple[float, float] = (0.5, 30.0),
     ) -> None:
         self.settings = settings
         self.wills: list[Will] = []
-        self.client_id = client_id or f"openwb-modbus-evse-{socket.gethostname()}"
+        self.client_id = client_id
         self._backoff = backoff
         self._subscriptions: dict[str, list[Handler]] = {}
         self._connect_callbacks: list[Callable[[], None]] = []
