@@ -28,6 +28,7 @@ from .mqtt.connection import MqttConnection, MqttSettings
 from .mqtt.openwb import OpenWbSecondary
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
+from .supply import SupplyLimit
 from .web.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .web.server import WebServer
 
@@ -110,6 +111,9 @@ class Bridge:
             )
         self.web: WebServer | None = None
         self.openwb = OpenWbSecondary(self, self.mqtt) if self.mqtt is not None else None
+        self.supply = (
+            SupplyLimit(settings.supply_max_current) if settings.supply_max_current else None
+        )
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
@@ -148,6 +152,7 @@ class Bridge:
             stop_timeout=self.settings.stop_timeout,
             phase_switch_pause=self.settings.phase_switch_pause,
             controller=controller,
+            supply_limited=self.supply is not None,
         )
         point = cp.ChargePoint(
             identity,
@@ -205,6 +210,7 @@ class Bridge:
         point = self._charge_point_for(session.serial)
 
         def changed() -> None:
+            self.balance_supply()  # first: the session acts on the new grants
             session.wake()
             for listener in self.change_listeners:
                 listener(point)
@@ -287,6 +293,19 @@ class Bridge:
             del self._by_lp[point.identity.lp]
         log.info("station %s (%s) forgotten by an operator", serial, point.name)
 
+    # --- shared supply ----------------------------------------------------------------------
+
+    def balance_supply(self) -> None:
+        """Share the supply limit among the charge points again (if there is one)."""
+        if self.supply is not None:
+            self.supply.balance(self.charge_points.values(), self.clock())
+
+    async def _balance_supply_periodically(self) -> None:
+        # Turns, idle vehicles and stations gone for good change with time alone.
+        while True:
+            await asyncio.sleep(1.0)
+            self.balance_supply()
+
     # --- heartbeat and phase switch ---------------------------------------------------------
 
     def _modbus_heartbeat_changed(self, lapsed: bool) -> None:
@@ -358,6 +377,8 @@ class Bridge:
             asyncio.create_task(self.heartbeat.watch()),
             asyncio.create_task(self._save_energy_periodically()),
         ]
+        if self.supply is not None:
+            self._tasks.append(asyncio.create_task(self._balance_supply_periodically()))
         self._running = True
 
     def _check_fd_budget(self) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .energy import EnergyMeter
-from .evse.protocol import Pilot, Proximity, StationData
+from .evse.protocol import STATION_SAFETY_TIMEOUT, Pilot, Proximity, StationData
 from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ MIN_CHARGING_PWM = 10
 # powered, so exactly zero never comes.
 STOPPED_MA = 1000
 CP_INTERRUPTION_MAX_S = 60
+# After its last report, a station may still get commands for this long (the link collects data
+# right after every command and gives up on an answer after 5 s).
+SAFETY_MARGIN_S = 60.0
 # What a 230/400 V station rated up to 32 A can really measure, with headroom: a phase voltage
 # above 300 V (230 V + 30 %) or a current above 64 A (twice the largest rating) is a broken
 # sensor, a bad calibration or a forged frame, never a reading to count or act on.
@@ -55,6 +58,7 @@ class ChargePointConfig:
     stop_timeout: float = 6.0  # how long to wait for the vehicle before opening under load
     phase_switch_pause: float = 5.0
     controller: str = "modbus"  # the only interface whose writes are accepted (config.CONTROLLERS)
+    supply_limited: bool = False  # stations share a supply: offer only its grant (supply.py)
 
 
 @dataclass(frozen=True)
@@ -127,11 +131,18 @@ class State:
     data_at: float | None = None
     reports: int = 0  # data reports received so far
     connected: bool = False
+    # The shared supply's grant (centiamps; None: no supply limit), and the highest grant since the
+    # latest report: a command sent under an older, higher grant may be in effect until the next
+    # report shows otherwise (the first report after a change reflects every command before it).
+    supply_cap_ca: int | None = None
+    supply_exposure_ca: int = 0
 
 
 def initial_state(config: ChargePointConfig) -> State:
     """A charge point after start-up: nothing requested, heartbeat enforced."""
-    return State(config=config, phases=config.phases)
+    return State(
+        config=config, phases=config.phases, supply_cap_ca=0 if config.supply_limited else None
+    )
 
 
 # --- decisions -------------------------------------------------------------------------------
@@ -161,10 +172,46 @@ def allowed_ca(state: State) -> int:
 
 def offered_pwm(state: State) -> int:
     """Duty cycle to offer: floor(amps / 0.6) capped by cable and station, or 100 % for none."""
-    limit = min(allowed_ca(state), cable_limit_ca(state), round(state.config.max_current_a * 100))
+    limit = min(
+        demand_ca(state), MAX_CURRENT_CA if state.supply_cap_ca is None else state.supply_cap_ca
+    )
     if limit < MIN_CURRENT_CA:
         return PWM_OFF
     return max(MIN_CHARGING_PWM, limit // CA_PER_PWM_PERCENT)
+
+
+def demand_ca(state: State) -> int:
+    """The most this station may offer by its own limits (controller, cable, station), or 0."""
+    limit = min(allowed_ca(state), cable_limit_ca(state), round(state.config.max_current_a * 100))
+    return limit if limit >= MIN_CURRENT_CA else 0
+
+
+def supply_demand_ca(state: State) -> int:
+    """What the station asks of a shared supply: its demand while a vehicle is plugged in."""
+    data = state.data
+    if not state.connected or data is None or not data.pilot.plugged:
+        return 0
+    return demand_ca(state)
+
+
+def drawing(state: State) -> bool:
+    """The vehicle draws current, per the latest data."""
+    data = state.data
+    return charging(state) and data is not None and max(data.currents_ma) >= STOPPED_MA
+
+
+def exposure_ca(state: State, now: float) -> int:
+    """The most the station may be offering now: its reported PWM, or a grant not yet reported.
+
+    A station that has been away longer than its own safety timeout has switched off by itself
+    (counted from its last report, plus a margin for commands sent after it).
+    """
+    if not state.connected and (
+        state.data_at is None or now - state.data_at > STATION_SAFETY_TIMEOUT + SAFETY_MARGIN_S
+    ):
+        return 0
+    reported = round(offered_amps(state.data.pwm) * 100) if state.data else 0
+    return max(reported, state.supply_exposure_ca)
 
 
 def implausible(data: StationData) -> str | None:
@@ -279,7 +326,15 @@ def settle(state: State, now: float) -> State:
 def observe(state: State, data: StationData, now: float) -> State:
     """The station reported its state."""
     return settle(
-        replace(state, data=data, data_at=now, reports=state.reports + 1, connected=True), now
+        replace(
+            state,
+            data=data,
+            data_at=now,
+            reports=state.reports + 1,
+            connected=True,
+            supply_exposure_ca=state.supply_cap_ca or 0,
+        ),
+        now,
     )
 
 
@@ -307,6 +362,12 @@ def set_current(state: State, centiamps: int, now: float) -> State:
     if centiamps != 0 and not MIN_CURRENT_CA <= centiamps <= MAX_CURRENT_CA:
         raise Refused(RefusalKind.BAD_VALUE, f"current must be 0 or 600..3200, got {centiamps}")
     return settle(replace(state, requested_ca=centiamps), now)
+
+
+def set_supply_cap(state: State, centiamps: int, now: float) -> State:
+    """The shared supply grants this station at most ``centiamps`` (0: nothing)."""
+    exposure = max(state.supply_exposure_ca, centiamps)
+    return settle(replace(state, supply_cap_ca=centiamps, supply_exposure_ca=exposure), now)
 
 
 def shut_down(state: State, now: float) -> State:

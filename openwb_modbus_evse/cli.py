@@ -103,6 +103,7 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @_setting("metrics_host", str, "Prometheus /metrics listen address.")
 @_setting("metrics_port", int, "Prometheus /metrics port, 0 = off.")
 @_setting("admin_token", str, "Bearer token for the HTTP actions; empty = actions off.")
+@_setting("supply_max_current", float, "A per phase all stations share; 0 = no limit.")
 @_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
 @_setting("mqtt_host", str, "MQTT broker address; empty = MQTT off.")
 @_setting("mqtt_port", int, "MQTT broker port.")

@@ -91,6 +91,7 @@ class Settings:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9502
     admin_token: str = ""  # bearer token for the HTTP actions; empty: actions off
+    supply_max_current: float = 0.0  # A per phase shared by all stations; 0: no limit
     log_level: str = "INFO"
     mqtt_host: str = ""
     mqtt_port: int = 1883
@@ -183,6 +184,13 @@ def _admin_token(key: str, value: Any) -> str:
     return token
 
 
+def _supply_max_current(key: str, value: Any) -> float:
+    amps = _number(key, value, 0, 1000)
+    if 0 < amps < 6:
+        raise ConfigError(key, f"must be 0 (no limit) or at least 6 A, got {amps:g}")
+    return amps
+
+
 def _poll_interval(key: str, value: Any) -> float:
     number = _positive(key, value)
     if number >= STATION_IDLE_TIMEOUT:
@@ -230,6 +238,7 @@ _CHECKS: dict[str, Any] = {
     "metrics_host": _str,
     "metrics_port": lambda k, v: _int(k, v, 0, 65535),
     "admin_token": _admin_token,
+    "supply_max_current": _supply_max_current,
     "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
     "mqtt_host": _optional_str,
     "mqtt_port": lambda k, v: _int(k, v, 1, 65535),

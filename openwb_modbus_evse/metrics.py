@@ -57,6 +57,9 @@ class _ChargePointCollector(Collector):
             "allowed_current_amperes", "Current allowed now (0 during a lapse or a sequence)."
         )
         offered = gauge("offered_current_amperes", "Current the station offers by its PWM.")
+        granted = gauge(
+            "supply_granted_current_amperes", "Share of supply_max_current granted (if set)."
+        )
         pwm = gauge("pwm_duty_cycle_ratio", "PWM duty cycle the station reports (1 = 100 %).")
         contactor = gauge("contactor_closed", "1 if the station reports the contactor closed.")
         pilot = gauge(
@@ -88,6 +91,8 @@ class _ChargePointCollector(Collector):
             requested.add_metric(labels, state.requested_ca / 100)
             allowed.add_metric(labels, allowed_ca(state) / 100)
             connected.add_metric(labels, 1 if state.connected else 0)
+            if state.supply_cap_ca is not None:
+                granted.add_metric(labels, state.supply_cap_ca / 100)
             implausible.add_metric(labels, point.implausible_reports)
             controller.add_metric([*labels, state.config.controller], 1)
             if state.data_at is not None:
@@ -117,8 +122,8 @@ class _ChargePointCollector(Collector):
             uptime.add_metric(labels, (data.uptime_ms % 2**32) / 1000)
 
         yield from (voltage, current, phase_power, power, energy, plugged, charging_)
-        yield from (requested, allowed, offered, pwm, contactor, pilot, cable, rssi, uptime)
-        yield from (age, connected, implausible, controller)
+        yield from (requested, allowed, offered, granted, pwm, contactor, pilot, cable, rssi)
+        yield from (uptime, age, connected, implausible, controller)
 
         heartbeat = bridge.heartbeat
         yield GaugeMetricFamily(

@@ -43,6 +43,7 @@ def charge_point_json(
         "offered_a": values.get("offered_current") or 0.0,
         "requested_a": state.requested_ca / 100,
         "allowed_a": cp.allowed_ca(state) / 100,
+        "supply_granted_a": None if state.supply_cap_ca is None else state.supply_cap_ca / 100,
         "power_w": None if power is None else round(power),  # whole watts, as the register
         "energy_wh": values["energy_imported"],
         "voltages_v": _phases(values, "voltage"),

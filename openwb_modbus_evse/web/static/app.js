@@ -85,6 +85,9 @@ function card(cp, now) {
   const dl = el("dl");
   row(dl, "Offered / requested", "currents",
     `${fixed(cp.offered_a, 1)} A / ${fixed(cp.requested_a, 1)} A`);
+  if (cp.supply_granted_a !== null) {
+    row(dl, "Supply share", "supply_granted_a", `${fixed(cp.supply_granted_a, 1)} A`);
+  }
   row(dl, "Phase currents", "currents_a", cp.currents_a.map((a) => fixed(a, 1)).join(" · ") + " A");
   row(dl, "Energy", "energy_wh", `${(cp.energy_wh / 1000).toFixed(3)} kWh`);
   const beat = cp.heartbeat_lapsed ? "lapsed" : `${fixed(cp.heartbeat_age_s, 0)} s ago`;
