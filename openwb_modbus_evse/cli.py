@@ -128,10 +128,15 @@ def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None
     except config_mod.ConfigError as err:
         click.echo(f"config error: {err}", err=True)
         sys.exit(2)
+    warnings = config_mod.warnings(settings)
     if check_config:
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
         click.echo(f"config OK: {len(settings.station)} station(s) configured")
         return
     _setup_logging(settings.log_level)
+    for warning in warnings:
+        logging.getLogger(__name__).warning("%s", warning)
     from .bridge import Bridge
     from .store import StoreError
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -398,3 +400,27 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
             raise ConfigError(str(path), f"not valid TOML ({exc})") from exc
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build(values)
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What is valid but will not work as meant, one line each naming the key.
+
+    A phase-switch command that does not exist or may not be run fails only when a controller
+    first switches phases, perhaps months later: say so at ``--check-config`` and at start-up.
+    """
+    found = []
+    for index, station in enumerate(settings.station):
+        key = f"station[{index}].phase_switch_command"
+        if station.phase_switch_command is None:
+            continue
+        try:
+            program = shlex.split(station.phase_switch_command)[0]
+        except (ValueError, IndexError):
+            found.append(f"{key}: cannot split {station.phase_switch_command!r} into a command")
+            continue
+        path = shutil.which(program) if os.sep not in program else program
+        if path is None or not os.path.exists(path):
+            found.append(f"{key}: {program} does not exist")
+        elif os.path.isdir(path) or not os.access(path, os.X_OK):
+            found.append(f"{key}: {program} is not executable")
+    return found

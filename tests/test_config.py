@@ -234,3 +234,35 @@ def test_every_key_is_also_a_serve_option():
 
     options = {param.name for param in serve.params}
     assert {f.name for f in fields(config.Settings)} - {"station"} <= options
+
+
+def _with_command(command: str) -> config.Settings:
+    return config.build({"station": [{"serial": SERIAL, "phase_switch_command": command}]})
+
+
+def test_check_config_warns_about_a_phase_switch_command_that_cannot_run(tmp_path):
+    script = tmp_path / "relay"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    assert config.warnings(_with_command(f"{script} --set")) == [
+        f"station[0].phase_switch_command: {script} is not executable"
+    ]
+    missing = tmp_path / "nowhere" / "relay"
+    assert config.warnings(_with_command(str(missing))) == [
+        f"station[0].phase_switch_command: {missing} does not exist"
+    ]
+    assert config.warnings(_with_command("no-such-relay-command --set")) == [
+        "station[0].phase_switch_command: no-such-relay-command does not exist"
+    ]
+    assert config.warnings(_with_command(str(tmp_path))) == [
+        f"station[0].phase_switch_command: {tmp_path} is not executable"
+    ]
+    script.chmod(0o755)
+    assert config.warnings(_with_command(f"{script} --set")) == []
+    assert config.warnings(_with_command("sh -c true")) == []  # found on PATH
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[station]]\nserial = "{SERIAL}"\nphase_switch_command = "{missing} --set"\n')
+    done = run_serve("--config", str(path), "--check-config")
+    assert done.returncode == 0 and "config OK" in done.stdout  # valid, but it will not work
+    assert done.stderr == f"warning: station[0].phase_switch_command: {missing} does not exist\n"
