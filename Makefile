@@ -1,31 +1,53 @@
 # Everything runs from a virtual environment in .venv/, created on first use.
-VENV   := .venv
-PYTHON := $(VENV)/bin/python
-BIN    := $(VENV)/bin/openwb-modbus-evse
-STAMP  := $(VENV)/.installed
+# `make install` installs the service only; `make test` (and lint, bench) adds the test tools
+# and the Debian programs the tests run as real peers.
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+BIN     := $(VENV)/bin/openwb-modbus-evse
+STAMP   := $(VENV)/.installed
+TESTED  := $(VENV)/.installed-test
+# The interpreter the venv is made with. For a system service use the system's:
+# `sudo make install PYTHON3=/usr/bin/python3` (see README, Running it as a service).
+PYTHON3 ?= python3
 # Debian packages the tests use as real peers: mbpoll (Modbus master), prometheus (promtool + server),
 # mosquitto (MQTT broker), chromium (headless browser for the status page).
 DEB_PACKAGES := mbpoll prometheus mosquitto chromium
 CONFIG ?=
 
-.PHONY: install run demo test lint format bench screenshot system-packages clean
+.PHONY: install install-test run demo test lint format bench screenshot system-packages clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PYTHON) || python3 -m venv $(VENV)
+$(PYTHON):
+	@command -v $(PYTHON3) >/dev/null || { \
+		echo "error: $(PYTHON3) not found. On Debian/Ubuntu: sudo apt-get install python3 python3-venv"; exit 1; }
+	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "error: Python >= 3.11 is needed, $(PYTHON3) is $$($(PYTHON3) -V 2>&1)"; exit 1; }
+	@$(PYTHON3) -c 'import venv, ensurepip' 2>/dev/null || { \
+		echo "error: $(PYTHON3) cannot make a virtual environment. On Debian/Ubuntu: sudo apt-get install python3-venv"; exit 1; }
+	$(PYTHON3) -m venv $(VENV)
+
+# The service and what it runs with, nothing else.
+$(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test,fast]'
-	@$(MAKE) --no-print-directory system-packages
+	$(PYTHON) -m pip install --quiet -e '.[fast]'
 	touch $(STAMP)
 
-# Installs the Debian packages when we are root on a Debian-like system; otherwise says what to do.
+install-test: $(TESTED)
+
+$(TESTED): $(STAMP)
+	$(PYTHON) -m pip install --quiet -e '.[test,fast]'
+	@$(MAKE) --no-print-directory system-packages
+	touch $(TESTED)
+
+# Installs the Debian packages when we are root on a Debian-like system, without starting or
+# enabling their services; otherwise says what to do.
 system-packages:
 	@if command -v mbpoll >/dev/null && command -v promtool >/dev/null && command -v prometheus >/dev/null \
 		&& PATH="$$PATH:/usr/sbin" command -v mosquitto >/dev/null && command -v chromium >/dev/null; then \
 		: ; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); \
+		sh tools/apt-install-no-services $(DEB_PACKAGES); \
 	else \
 		echo "note: install $(DEB_PACKAGES) (e.g. sudo apt-get install $(DEB_PACKAGES)); the tests that use them are skipped until then"; \
 	fi
@@ -36,22 +58,22 @@ run: install
 demo: install
 	$(BIN) demo
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest -q
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: install
+format: install-test
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install
+bench: install-test
 	$(PYTHON) -m tests.bench
 
 # Renews docs/page.png and docs/page-phone.png (the README's) from the browser test.
-screenshot: install
+screenshot: install-test
 	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_page.py
 
 clean:
