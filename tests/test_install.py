@@ -207,3 +207,35 @@ def test_scrape_config_passes_promtool_and_targets_the_metrics_port():
     assert done.returncode == 0, done.stdout + done.stderr
     assert f'targets: ["localhost:{Settings().metrics_port}"]' in SCRAPE_CONFIG.read_text()
     assert "contrib/prometheus.yml" in (ROOT / "README.md").read_text()
+
+
+# --- README's development layout ---------------------------------------------------------------
+
+
+def test_readme_development_layout_matches_the_tree():
+    """Every module and top-level folder is in the README's layout, and everything there exists."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```\nopenwb_modbus_evse/ ", 1)[1].split("```", 1)[0]
+    package = ROOT / "openwb_modbus_evse"
+    listed = {package}
+    for line in block.splitlines()[1:]:
+        if line.startswith("  ") and not line.startswith("   "):
+            listed.add(package / line.split()[0])
+        elif line and not line.startswith(" "):
+            listed.add(ROOT / line.split()[0])
+    for path in listed:
+        assert path.exists(), f"README lists {path.relative_to(ROOT)}, which does not exist"
+    modules = {
+        path
+        for path in package.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py") and "__pycache__" not in path.parts
+    }
+    missing = {path.relative_to(ROOT) for path in modules if path not in listed}
+    assert not missing, f"the README's layout lacks {sorted(map(str, missing))}"
+    folders = {
+        path
+        for path in ROOT.iterdir()
+        if path.is_dir() and not path.name.startswith((".", "_")) and "egg-info" not in path.name
+    }
+    lacking = sorted(path.name for path in folders - listed)
+    assert not lacking, f"the README's layout lacks {lacking}"
