@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 
 from . import chargepoint as cp
 from .actions import ActionError, ActionErrorKind
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 STALE_POLLS = 3  # data older than this many poll intervals counts as none
 SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contactors on shutdown
+# Energy counted by stations that left before their LP was remembered, kept in memory (not in
+# the state file) so a new station that reconnects within its first minute does not restart at
+# 0; only this many, the oldest forgotten first, so random serials cannot grow it.
+RELEASED_ENERGY_KEPT = 32
 
 
 class _RequestObserver(ModbusObserver):
@@ -67,6 +73,11 @@ class Bridge:
         self._by_lp: dict[int, cp.ChargePoint] = {}
         self._stored_energy: dict[str, float] = {}  # as loaded at start, for stations to come
         self._saved_energy: dict[str, float] = {}  # what the state file holds
+        # Stations whose charge point stays when they disconnect: configured, or LP remembered.
+        # Any other charge point lives only while its station is connected.
+        self._kept: set[str] = set()
+        self._probations: dict[str, asyncio.Task[None]] = {}
+        self._released_energy: OrderedDict[str, float] = OrderedDict()
         self.metrics = Metrics(self)
         # The Modbus heartbeat; it applies to the charge points whose controller is "modbus".
         self.heartbeat = Heartbeat(
@@ -86,6 +97,7 @@ class Bridge:
             poll_interval=settings.poll_interval,
             attach=self._attach,
             calibration_for=self._calibration,
+            address_for=self._address,
             observer=self.metrics,
             limiter=ConnectionLimiter(
                 "evse",
@@ -135,13 +147,17 @@ class Bridge:
         station = self.settings.station_by_serial(serial)
         return station.calibration if station else NO_CALIBRATION
 
+    def _address(self, serial: str) -> IPv4Network | IPv6Network | None:
+        station = self.settings.station_by_serial(serial)
+        return station.address if station else None
+
     def _new_charge_point(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
         station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
         controller = self.settings.controller_of(serial)
         identity = cp.Identity(
             serial=serial,
             lp=lp,
-            name=station.name or (f"LP{lp}" if lp else serial),
+            name=station.name or (f"LP{lp}" if lp else cp.short_serial(serial)),
             serial_number=station.serial_number or serial[-20:],
         )
         config = cp.ChargePointConfig(
@@ -153,6 +169,7 @@ class Bridge:
             phase_switch_pause=self.settings.phase_switch_pause,
             controller=controller,
             supply_limited=self.supply is not None,
+            contactor_min_off=self.settings.contactor_min_off,
         )
         point = cp.ChargePoint(
             identity,
@@ -179,6 +196,7 @@ class Bridge:
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new_charge_point(station.serial, station.lp, energy.get(station.serial, 0.0))
+                self._kept.add(station.serial)
         configured_lps = {s.lp for s in self.settings.station if s.lp is not None}
         for serial, lp in sorted(store.lp_assignments().items(), key=lambda kv: kv[1]):
             if serial in self.charge_points:
@@ -188,26 +206,96 @@ class Bridge:
                 store.forget_lp(serial)
                 continue
             self._new_charge_point(serial, lp, energy.get(serial, 0.0))
+            self._kept.add(serial)
 
     def _charge_point_for(self, serial: str) -> cp.ChargePoint:
         point = self.charge_points.get(serial)
         if point is not None:
             return point
+        energy = self._released_energy.pop(serial, None) or self._stored_energy.get(serial, 0.0)
+        known = self.settings.is_known(serial)
+        if not known and self.settings.unknown_stations == "hold":
+            log.warning(
+                "station %s is not in known_stations: polled and kept safe, not served "
+                '(unknown_stations = "hold")',
+                serial,
+            )
+            return self._new_charge_point(serial, None, energy)
         lp = next((n for n in range(1, MAX_LP + 1) if n not in self._by_lp), None)
-        assert self.store is not None
-        energy = self._stored_energy.get(serial, 0.0)
         if lp is None:
             log.warning(
                 "station %s: all %d LPs are taken; it is kept safe, not served", serial, MAX_LP
             )
+            return self._new_charge_point(serial, None, energy)
+        point = self._new_charge_point(serial, lp, energy)
+        if known:
+            self._remember(point)
         else:
+            log.info(
+                "station %s is served as LP%d; the LP is remembered once it has stayed "
+                "connected with valid data for %g s",
+                serial,
+                lp,
+                self.settings.lp_remember_after,
+            )
+        return point
+
+    def _remember(self, point: cp.ChargePoint) -> None:
+        """Keep ``point`` and its LP, also across restarts."""
+        serial, lp = point.identity.serial, point.identity.lp
+        assert self.store is not None and lp is not None
+        self._kept.add(serial)
+        try:
             self.store.assign_lp(serial, lp)
-            log.info("station %s is LP%d from now on", serial, lp)
-        return self._new_charge_point(serial, lp, energy)
+        except StoreError as err:  # served and kept all the same; only a restart forgets it
+            log.error("%s", err)
+            return
+        log.info("station %s is LP%d from now on", serial, lp)
+
+    async def _probation(self, session: Session, point: cp.ChargePoint) -> None:
+        """Remember a new station's LP once it stayed with valid data; release it if it left."""
+        serial = point.identity.serial
+        wait = self.settings.lp_remember_after
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(session.wait_closed(), wait)
+                except TimeoutError:
+                    fresh = cp.fresh_data(point.state, self.clock(), point.max_data_age)
+                    if fresh is not None and point.identity.lp is not None:
+                        self._remember(point)
+                        return
+                    wait = self.settings.poll_interval  # connected, but no valid data (yet)
+                    continue
+                break
+            if serial not in self._kept and serial not in self.link.sessions:
+                self._release(point)
+        finally:
+            if self._probations.get(serial) is asyncio.current_task():
+                del self._probations[serial]
+
+    def _release(self, point: cp.ChargePoint) -> None:
+        """Forget a charge point that never earned its LP: memory, metrics, LP all freed."""
+        serial, lp = point.identity.serial, point.identity.lp
+        if self.charge_points.get(serial) is not point:
+            return
+        del self.charge_points[serial]
+        if lp is not None and self._by_lp.get(lp) is point:
+            del self._by_lp[lp]
+            log.info("station %s left before its LP was remembered: LP%d is free again", serial, lp)
+        if point.energy.wh > 0:
+            self._released_energy[serial] = point.energy.wh
+            while len(self._released_energy) > RELEASED_ENERGY_KEPT:
+                self._released_energy.popitem(last=False)
 
     def _attach(self, session: Session) -> cp.ChargePoint:
         assert session.serial is not None
         point = self._charge_point_for(session.serial)
+        if session.serial not in self._kept:
+            previous = self._probations.pop(session.serial, None)
+            if previous is not None:
+                previous.cancel()
+            self._probations[session.serial] = asyncio.create_task(self._probation(session, point))
 
         def changed() -> None:
             self.balance_supply()  # first: the session acts on the new grants
@@ -269,6 +357,10 @@ class Bridge:
             raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
         assert self.store is not None
         self.store.assign_lp(serial, lp)
+        self._kept.add(serial)  # an operator's choice: no probation
+        probation = self._probations.pop(serial, None)
+        if probation is not None:
+            probation.cancel()
         if point.identity.lp is not None:
             del self._by_lp[point.identity.lp]
         self._by_lp[lp] = point
@@ -288,6 +380,7 @@ class Bridge:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy.wh
         self.store.forget_lp(serial)
+        self._kept.discard(serial)
         del self.charge_points[serial]
         if point.identity.lp is not None:
             del self._by_lp[point.identity.lp]
@@ -408,7 +501,7 @@ class Bridge:
         changed = {
             serial: point.energy.wh
             for serial, point in self.charge_points.items()
-            if point.energy.wh != self._saved_energy.get(serial)
+            if serial in self._kept and point.energy.wh != self._saved_energy.get(serial)
         }
         if changed:
             self.store.save_energy(changed)
@@ -438,6 +531,8 @@ class Bridge:
             await self.web.stop()  # nor an action
         if self.openwb is not None:
             self.openwb.close()
+        for task in list(self._probations.values()):
+            task.cancel()  # nothing is remembered or released while shutting down
         switches = list(self._switches.values())
         for task in switches:
             task.cancel()  # a relay command in flight is abandoned (and killed)

@@ -59,6 +59,7 @@ class ChargePointConfig:
     phase_switch_pause: float = 5.0
     controller: str = "modbus"  # the only interface whose writes are accepted (config.CONTROLLERS)
     supply_limited: bool = False  # stations share a supply: offer only its grant (supply.py)
+    contactor_min_off: float = 0.0  # least time between the contactor opening and closing again
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,9 @@ class State:
     sequence: Sequence | None = None
     switch_failed: bool = False  # the last phase-switch command failed: stay stopped
     stop_since: float | None = None  # when stopping under load began
+    # Until when the contactor must stay open: set when a report shows it opened, cleared once
+    # contactor_min_off has passed.
+    closed_not_before: float | None = None
     data: StationData | None = None
     data_at: float | None = None
     reports: int = 0  # data reports received so far
@@ -238,9 +242,10 @@ def target(state: State, now: float) -> Target | None:
     pwm = offered_pwm(state)
     if pwm != PWM_OFF:
         # Close only once the station itself reports a charging PWM: a station that did not
-        # apply the PWM must not get a closed contactor under a vehicle that asks anyway.
-        close = data.contactor or offered_amps(data.pwm) > 0
-        return Target(pwm, data.pilot.requests_power and close)
+        # apply the PWM must not get a closed contactor under a vehicle that asks anyway; and
+        # not again before contactor_min_off has passed since it opened (the closing waits).
+        may_close = offered_amps(data.pwm) > 0 and state.closed_not_before is None
+        return Target(pwm, data.pilot.requests_power and (data.contactor or may_close))
     return Target(PWM_OFF, data.contactor and not _vehicle_released(state, now))
 
 
@@ -287,6 +292,8 @@ def next_deadline(state: State) -> float | None:
         times.append(state.stop_since + state.config.stop_timeout)
     if state.sequence is not None and state.sequence.until is not None:
         times.append(state.sequence.until)
+    if state.closed_not_before is not None:
+        times.append(state.closed_not_before)
     return min(times, default=None)
 
 
@@ -303,7 +310,10 @@ def settle(state: State, now: float) -> State:
     stop_since = None
     if stopping_under_load:  # "is None", not "or": a stop that began at t = 0.0 has begun
         stop_since = now if state.stop_since is None else state.stop_since
-    state = replace(state, stop_since=stop_since)
+    closed_not_before = state.closed_not_before
+    if closed_not_before is not None and now >= closed_not_before:
+        closed_not_before = None
+    state = replace(state, stop_since=stop_since, closed_not_before=closed_not_before)
 
     seq = state.sequence
     if seq is None:
@@ -325,6 +335,12 @@ def settle(state: State, now: float) -> State:
 
 def observe(state: State, data: StationData, now: float) -> State:
     """The station reported its state."""
+    closed_not_before = state.closed_not_before
+    opened = state.data is not None and state.data.contactor and not data.contactor
+    if opened and state.config.contactor_min_off > 0:
+        # Counted from the report, which comes after the real opening: the contactor rests at
+        # least this long.
+        closed_not_before = now + state.config.contactor_min_off
     return settle(
         replace(
             state,
@@ -333,6 +349,7 @@ def observe(state: State, data: StationData, now: float) -> State:
             reports=state.reports + 1,
             connected=True,
             supply_exposure_ca=state.supply_cap_ca or 0,
+            closed_not_before=closed_not_before,
         ),
         now,
     )
@@ -469,6 +486,12 @@ def describe_changes(old: State, new: State) -> list[str]:
 
 
 # --- the live charge point -------------------------------------------------------------------
+
+
+def short_serial(serial: str) -> str:
+    """A station ID shortened for display to anyone (metrics): enough to tell stations apart,
+    not enough to connect as one."""
+    return f"{serial[:4]}..{serial[-4:]}"
 
 
 @dataclass(frozen=True)

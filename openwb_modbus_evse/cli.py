@@ -120,6 +120,12 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
     click.Choice(config_mod.CONTROLLERS),
     "Who drives the charge points without their own controller.",
 )
+@_setting(
+    "unknown_stations", str, "New stations: assign (the lowest free LP) or hold (not served)."
+)
+@_setting("known_stations", str, "Comma-separated serials served even with unknown_stations=hold.")
+@_setting("lp_remember_after", float, "Seconds a new station must stay before its LP is saved.")
+@_setting("contactor_min_off", float, "Minimum seconds between contactor opening and closing.")
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
     """Run the bridge."""

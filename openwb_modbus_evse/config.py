@@ -6,6 +6,7 @@ with that line and no traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -64,6 +65,8 @@ class StationConfig:
     phases: int = 3
     phase_switch_command: str | None = None
     calibration: StationCalibration = NO_CALIBRATION
+    # The only source address (or network) the station may connect from; None: any.
+    address: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ class Settings:
     mqtt_ca_file: str = ""
     mqtt_heartbeat_timeout: float = 80.0
     controller: str = "modbus"
+    unknown_stations: str = "assign"
+    known_stations: tuple[str, ...] = ()
+    lp_remember_after: float = 60.0
+    contactor_min_off: float = 60.0
     station: tuple[StationConfig, ...] = ()
 
     def station_by_serial(self, serial: str) -> StationConfig | None:
@@ -112,6 +119,10 @@ class Settings:
         """Which interface drives the station (its own ``controller``, else the global one)."""
         station = self.station_by_serial(serial)
         return (station.controller if station else None) or self.controller
+
+    def is_known(self, serial: str) -> bool:
+        """A station the user named: in ``[[station]]`` or in ``known_stations``."""
+        return serial in self.known_stations or self.station_by_serial(serial) is not None
 
 
 # --- value checks ----------------------------------------------------------------------------
@@ -193,6 +204,28 @@ def _supply_max_current(key: str, value: Any) -> float:
     return amps
 
 
+def _serial(key: str, value: Any) -> str:
+    serial = _str(key, value).upper()
+    if not re.fullmatch(r"[0-9A-F]{32}", serial):
+        raise ConfigError(key, f"must be 32 hex digits, got {value!r}")
+    return serial
+
+
+def _serials(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # the command line: comma-separated
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list of serials, got {value!r}")
+    return tuple(_serial(key, item) for item in value)
+
+
+def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(_str(key, value), strict=False)
+    except ValueError as exc:
+        raise ConfigError(key, f"must be an IP address or network, got {value!r}") from exc
+
+
 def _poll_interval(key: str, value: Any) -> float:
     number = _positive(key, value)
     if number >= STATION_IDLE_TIMEOUT:
@@ -242,6 +275,10 @@ _CHECKS: dict[str, Any] = {
     "admin_token": _admin_token,
     "supply_max_current": _supply_max_current,
     "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
+    "unknown_stations": lambda k, v: _choice(k, v, ("assign", "hold")),
+    "known_stations": _serials,
+    "lp_remember_after": lambda k, v: _number(k, v, 0, 86400),
+    "contactor_min_off": lambda k, v: _number(k, v, 0, 3600),
     "mqtt_host": _optional_str,
     "mqtt_port": lambda k, v: _int(k, v, 1, 65535),
     "mqtt_username": _optional_str,
@@ -284,10 +321,7 @@ def _station(index: int, raw: Any) -> StationConfig:
             raise ConfigError(f"{prefix}.{key}", "unknown key")
     if "serial" not in raw:
         raise ConfigError(f"{prefix}.serial", "is required")
-    serial = _str(f"{prefix}.serial", raw["serial"]).upper()
-    if not re.fullmatch(r"[0-9A-F]{32}", serial):
-        raise ConfigError(f"{prefix}.serial", f"must be 32 hex digits, got {raw['serial']!r}")
-    values: dict[str, Any] = {"serial": serial}
+    values: dict[str, Any] = {"serial": _serial(f"{prefix}.serial", raw["serial"])}
     if "lp" in raw:
         values["lp"] = _int(f"{prefix}.lp", raw["lp"], 1, MAX_LP)
     if "controller" in raw:
@@ -320,6 +354,8 @@ def _station(index: int, raw: Any) -> StationConfig:
         )
     if "calibration" in raw:
         values["calibration"] = _calibration(f"{prefix}.calibration", raw["calibration"])
+    if "address" in raw:
+        values["address"] = _network(f"{prefix}.address", raw["address"])
     return StationConfig(**values)
 
 

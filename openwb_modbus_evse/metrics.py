@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .chargepoint import allowed_ca, fresh_data
+from .chargepoint import allowed_ca, fresh_data, short_serial
 from .evse.link import LinkObserver
 from .limits import LimiterObserver
 from .modbus.registers import Value, chargepoint_values
@@ -85,7 +85,7 @@ class _ChargePointCollector(Collector):
 
         for point in list(bridge.charge_points.values()):
             ident = point.identity
-            labels = [str(ident.lp or ""), ident.serial, ident.name]
+            labels = [str(ident.lp or ""), short_serial(ident.serial), ident.name]
             state = point.state
             energy.add_metric(labels, point.energy.wh * 3600)
             requested.add_metric(labels, state.requested_ca / 100)

@@ -182,6 +182,8 @@ def settings(tmp_path: Path) -> Settings:
         state_db=str(tmp_path / "state.sqlite3"),
         stop_timeout=1.0,
         phase_switch_pause=0.3,
+        contactor_min_off=0.0,  # tests that stop and resume charging need no rest
+        lp_remember_after=0.5,
         energy_save_interval=0.5,
     )
 

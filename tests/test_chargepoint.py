@@ -357,6 +357,7 @@ class Station:
         self.connected = True
         self.pwm_stuck = False
         self.unconfirmed = False  # commands sent, their confirming report not yet received
+        self.opened_at: float | None = None  # when the contactor last opened
         self.state = cp.initial_state(config)
         self.now = 0.0
         self.config = config
@@ -430,6 +431,8 @@ class Station:
             self.unconfirmed = True
         if want.contactor != data.contactor:
             self.check_contactor(want.contactor)
+            if self.contactor and not want.contactor:
+                self.opened_at = self.now
             self.contactor = want.contactor
             self.unconfirmed = True
 
@@ -472,6 +475,9 @@ class Station:
             # rest on that report, and on a PWM the station really applied.
             assert self.state.data.pilot.requests_power, "closed without a vehicle request"
             assert 10 <= self.pwm <= 85, "closed without an offered current"
+            if self.opened_at is not None and not self.contactor:
+                rested = self.now - self.opened_at
+                assert rested >= self.config.contactor_min_off, "closed within contactor_min_off"
             return
         under_load = pilot.requests_power and self.draw_ma >= cp.STOPPED_MA
         if under_load:
@@ -554,6 +560,7 @@ class Station:
         can_switch_phases=st.booleans(),
         stop_timeout=st.sampled_from([1.0, 6.0]),
         phase_switch_pause=st.just(2.0),
+        contactor_min_off=st.sampled_from([0.0, 3.0, 20.0]),
     ),
     start=st.tuples(
         st.sampled_from(list(Pilot)),
@@ -578,3 +585,42 @@ def test_safety_rules_hold_over_random_histories(config, start, charging_polls, 
         station.apply(kind, value)
         if kind not in ("current", "shutdown"):
             assert station.state.requested_ca == before  # nothing but set_current changes it
+
+
+toggles = st.one_of(
+    st.tuples(st.just("current"), st.sampled_from([0, 1600])),
+    st.tuples(st.just("current"), st.sampled_from([0, 1600])),
+    st.tuples(st.just("pilot"), st.sampled_from([Pilot.B_9V, Pilot.C_6V])),
+    st.tuples(st.just("draw"), st.sampled_from([0, 16000])),
+    st.tuples(st.just("wait"), st.floats(0.05, 2)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(min_off=st.sampled_from([1.0, 5.0]), history=st.lists(toggles, min_size=10, max_size=60))
+def test_a_toggling_controller_never_closes_within_the_minimum_off_time(min_off, history):
+    config = replace(CFG, stop_timeout=1.0, contactor_min_off=min_off)
+    station = Station(config)
+    station.pilot, station.proximity = Pilot.C_6V, Proximity.CABLE_32A
+    station.poll()
+    for kind, value in history:  # Station.check_contactor asserts the rule on every close
+        station.apply(kind, value)
+        station.apply("poll", None)  # the link collects data after every change
+
+
+def test_a_closing_within_the_minimum_off_time_waits_and_is_not_lost():
+    config = replace(CFG, stop_timeout=1.0, contactor_min_off=60.0)
+    s = charging_state()
+    s = cp.observe(replace(s, config=config), s.data, 0.0)
+    s = cp.set_current(s, 0, 0.0)
+    s = cp.observe(s, replace(s.data, pwm=100, currents_ma=(0, 0, 0)), 0.5)
+    assert cp.target(s, 0.5) == cp.Target(100, False)
+    s = cp.observe(s, replace(s.data, contactor=False), 1.0)  # opened, seen at t = 1
+    s = cp.set_current(s, 1600, 2.0)
+    s = cp.observe(s, replace(s.data, pwm=26), 2.5)
+    assert cp.target(s, 2.5) == cp.Target(26, False)  # offered, but the contactor rests
+    assert cp.next_deadline(s) == 61.0
+    assert cp.target(cp.tick(s, 60.9), 60.9) == cp.Target(26, False)
+    s = cp.tick(s, 61.0)
+    assert cp.target(s, 61.0) == cp.Target(26, True)
+    assert cp.next_deadline(s) is None

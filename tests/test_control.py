@@ -219,3 +219,25 @@ async def test_two_virtual_stations_get_their_own_lp(make_rig, settings):
     assert (await read(client, 1))["offered_current"] == 9.6
     assert (await read(client, 2))["offered_current"] == 15.6
     assert rig.point(virtual_serial(2)).identity.lp == 2
+
+
+# --- contactor minimum off time ----------------------------------------------------------------
+
+
+async def test_a_controller_toggling_every_100_ms_gets_one_cycle_per_minimum_off_time(
+    make_rig, settings
+):
+    rig = await make_rig(settings, contactor_min_off=1.0)
+    client = await rig.client()
+    station = await start_charging(rig, client)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(30):  # 30 toggles in 3 s: what a broken or hostile controller may send
+        assert await write(client, 1, "set_current", 0 if i % 2 == 0 else 1600) is None
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)
+    elapsed = loop.time() - started
+    switches = [r.contactor for r in station.received if r.type.name == "SET_CONTACTOR"]
+    closings = switches[1:].count(True)  # the first closing started the charging
+    assert 1 <= closings <= elapsed / 1.0 + 1
+    assert station.pwm == 26 and station.contactor  # the last write (16 A) is not lost

@@ -1,6 +1,7 @@
 """The station link over real loopback TCP: virtual stations, and hand-made bad peers."""
 
 import asyncio
+import ipaddress
 import logging
 
 import pytest
@@ -194,7 +195,7 @@ async def test_notify_between_request_and_response_and_coalescing(link):
     assert link.recorder.errors == []
 
 
-async def test_reconnect_with_the_same_serial_replaces_the_old_session(link):
+async def test_reconnect_replaces_a_session_whose_station_no_longer_answers(link):
     first = await RawStation.connect(link.port, SERIAL)
     await first.next_request()
     first.send(p.encode_data(idle_data(), 4))
@@ -203,11 +204,44 @@ async def test_reconnect_with_the_same_serial_replaces_the_old_session(link):
     second = await RawStation.connect(link.port, SERIAL)
     await second.next_request()
     second.send(p.encode_data(idle_data(pwm=50), 4))
+    # The old session is pinged first; the old peer is silent, so it is dead and dropped.
     assert await first.closed_by_peer()
-    assert old.closed and "replaced" in old.close_reason
+    assert old.closed and "no response" in old.close_reason
     await eventually(lambda: link.sessions.get(SERIAL) not in (None, old))
     assert link.session(SERIAL).latest.pwm == 50
     await second.close()
+
+
+async def test_an_impostor_does_not_take_over_a_station_that_answers(link, stations):
+    (station,) = await stations(1)
+    real = link.session(station.serial)
+    impostor = await RawStation.connect(link.port, station.serial)
+    assert (await impostor.next_request()).type is p.RequestType.COLLECT_DATA
+    impostor.send(p.encode_data(idle_data(pwm=50), 4))
+    assert await impostor.closed_by_peer()
+    assert link.session(station.serial) is real and not real.closed
+    assert station.connections == 1
+    assert any(
+        "refused" in reason and "answers there" in reason for _, reason in link.recorder.closed
+    )
+    assert sum(r.type is p.RequestType.PING for r in station.received) == 1  # the probe
+
+
+async def test_a_station_pinned_to_an_address_is_refused_from_another(link):
+    link.address_for = lambda serial: ipaddress.ip_network("192.0.2.0/24")
+    station = await RawStation.connect(link.port, SERIAL)
+    assert await station.closed_by_peer()
+    assert SERIAL not in link.sessions
+    (reason,) = [reason for _, reason in link.recorder.closed]
+    assert (
+        reason
+        == f"refused: station {SERIAL} may connect only from 192.0.2.0/24, not from 127.0.0.1"
+    )
+    link.address_for = lambda serial: ipaddress.ip_network("127.0.0.1")
+    station = await RawStation.connect(link.port, SERIAL)
+    await answer_collect(station, idle_data())
+    await eventually(lambda: SERIAL in link.sessions)
+    await station.close()
 
 
 async def test_station_log_lines_are_logged_with_its_name(link, stations, caplog):

@@ -16,6 +16,7 @@ import pytest
 from conftest import RawStation, eventually, free_port, idle_data, require_tool, station_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
@@ -24,7 +25,8 @@ ADDR = REGISTER_MAP.address
 P = "openwb_modbus_evse_"
 FAST_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
 SERIAL = virtual_serial(1)
-LP1 = {"lp": "1", "serial": SERIAL, "name": "LP1"}
+SHORT = short_serial(SERIAL)  # what the serial label shows: anyone on the LAN may scrape
+LP1 = {"lp": "1", "serial": SHORT, "name": "LP1"}
 # Values that are also registers: without fresh data they follow the register rule.
 SERVED_AS_REGISTERS = (
     "current_amperes",
@@ -224,8 +226,10 @@ async def test_disconnected_station_shows_connected_0_no_stale_values_and_the_re
     await eventually(lambda: point.state.data is not None and point.state.data.pilot.plugged)
     before = await scrape(rig)
     for name in MEASUREMENTS + SERVED_AS_REGISTERS:
-        assert before.series(P + name, serial=SERIAL), name  # present while connected
+        assert before.series(P + name, serial=SHORT), name  # present while connected
     assert before.value(P + "plugged", **LP1) == 1
+    # a station that has earned its LP (one that has not is forgotten when it leaves)
+    await eventually(lambda: SERIAL in rig.bridge.store.lp_assignments())
 
     await station.stop()
     await eventually(lambda: SERIAL not in rig.bridge.link.sessions)
@@ -233,7 +237,7 @@ async def test_disconnected_station_shows_connected_0_no_stale_values_and_the_re
     after = await scrape(rig)
     assert after.value(P + "connected", **LP1) == 0
     for name in MEASUREMENTS:
-        assert after.series(P + name, serial=SERIAL) == [], name
+        assert after.series(P + name, serial=SHORT) == [], name
     # the same as the registers: nothing to add up, plugged kept through a short outage
     client = await rig.client()
     rr = await client.read_input_registers(ADDR(1, "power"), count=100, device_id=1)
@@ -278,7 +282,7 @@ async def test_idle_station_from_raw_frames(rig):
     metrics = await scrape(rig)
     await raw.close()
 
-    labels = {"serial": serial, "lp": "1", "name": "LP1"}
+    labels = {"serial": short_serial(serial), "lp": "1", "name": "LP1"}
     for i, phase in enumerate("123"):
         v, a = data.voltages_mv[i] / 1000, data.currents_ma[i] / 1000
         assert metrics.value(P + "voltage_volts", phase=phase, **labels) == v
@@ -388,8 +392,8 @@ async def test_heartbeat_age_and_lapses(make_rig, settings):
     assert start.value(P + "allowed_current_amperes", **LP1) == 16
     assert start.value(P + "connected", **LP1) == 0
     for name in MEASUREMENTS:
-        assert start.series(P + name, serial=SERIAL) == [], name  # never any data
-    assert start.series(P + "data_age_seconds", serial=SERIAL) == []
+        assert start.series(P + name, serial=SHORT) == [], name  # never any data
+    assert start.series(P + "data_age_seconds", serial=SHORT) == []
 
     await eventually(lambda: heartbeat.lapsed, timeout=3)
     age_before = heartbeat.age()
@@ -488,7 +492,7 @@ async def test_real_prometheus_scrapes_the_live_power(rig, tmp_path):
             pytest.fail(f"Prometheus never had {promql}\n{log_tail()}")
 
         assert len(result) == 1
-        assert result[0]["metric"]["serial"] == SERIAL
+        assert result[0]["metric"]["serial"] == SHORT
         assert result[0]["metric"]["name"] == "LP1"
         data = charging_data(point)
         assert data is not None

@@ -222,7 +222,8 @@ async def test_configured_lp_and_remembered_lp_across_restarts(make_rig, setting
     configured = station_config(5, lp=3, name="garage", serial_number="WB-GARAGE")
     rig = await make_rig(settings, station=(configured,))
     await rig.station(5)
-    await rig.station(6)  # not configured: lowest free LP
+    await rig.station(6)  # not configured: lowest free LP, remembered after lp_remember_after
+    await eventually(lambda: virtual_serial(6) in rig.bridge.store.lp_assignments())
     client = await rig.client()
     assert value(await read_block(client, 3), "serial_number") == "WB-GARAGE"
     assert value(await read_block(client, 1), "serial_number") == virtual_serial(6)[-20:]

@@ -1,12 +1,16 @@
 """Stations on a LAN that are not what they claim: hostile or broken peers against the bridge."""
 
 import asyncio
+import os
+from dataclasses import replace
 
 from conftest import RawStation, eventually, idle_data
+from prometheus_client import generate_latest
 
 from openwb_modbus_evse.config import StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.simulator import virtual_serial
 
 ADDR = REGISTER_MAP.address
 SERIAL = "10BA23AB50534D53302E3120FF162332"
@@ -17,7 +21,7 @@ async def raw_station(rig, serial: str = SERIAL, data: p.StationData | None = No
     station = await RawStation.connect(rig.bridge.link.port, serial)
     assert (await station.next_request()).type is p.RequestType.COLLECT_DATA
     station.send(p.encode_data(data or idle_data(), 4))
-    await eventually(lambda: serial in rig.bridge.link.sessions)
+    await eventually(lambda: serial in rig.bridge.link.sessions, interval=0.001)
     return station
 
 
@@ -88,3 +92,64 @@ async def test_impossible_measurements_add_no_energy_and_open_the_contactor(make
     labels = {"lp": "1", "serial": point.identity.serial, "name": "LP1"}
     assert sample("openwb_modbus_evse_implausible_reports_total", labels) >= 4
     await station.close()
+
+
+# --- unknown stations (finding 3) ----------------------------------------------------------
+
+
+async def one_shot(rig, serial: str) -> None:
+    """Connect as a station, answer the first collect-data, leave."""
+    station = await raw_station(rig, serial)
+    await station.close()
+    await eventually(lambda: serial not in rig.bridge.link.sessions, interval=0.001)
+
+
+def random_serial() -> str:
+    return os.urandom(16).hex().upper()
+
+
+async def test_one_shot_connections_claim_no_lp(make_rig, settings):
+    rig = await make_rig(settings)
+    for _ in range(9):
+        await one_shot(rig, random_serial())
+    assert rig.bridge.store.lp_assignments() == {}
+    assert rig.bridge.charge_points == {}
+    real = await rig.station(1)
+    assert rig.point(real.serial).identity.lp == 1  # served at once
+    await eventually(lambda: rig.bridge.store.lp_assignments() == {real.serial: 1}, timeout=3)
+    await real.stop()
+    await eventually(lambda: real.serial not in rig.bridge.link.sessions)
+    assert rig.bridge.charge_point_at(1) is rig.point(real.serial)  # remembered: LP1 stays
+    await rig.close()
+    again = await make_rig(settings)  # and across a restart
+    assert again.bridge.charge_point_at(1).identity.serial == real.serial
+
+
+async def test_hundreds_of_random_serials_leave_nothing_behind(make_rig, settings):
+    rig = await make_rig(settings)
+    for _ in range(300):
+        await one_shot(rig, random_serial())
+    bridge = rig.bridge
+    assert bridge.charge_points == {} and bridge.store.lp_assignments() == {}
+    assert bridge.store.energy_wh() == {}
+    exposition = generate_latest(bridge.metrics.registry).decode()
+    assert "serial=" not in exposition  # no series left for any of them
+
+
+async def test_hold_polls_unknown_stations_safely_but_serves_only_known_ones(make_rig, settings):
+    known = virtual_serial(2)
+    rig = await make_rig(settings, unknown_stations="hold", known_stations=(known,))
+    client = await rig.client()
+    charging = idle_data(contactor=True, pilot=p.Pilot.C_6V, pwm=26, currents_ma=(16_000,) * 3)
+    stranger = await raw_station(rig, data=charging)
+    requests = await answer(stranger, replace(charging, pwm=100), 4)
+    assert p.Request(p.RequestType.SET_PWM, pwm=100) in requests  # stopped the safe way
+    point = rig.point(SERIAL)
+    assert point.identity.lp is None and rig.bridge.charge_point_at(1) is None
+    rr = await client.read_input_registers(ADDR(1, "power"), count=10, device_id=1)
+    assert rr.isError() and rr.exception_code == 2  # not served
+    friend = await rig.station(2)
+    assert rig.point(friend.serial).identity.lp == 1
+    assert rig.bridge.store.lp_assignments() == {known: 1}  # known: remembered at once
+    await stranger.close()
+    await eventually(lambda: SERIAL not in rig.bridge.charge_points)

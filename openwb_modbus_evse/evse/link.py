@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections import deque
@@ -113,6 +114,7 @@ class Session:
         self._writer = writer
         peer = writer.get_extra_info("peername")
         host, port = (peer[0], peer[1]) if peer else ("?", 0)
+        self.host = host
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.serial: str | None = None
         self.firmware = 0
@@ -125,6 +127,7 @@ class Session:
         self._lock = asyncio.Lock()
         self._pending: deque[tuple[p.ResponseType, asyncio.Future[object]]] = deque()
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
         self._notified = False
         self._last_sent: tuple[Target, float] | None = None
         self._retry_at: float | None = None
@@ -135,6 +138,10 @@ class Session:
     def name(self) -> str:
         """How the station is called in logs."""
         return self.hooks.name if self.serial else self.peer
+
+    async def wait_closed(self) -> None:
+        """Return once the session has ended."""
+        await self._ended.wait()
 
     def wake(self) -> None:
         """Make the control loop look at the hooks' target now."""
@@ -193,6 +200,14 @@ class Session:
             self.link.observer.log_lines_dropped(dropped)
         return lines
 
+    async def probe(self) -> bool:
+        """Ping the station: True if it answers (the session stays), False if it has ended."""
+        try:
+            await self.request(p.ping(), p.ResponseType.PONG)
+        except SessionClosed:
+            return False
+        return True
+
     async def set_pwm(self, percent: int) -> None:
         """Set the PWM duty cycle; returns once the station acknowledged it."""
         await self.request(p.set_pwm(percent), p.ResponseType.PWM_ACK)
@@ -213,6 +228,7 @@ class Session:
                 future.set_exception(SessionClosed(reason))
         self._pending.clear()
         self._wake.set()
+        self._ended.set()
         self._writer.close()
         self.link._session_ended(self, reason)
 
@@ -225,13 +241,14 @@ class Session:
         reader_task: asyncio.Task[None] | None = None
         try:
             handshake = await self._handshake()
+            self._check_address(handshake.serial)
             reader_task = asyncio.create_task(self._read_loop())
             # Only a peer that answers a collect-data like a station is registered: garbage on
             # the port must not claim a serial (and with it a charge point).
             first = await self.request(p.collect_data(), p.ResponseType.DATA)
             assert isinstance(first, p.StationData)
             self.serial = handshake.serial
-            self.link._register(self)
+            await self.link._register(self)
             log.info(
                 "station %s (%s, firmware %d) connected from %s",
                 self.name,
@@ -256,6 +273,21 @@ class Session:
                     await reader_task
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
+
+    def _check_address(self, serial: str) -> None:
+        network = self.link.address_for(serial)
+        if network is None:
+            return
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 station on the dual-stack "::" socket
+        if address is None or address not in network:
+            raise SessionClosed(
+                f"refused: station {serial} may connect only from {network}, not from {self.host}"
+            )
 
     async def _handshake(self) -> p.Handshake:
         try:
@@ -366,6 +398,8 @@ class StationLink:
         handshake_timeout: float = 10.0,
         attach: Callable[[Session], StationHooks] | None = None,
         calibration_for: Callable[[str], p.StationCalibration] | None = None,
+        address_for: Callable[[str], ipaddress.IPv4Network | ipaddress.IPv6Network | None]
+        | None = None,
         observer: LinkObserver | None = None,
         limiter: ConnectionLimiter | None = None,
     ) -> None:
@@ -381,6 +415,7 @@ class StationLink:
         self.handshake_timeout = handshake_timeout
         self._attach = attach
         self.calibration_for = calibration_for or (lambda serial: p.NO_CALIBRATION)
+        self.address_for = address_for or (lambda serial: None)
         self.observer = observer or LinkObserver()
         self.limiter = limiter or ConnectionLimiter.unbounded("evse")
         self.sessions: dict[str, Session] = {}
@@ -451,14 +486,20 @@ class StationLink:
             self._all.discard(session)
             self._tasks.discard(task)
 
-    def _register(self, session: Session) -> None:
-        assert session.serial is not None
+    async def _register(self, session: Session) -> None:
+        serial = session.serial
+        assert serial is not None
+        # A second connection with the serial of a live session does not win outright: anyone
+        # on the LAN can send a serial. The live session is pinged first and keeps its place if
+        # the station answers; if it does not, it is closed (dead) and the newcomer takes over.
+        while (old := self.sessions.get(serial)) is not None and not session.closed:
+            if await old.probe():
+                raise SessionClosed(
+                    f"refused: station {serial} is connected from {old.peer} and answers there"
+                )
         if session.closed:  # its end was already reported with no serial: nothing would undo it
             raise SessionClosed(session.close_reason)
-        old = self.sessions.get(session.serial)
-        if old is not None:
-            old.close("replaced by a new connection of the same station")
-        self.sessions[session.serial] = session
+        self.sessions[serial] = session
         if self._attach is not None:
             session.hooks = self._attach(session)
         else:

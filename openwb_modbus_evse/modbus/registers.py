@@ -249,15 +249,16 @@ class BlockEncoder:
 
     def __init__(self, regmap: RegisterMap = REGISTER_MAP) -> None:
         self._regmap = regmap
-        self._last: dict[str, tuple[State, int, Freshness, list[int]]] = {}
+        # By LP, not by station: at most nine entries, however many stations come and go.
+        self._last: dict[int | None, tuple[State, int, Freshness, list[int]]] = {}
 
     def block(self, point: ChargePoint, now: float) -> list[int]:
         """The registers of ``point``'s LP block as of ``now``."""
         state, energy = point.state, int(point.energy.wh)
         fresh = freshness(point, state, now)
-        last = self._last.get(point.identity.serial)
+        last = self._last.get(point.identity.lp)
         if last is not None and last[0] is state and last[1] == energy and last[2] == fresh:
             return last[3]
         block = self._regmap.encode(chargepoint_values(point, state, energy, now))
-        self._last[point.identity.serial] = (state, energy, fresh, block)
+        self._last[point.identity.lp] = (state, energy, fresh, block)
         return block
