@@ -65,6 +65,20 @@ def test_defaults_without_a_file():
     assert s.state_db.endswith("openwb-modbus-evse/state.sqlite3")
 
 
+def test_known_stations_and_address(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'known_stations = ["{SERIAL.lower()}"]\n'
+        f'[[station]]\nserial = "{SERIAL}"\nlp = 1\naddress = "192.168.1.7/24"\n'
+    )
+    s = config.load(path)
+    assert s.known_stations == (SERIAL,) and s.is_known(SERIAL)
+    assert str(s.station[0].address) == "192.168.1.0/24"
+    other = "0" * 32
+    s = config.load(None, {"known_stations": f"{SERIAL}, {other}"})  # the command line
+    assert s.known_stations == (SERIAL, other) and not s.is_known("1" * 32)
+
+
 def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("poll_interval = 2\nmodbus_port = 1600\n")
@@ -89,6 +103,16 @@ def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
         ("mqtt_host = 5", "mqtt_host", "string"),
         ('mqtt_ca_file = "/nonexistent/ca.crt"', "mqtt_ca_file", "cannot read"),
         ("mqtt_heartbeat_timeout = 0", "mqtt_heartbeat_timeout", "above 0"),
+        ('unknown_stations = "ignore"', "unknown_stations", "assign, hold"),
+        ('known_stations = ["ABC"]', "known_stations", "32 hex digits"),
+        ('known_stations = "ABC"', "known_stations", "32 hex digits"),
+        ("lp_remember_after = -1", "lp_remember_after", "at least 0"),
+        ("contactor_min_off = 7200", "contactor_min_off", "at most 3600"),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nlp = 1\naddress = "192.168.1.300"',
+            "station[0].address",
+            "IP address or network",
+        ),
         (f'[[station]]\nserial = "{SERIAL}"\nlp = 12', "station[0].lp", "1..9"),
         ("[[station]]\nlp = 1", "station[0].serial", "required"),
         ('controller = "ocpp"', "controller", "modbus, openwb-mqtt"),

@@ -163,7 +163,7 @@ async def test_unplug_opens_the_contactor_at_once(make_rig, settings):
 async def test_station_gone_shows_no_data_then_resumes_through_the_normal_sequence(
     make_rig, settings
 ):
-    rig = await make_rig(settings)  # poll interval 0.5 s
+    rig = await make_rig(settings, station=(station_config(1, lp=1),))  # poll interval 0.5 s
     client = await rig.client()
     station = await start_charging(rig, client)
     await station.stop()  # the station drops off the network

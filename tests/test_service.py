@@ -36,6 +36,8 @@ class Service:
             "state_db": f'"{self.state_db}"',
             "energy_save_interval": 0.5,
             "stop_timeout": 2,
+            "lp_remember_after": 0.5,  # a new station's LP and energy are saved after this
+            "contactor_min_off": 0,
             **extra,
         }
         self.config = tmp_path / "config.toml"
