@@ -97,6 +97,8 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     one = await rig.station(1, vehicle)
     two = await rig.station(2, VehicleConfig(plug_in_after=None))
     serial = one.serial
+    # a new station's LP is remembered once it stayed lp_remember_after
+    await eventually(lambda: serial in rig.bridge.store.lp_assignments())
 
     done = await cli(rig, "stations", "--json")
     assert done.returncode == 0, done.stderr

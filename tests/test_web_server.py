@@ -203,6 +203,8 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     assert "contactor on" in cp["log"]
     assert 0 <= cp["heartbeat_age_s"] < 5 and not cp["heartbeat_lapsed"]
 
+    # kept after it leaves once its LP is remembered (lp_remember_after)
+    await eventually(lambda: station.serial in rig.bridge.store.lp_assignments())
     await station.stop()
     await eventually(lambda: not point.state.connected)
     (cp,) = (await get_json(rig, "/api/status"))["charge_points"]
