@@ -477,7 +477,7 @@ class Station:
             assert 10 <= self.pwm <= 85, "closed without an offered current"
             if self.opened_at is not None and not self.contactor:
                 rested = self.now - self.opened_at
-                assert rested >= self.config.contactor_min_off, "closed within contactor_min_off"
+                assert rested >= self.config.contactor_min_off - 1e-9, "closed within min_off"
             return
         under_load = pilot.requests_power and self.draw_ma >= cp.STOPPED_MA
         if under_load:

@@ -290,6 +290,8 @@ async def test_offline_station_and_missing_station_publish_fault_2(broker, mqtt_
     primary = Primary(broker.port)
     async with primary.beating():
         station = await charging_at_16(rig, primary)
+        # a new station is kept after it leaves once its LP is remembered (lp_remember_after)
+        await eventually(lambda: station.serial in rig.bridge.store.lp_assignments())
         await station.stop()
         await asyncio.sleep(3 * 0.5 + 1.2)  # stale after 3 polls; republished within 1 s
         values = await primary.read(0.5)
@@ -317,7 +319,10 @@ async def test_a_configured_tree_with_a_prefix_and_a_station_with_only_a_control
     one = await rig.station(1, FAST_VEHICLE)
     assert rig.point(one.serial).identity.lp == 1  # the lowest free LP
     async with Primary(broker.port).beating():
-        await charging_at_16(rig, Primary(broker.port), index=1)
+        # the same station again would be refused as an impostor: `one` answers its probe
+        await one.wait_for(lambda s: s.plugged)
+        await Primary(broker.port).cycle(16)
+        await one.wait_for(lambda s: s.pwm == 26 and s.contactor and any(s.currents_ma))
     three = await rig.station(2, FAST_VEHICLE)
     await three.wait_for(lambda s: s.plugged)
     async with lp3.beating():  # its own heartbeat, under its prefix
