@@ -60,6 +60,8 @@ class ChargePointConfig:
     controller: str = "modbus"  # the only interface whose writes are accepted (config.CONTROLLERS)
     supply_limited: bool = False  # stations share a supply: offer only its grant (supply.py)
     contactor_min_off: float = 0.0  # least time between the contactor opening and closing again
+    # The controller switches the contactor (bridge-mqtt): it stays open until allowed.
+    contactor_by_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class State:
 
     config: ChargePointConfig = ChargePointConfig()
     requested_ca: int = 0  # last set_current written; kept through lapses and sequences
+    contactor_allowed: bool = True  # the controller lets the contactor close
     enforce_heartbeat: bool = True
     heartbeat_lapsed: bool = False
     phases: int = 3  # phases in use (differs from the wiring after a phase switch)
@@ -145,7 +148,10 @@ class State:
 def initial_state(config: ChargePointConfig) -> State:
     """A charge point after start-up: nothing requested, heartbeat enforced."""
     return State(
-        config=config, phases=config.phases, supply_cap_ca=0 if config.supply_limited else None
+        config=config,
+        phases=config.phases,
+        supply_cap_ca=0 if config.supply_limited else None,
+        contactor_allowed=not config.contactor_by_request,
     )
 
 
@@ -240,12 +246,15 @@ def target(state: State, now: float) -> Target | None:
         # Impossible measurements: nothing the report says can be trusted, like a pilot fault.
         return Target(PWM_OFF, False)
     pwm = offered_pwm(state)
-    if pwm != PWM_OFF:
+    if pwm != PWM_OFF and (state.contactor_allowed or not data.contactor):
         # Close only once the station itself reports a charging PWM: a station that did not
         # apply the PWM must not get a closed contactor under a vehicle that asks anyway; and
         # not again before contactor_min_off has passed since it opened (the closing waits).
         may_close = offered_amps(data.pwm) > 0 and state.closed_not_before is None
-        return Target(pwm, data.pilot.requests_power and (data.contactor or may_close))
+        close = state.contactor_allowed and (data.contactor or may_close)
+        return Target(pwm, data.pilot.requests_power and close)
+    # Stopping (also a contactor the controller no longer allows): PWM 100 % until it is open;
+    # then the current is offered again with the contactor open, if one is allowed.
     return Target(PWM_OFF, data.contactor and not _vehicle_released(state, now))
 
 
@@ -305,7 +314,7 @@ def settle(state: State, now: float) -> State:
         and data is not None
         and data.contactor
         and data.pilot.requests_power
-        and offered_pwm(state) == PWM_OFF
+        and (offered_pwm(state) == PWM_OFF or not state.contactor_allowed)
     )
     stop_since = None
     if stopping_under_load:  # "is None", not "or": a stop that began at t = 0.0 has begun
@@ -385,6 +394,11 @@ def set_supply_cap(state: State, centiamps: int, now: float) -> State:
     """The shared supply grants this station at most ``centiamps`` (0: nothing)."""
     exposure = max(state.supply_exposure_ca, centiamps)
     return settle(replace(state, supply_cap_ca=centiamps, supply_exposure_ca=exposure), now)
+
+
+def set_contactor_allowed(state: State, allowed: bool, now: float) -> State:
+    """Let the contactor close when the vehicle asks; or stop charging and keep it open."""
+    return settle(replace(state, contactor_allowed=allowed), now)
 
 
 def shut_down(state: State, now: float) -> State:

@@ -136,6 +136,45 @@ def test_current_change_while_charging_changes_only_the_pwm():
     assert cp.target(s, 5) == cp.Target(16, True)
 
 
+# --- a controller that switches the contactor (bridge-mqtt) ---------------------------------
+
+BY_REQUEST = replace(CFG, contactor_by_request=True)
+
+
+def test_contactor_by_request_stays_open_until_allowed_while_the_current_is_offered():
+    s = cp.set_current(connected(BY_REQUEST, pilot=Pilot.B_9V), 1600, 0)
+    assert not s.contactor_allowed
+    assert cp.target(s, 0) == cp.Target(26, False)
+    s = cp.observe(s, idle_data(pilot=Pilot.C_6V, pwm=26), 1)
+    assert cp.target(s, 1) == cp.Target(26, False)  # the vehicle asks; not allowed yet
+    s = cp.set_contactor_allowed(s, True, 2)
+    assert cp.target(s, 2) == cp.Target(26, True)
+
+
+def test_contactor_allowed_does_not_close_without_a_vehicle_request_or_a_current():
+    s = cp.set_contactor_allowed(connected(BY_REQUEST, pilot=Pilot.B_9V), True, 0)
+    assert cp.target(s, 0) == cp.Target(100, False)  # no current requested
+    s = cp.set_current(s, 1600, 1)
+    assert cp.target(s, 1) == cp.Target(26, False)  # the vehicle does not ask yet
+
+
+def test_contactor_no_longer_allowed_stops_the_safe_way_then_offers_the_current_again():
+    s = cp.set_contactor_allowed(charging_state(), False, 10)
+    assert cp.target(s, 10) == cp.Target(100, True)  # PWM 100 % first, contactor stays
+    assert s.stop_since == 10 and s.requested_ca == 1600
+    s = cp.observe(s, replace(s.data, pwm=100), 11)
+    assert cp.target(s, 11) == cp.Target(100, True)  # the vehicle still draws
+    assert cp.target(cp.tick(s, 16), 16) == cp.Target(100, False)  # stop_timeout
+    s = cp.observe(s, replace(s.data, pwm=100, pilot=Pilot.B_9V, currents_ma=(0, 0, 0)), 12)
+    assert cp.target(s, 12) == cp.Target(100, False)  # the vehicle stopped: open
+    s = cp.observe(s, replace(s.data, contactor=False), 13)
+    assert cp.target(s, 13) == cp.Target(26, False)  # offered again, contactor stays open
+    s = cp.observe(s, replace(s.data, pwm=26, pilot=Pilot.C_6V), 14)
+    assert cp.target(s, 14) == cp.Target(26, False)
+    s = cp.set_contactor_allowed(s, True, 15)
+    assert cp.target(s, 15) == cp.Target(26, True)
+
+
 def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
     s = cp.start_cp_interruption(charging_state(), 30, 0)
     s = cp.observe(s, replace(s.data, pwm=100, pilot=Pilot.B_9V, contactor=False), 1)
@@ -337,6 +376,7 @@ events = st.one_of(
     st.tuples(st.just("poll"), st.none()),
     st.tuples(st.just("poll"), st.none()),
     st.tuples(st.just("shutdown"), st.none()),
+    st.tuples(st.just("contactor"), st.booleans()),
 )
 
 
@@ -474,6 +514,7 @@ class Station:
             # The vehicle may change its mind after its last report; the decision can only
             # rest on that report, and on a PWM the station really applied.
             assert self.state.data.pilot.requests_power, "closed without a vehicle request"
+            assert self.state.contactor_allowed, "closed although the controller forbids it"
             assert 10 <= self.pwm <= 85, "closed without an offered current"
             if self.opened_at is not None and not self.contactor:
                 rested = self.now - self.opened_at
@@ -507,6 +548,8 @@ class Station:
             elif kind == "poll":
                 self.poll()
                 s = self.state
+            elif kind == "contactor":
+                s = cp.set_contactor_allowed(s, value, self.now)
             elif kind == "shutdown":
                 s = cp.shut_down(s, self.now)
                 self.requested_ca = 0
@@ -561,6 +604,7 @@ class Station:
         stop_timeout=st.sampled_from([1.0, 6.0]),
         phase_switch_pause=st.just(2.0),
         contactor_min_off=st.sampled_from([0.0, 3.0, 20.0]),
+        contactor_by_request=st.booleans(),
     ),
     start=st.tuples(
         st.sampled_from(list(Pilot)),
