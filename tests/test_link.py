@@ -8,7 +8,7 @@ import pytest
 from conftest import RawStation, eventually, idle_data
 
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.evse.link import LinkObserver, StationLink
+from openwb_modbus_evse.evse.link import LinkObserver, StationLink, StationListener
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 SERIAL = "10BA23AB50534D53302E3120FF162332"
@@ -193,6 +193,47 @@ async def test_notify_between_request_and_response_and_coalescing(link):
     station.send(p.encode_data(idle_data(pwm=31), 4))
     await eventually(lambda: link.session(SERIAL).latest.pwm == 31)
     assert link.recorder.errors == []
+
+
+class Events(StationListener):
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def connected(self, session) -> None:
+        self.seen.append(("connected", session.serial, session.firmware))
+
+    def notified(self, session) -> None:
+        self.seen.append(("notified", session.serial))
+
+    def polled(self, session, data) -> None:
+        self.seen.append(("polled", session.serial, data.pwm))
+
+
+async def test_listeners_hear_the_connection_every_poll_and_every_notify(link):
+    events = Events()
+    link.listeners.append(events)
+    garbage = await RawStation.connect(link.port, "00" * 16)  # handshake, but no station
+    await garbage.next_request()
+    garbage.send(p.notify())  # before it proved to be a station: not passed on
+    station = await RawStation.connect(link.port, SERIAL, firmware=3)
+    await station.next_request()
+    station.send(p.encode_data(idle_data(pwm=40), 3))
+    await eventually(lambda: SERIAL in link.sessions)
+    station.send(p.notify())
+    await station.next_request(timeout=0.15)
+    station.send(p.encode_data(idle_data(pwm=41), 3))
+    await station.next_request()  # the next poll
+    station.send(p.encode_data(idle_data(pwm=42), 3))
+    await eventually(lambda: len(events.seen) == 5)
+    assert events.seen == [
+        ("connected", SERIAL, 3),
+        ("polled", SERIAL, 40),
+        ("notified", SERIAL),
+        ("polled", SERIAL, 41),
+        ("polled", SERIAL, 42),
+    ]
+    await garbage.close()
+    await station.close()
 
 
 async def test_reconnect_replaces_a_session_whose_station_no_longer_answers(link):

@@ -81,6 +81,22 @@ class LinkObserver:
         """``count`` station log lines were not logged (rate or size limit)."""
 
 
+class StationListener:
+    """Hears what every station does, for interfaces that pass it on; does nothing here.
+
+    Called from the session's task: a listener must not block or raise.
+    """
+
+    def connected(self, session: Session) -> None:
+        """A station proved itself (after its handshake and first data) and was registered."""
+
+    def notified(self, session: Session) -> None:
+        """The station sent a notify."""
+
+    def polled(self, session: Session, data: p.StationData) -> None:
+        """The station reported its data (after every poll)."""
+
+
 class _PassiveHooks:
     """Hooks of a link used on its own: observe, never command."""
 
@@ -184,6 +200,8 @@ class Session:
             data = replace(data, log_lines=self._log_station_lines(data.log_lines, now))
         self.latest, self.latest_at = data, now
         self.hooks.observe(data, now)
+        for listener in self.link.listeners:
+            listener.polled(self, data)
 
     def _log_station_lines(self, raw: tuple[str, ...], now: float) -> tuple[str, ...]:
         """Log the station's lines within the limits; returns them made safe for display."""
@@ -256,6 +274,8 @@ class Session:
                 self.firmware,
                 self.peer,
             )
+            for listener in self.link.listeners:
+                listener.connected(self)
             self._accept(first)
             await self._control_loop()
         except p.ProtocolError as err:
@@ -311,6 +331,9 @@ class Session:
                 body = await self._reader.readexactly(length)
                 response = p.decode_response(kind, body, self.firmware, self.calibration)
                 if response is p.ResponseType.NOTIFY:
+                    if self.serial is not None:
+                        for listener in self.link.listeners:
+                            listener.notified(self)
                     self._notified = True
                     self._wake.set()
                     continue
@@ -418,6 +441,7 @@ class StationLink:
         self.address_for = address_for or (lambda serial: None)
         self.observer = observer or LinkObserver()
         self.limiter = limiter or ConnectionLimiter.unbounded("evse")
+        self.listeners: list[StationListener] = []
         self.sessions: dict[str, Session] = {}
         self._all: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
