@@ -79,7 +79,7 @@ class Reason(StrEnum):
     BAD_VALUE = "bad_value"
     NOT_CONTROLLER = "not_controller"
     OFFLINE = "offline"
-    BUSY = "busy"
+    RETAINED = "retained"
 
 
 class BadRequest(Exception):
