@@ -28,6 +28,8 @@ from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
 from .mqtt.connection import MqttConnection, MqttSettings
 from .mqtt.openwb import OpenWbSecondary
+from .mqtt.rust_bridge import CONTROLLER as BRIDGE_MQTT
+from .mqtt.rust_bridge import RustBridgeApi
 from .phaseswitch import run_switch_command
 from .store import Store, StoreError
 from .supply import SupplyLimit
@@ -126,6 +128,9 @@ class Bridge:
         self.supply = (
             SupplyLimit(settings.supply_max_current) if settings.supply_max_current else None
         )
+        self.rust_bridge: RustBridgeApi | None = None
+        if self.mqtt is not None and settings.bridge_topics:
+            self.rust_bridge = RustBridgeApi(self, self.mqtt)
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
@@ -170,6 +175,7 @@ class Bridge:
             controller=controller,
             supply_limited=self.supply is not None,
             contactor_min_off=self.settings.contactor_min_off,
+            contactor_by_request=controller == BRIDGE_MQTT,
         )
         point = cp.ChargePoint(
             identity,
@@ -460,6 +466,8 @@ class Bridge:
         if self.mqtt is not None:
             assert self.openwb is not None
             self.openwb.start()
+            if self.rust_bridge is not None:
+                self.rust_bridge.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if self.settings.metrics_port:
             self.web = WebServer(self)
@@ -533,6 +541,8 @@ class Bridge:
             self.openwb.close()
         for task in list(self._probations.values()):
             task.cancel()  # nothing is remembered or released while shutting down
+        if self.rust_bridge is not None:
+            self.rust_bridge.close()
         switches = list(self._switches.values())
         for task in switches:
             task.cancel()  # a relay command in flight is abandoned (and killed)
@@ -541,6 +551,8 @@ class Bridge:
             await self._stop_charging()
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
+        if self.rust_bridge is not None:
+            await self.rust_bridge.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()

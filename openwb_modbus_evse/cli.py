@@ -126,6 +126,20 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @_setting("known_stations", str, "Comma-separated serials served even with unknown_stations=hold.")
 @_setting("lp_remember_after", float, "Seconds a new station must stay before its LP is saved.")
 @_setting("contactor_min_off", float, "Minimum seconds between contactor opening and closing.")
+@_setting("bridge_topics", str, "Rust-bridge messages: PUBLISH,SUBSCRIBE topics; empty = off.")
+@_setting(
+    "bridge_heartbeat_timeout",
+    float,
+    "Seconds without a Rust-bridge request before its stations stop charging.",
+)
+@click.option(
+    "--bridge-publish-topic",
+    help="Rust-bridge messages: the publish topic (other half of --bridge-topics).",
+)
+@click.option(
+    "--bridge-subscribe-topic",
+    help="Rust-bridge messages: the subscribe topic (other half of --bridge-topics).",
+)
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None:
     """Run the bridge."""

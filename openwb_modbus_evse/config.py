@@ -30,8 +30,10 @@ ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 #: Who may drive a charge point (``controller``); every interface reads, only this one writes.
-CONTROLLERS = ("modbus", "openwb-mqtt")
-MQTT_CONTROLLERS = ("openwb-mqtt",)  # need mqtt_host
+CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt")
+MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt")  # need mqtt_host
+#: The Rust dehneevse-mqtt-bridge's default topics (publish, subscribe).
+RUST_BRIDGE_TOPICS = ("from_dehneEVSE", "to_dehneEVSE")
 _CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
 
 
@@ -109,6 +111,8 @@ class Settings:
     known_stations: tuple[str, ...] = ()
     lp_remember_after: float = 60.0
     contactor_min_off: float = 60.0
+    bridge_topics: str = ""  # "<publish>,<subscribe>": the Rust bridge's messages; "" = off
+    bridge_heartbeat_timeout: float = 80.0
     station: tuple[StationConfig, ...] = ()
 
     def station_by_serial(self, serial: str) -> StationConfig | None:
@@ -123,6 +127,14 @@ class Settings:
     def is_known(self, serial: str) -> bool:
         """A station the user named: in ``[[station]]`` or in ``known_stations``."""
         return serial in self.known_stations or self.station_by_serial(serial) is not None
+
+    @property
+    def bridge_topic_pair(self) -> tuple[str, str] | None:
+        """(publish topic, subscribe topic) of the Rust-bridge messages; None when off."""
+        if not self.bridge_topics:
+            return None
+        publish, subscribe = self.bridge_topics.split(",")
+        return publish, subscribe
 
 
 # --- value checks ----------------------------------------------------------------------------
@@ -226,6 +238,23 @@ def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
         raise ConfigError(key, f"must be an IP address or network, got {value!r}") from exc
 
 
+def _bridge_topics(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    if not value:
+        return value
+    topics = value.split(",")
+    if len(topics) != 2 or not all(topics):
+        raise ConfigError(key, f'must be "<publish topic>,<subscribe topic>", got {value!r}')
+    for topic in topics:
+        if any(c in topic for c in "+#\0") or len(topic.encode()) > 65535:
+            raise ConfigError(key, f"topics must hold no + or # (no wildcards), got {topic!r}")
+    if topics[0] == topics[1]:
+        # Its own answers would come back as requests: two topics keep it free of loops.
+        raise ConfigError(key, f"publish and subscribe topics must differ, got {value!r}")
+    return value
+
+
 def _poll_interval(key: str, value: Any) -> float:
     number = _positive(key, value)
     if number >= STATION_IDLE_TIMEOUT:
@@ -286,6 +315,8 @@ _CHECKS: dict[str, Any] = {
     "mqtt_ca_file": _readable_file,
     "mqtt_heartbeat_timeout": _positive,
     "controller": lambda k, v: _choice(k, v, CONTROLLERS),
+    "bridge_topics": _bridge_topics,
+    "bridge_heartbeat_timeout": _positive,
 }
 
 
@@ -386,6 +417,14 @@ def _check_mqtt(settings: Settings) -> None:
         for i, st in enumerate(settings.station):
             if st.controller in MQTT_CONTROLLERS:
                 raise ConfigError(f"station[{i}].controller", f"{st.controller!r} needs mqtt_host")
+        if settings.bridge_topics:
+            raise ConfigError("bridge_topics", "needs mqtt_host (the MQTT broker)")
+    if not settings.bridge_topics:
+        if settings.controller == "bridge-mqtt":
+            raise ConfigError("controller", "'bridge-mqtt' needs bridge_topics")
+        for i, st in enumerate(settings.station):
+            if st.controller == "bridge-mqtt":
+                raise ConfigError(f"station[{i}].controller", "'bridge-mqtt' needs bridge_topics")
     trees: dict[tuple[str, int], int] = {}
     for i, st in enumerate(settings.station):
         tree = station_tree(st)
@@ -434,7 +473,15 @@ def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) ->
             raise ConfigError(str(path), f"cannot read the config file ({exc.strerror})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(path), f"not valid TOML ({exc})") from exc
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    publish = given.pop("bridge_publish_topic", None)
+    subscribe = given.pop("bridge_subscribe_topic", None)
+    values.update(given)
+    if publish is not None or subscribe is not None:
+        # Either half alone keeps the other from the file, else the Rust bridge's default.
+        current = values.get("bridge_topics") or ",".join(RUST_BRIDGE_TOPICS)
+        pub, _, sub = str(current).partition(",")
+        values["bridge_topics"] = f"{publish or pub},{subscribe or sub}"
     return build(values)
 
 

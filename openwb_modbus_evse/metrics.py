@@ -168,6 +168,18 @@ class _ChargePointCollector(Collector):
                 age_.add_metric([prefix], primary.clock.age())
                 lapsed_.add_metric([prefix], int(primary.clock.lapsed))
             yield from (age_, lapsed_)
+        if bridge.rust_bridge is not None:
+            beat = bridge.rust_bridge.heartbeat
+            yield GaugeMetricFamily(
+                f"{PREFIX}_bridge_heartbeat_age_seconds",
+                "Seconds since the last Rust-bridge MQTT request (or since start).",
+                value=beat.age(),
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_bridge_heartbeat_lapsed",
+                "1 while no Rust-bridge MQTT request came for bridge_heartbeat_timeout.",
+                value=int(beat.lapsed),
+            )
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",

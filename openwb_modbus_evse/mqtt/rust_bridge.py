@@ -8,75 +8,87 @@ go through the charge-point state machine, and only for stations whose controlle
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from .. import chargepoint as cp
-from ..evse.link import Session, StationListener
+from ..evse.link import Session, StationListener, printable
 from ..evse.protocol import StationData
+from ..heartbeat import Heartbeat
+from ..ratelimit import RateLimit
 from . import rust_bridge_messages as m
+from .connection import Message, MqttConnection
 from .rust_bridge_messages import BadRequest, MessageType, Reason
+
+if TYPE_CHECKING:
+    from ..bridge import Bridge
 
 log = logging.getLogger(__name__)
 
 CONTROLLER = "bridge-mqtt"
-# Refused requests are logged one line each up to this many per minute, then counted.
-LOG_LINES_PER_MINUTE = 20
-
-
-class RustBridgeObserver(Protocol):
-    """Counts what the interface does (for metrics)."""
-
-    def bridge_request(self, result: str) -> None:
-        """A request was carried out (``ok``) or refused (the reason)."""
-
-
-class _LogLimit:
-    """At most ``per_minute`` lines a minute; the rest are summed up in one line afterwards."""
-
-    def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
-        self._per_minute, self._clock = per_minute, clock
-        self._window_start = clock()
-        self._lines = 0
-        self._dropped = 0
-
-    def allow(self) -> bool:
-        now = self._clock()
-        if now - self._window_start >= 60:
-            if self._dropped:
-                log.warning("%d more refused MQTT requests were not logged", self._dropped)
-            self._window_start, self._lines, self._dropped = now, 0, 0
-        if self._lines < self._per_minute:
-            self._lines += 1
-            return True
-        self._dropped += 1
-        return False
+# Refused requests are logged one line each: this many at once, then one every 3 s at most;
+# the others are counted and said with the next line.
+LOG_BURST = 20
+LOG_LINES_PER_SECOND = 1 / 3
+_REASON_OF_REFUSAL = {
+    cp.RefusalKind.BAD_VALUE: Reason.BAD_VALUE,
+    cp.RefusalKind.BUSY: Reason.BUSY,
+    cp.RefusalKind.OFFLINE: Reason.OFFLINE,
+    cp.RefusalKind.NOT_CONTROLLER: Reason.NOT_CONTROLLER,
+}
 
 
 class RustBridgeApi(StationListener):
-    """Publishes what the stations do; carries out requests. ``send`` publishes one payload
-    on the publish topic without blocking (the connection decides what a full queue drops)."""
+    """Publishes what the stations do; carries out requests; keeps the controller's heartbeat.
 
-    def __init__(
-        self,
-        *,
-        send: Callable[[bytes], None],
-        charge_points: Mapping[str, cp.ChargePoint],
-        sessions: Mapping[str, Session],
-        controls: Callable[[str], bool],
-        heartbeat: Callable[[], None],
-        clock: Callable[[], float],
-        observer: RustBridgeObserver | None = None,
-    ) -> None:
-        self._send = send
-        self._points = charge_points
-        self._sessions = sessions
-        self._controls = controls
-        self._heartbeat = heartbeat
-        self._clock = clock
-        self._observer = observer
-        self._log_limit = _LogLimit(LOG_LINES_PER_MINUTE, clock)
+    Every request on the subscribe topic refreshes the heartbeat of the ``bridge-mqtt``
+    stations; without one for ``bridge_heartbeat_timeout`` they stop charging.
+    """
+
+    def __init__(self, bridge: Bridge, connection: MqttConnection) -> None:
+        topics = bridge.settings.bridge_topic_pair
+        assert topics is not None
+        self.bridge, self.mqtt = bridge, connection
+        self.publish_topic, self.subscribe_topic = topics
+        self.heartbeat = Heartbeat(
+            bridge.settings.bridge_heartbeat_timeout,
+            bridge.clock,
+            self._heartbeat_changed,
+            what=f"request on {self.subscribe_topic}",
+        )
+        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        connection.subscribe(self.subscribe_topic, self._received)
+        bridge.link.listeners.append(self)
+        bridge.heartbeats[CONTROLLER] = lambda _: self.heartbeat
+
+    def start(self) -> None:
+        """Watch the heartbeat."""
+        self._task = asyncio.create_task(self.heartbeat.watch())
+
+    def close(self) -> None:
+        """Take no more commands (shutdown has begun); stations are still published."""
+        self._closing = True
+
+    async def stop(self) -> None:
+        """Stop watching the heartbeat."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _heartbeat_changed(self, lapsed: bool) -> None:
+        points = self.bridge.charge_points.values()
+        self.bridge.apply_heartbeat(
+            lapsed, (p for p in points if p.state.config.controller == CONTROLLER)
+        )
+
+    def _send(self, payload: bytes) -> None:
+        self.mqtt.publish(self.publish_topic, payload)  # never blocks; dropped while offline
 
     # --- stations -> subscribers -----------------------------------------------------------
 
@@ -94,33 +106,34 @@ class RustBridgeApi(StationListener):
 
     # --- subscribers -> stations -----------------------------------------------------------
 
-    def handle(self, payload: bytes, *, retained: bool = False) -> None:
+    def _received(self, message: Message) -> None:
         """One message from the subscribe topic: answered once, with a response or an error."""
         try:
-            request = m.parse_request(payload)
-            if retained:
+            request = m.parse_request(message.payload)
+            if message.retain:
                 # A retained request is replayed on every (re)connect, long after it was meant.
                 raise BadRequest(
-                    Reason.RETAINED,
+                    Reason.REPLAY,
                     "retained requests are not carried out; publish requests without retain",
                     client_id=request.client_id,
                     request=request.type.value,
                 )
             reply = self._carry_out(request)
         except BadRequest as err:
-            if self._log_limit.allow():
-                log.warning(
-                    "bridge-mqtt: refused %s for %s: %s",
-                    err.request or "a message",
-                    err.client_id or "no station",
-                    err,
-                )
-            self._count(err.reason.value)
-            self._send(m.error(err))
+            self._refused(err)
             return
-        self._heartbeat()
-        self._count("ok")
+        self.heartbeat.refresh()
         self._send(reply)
+
+    def _refused(self, err: BadRequest) -> None:
+        self.bridge.metrics.command_refused(CONTROLLER, err.reason.value)
+        if self._log_limit.allow(self.bridge.clock()):
+            before = self._log_limit.take_dropped()
+            note = f" ({before} more refused before, not logged)" if before else ""
+            # What a peer sent must not forge log lines: escaped and cut.
+            line = f"refused {err.request or 'a message'} for {err.client_id or 'no station'}"
+            log.warning("bridge-mqtt: %s", printable(f"{line}: {err}{note}"))
+        self._send(m.error(err))
 
     def _carry_out(self, request: m.Request) -> bytes:
         serial, kind = request.client_id, request.type
@@ -128,37 +141,34 @@ class RustBridgeApi(StationListener):
         def refuse(reason: Reason, text: str) -> BadRequest:
             return BadRequest(reason, text, client_id=serial, request=kind.value)
 
-        point = self._points.get(serial)
+        point = self.bridge.charge_points.get(serial)
         if point is None:
             raise refuse(Reason.UNKNOWN_CLIENT_ID, "no station with this client_id is known")
         response = m.RESPONSE_TO[kind]
         if kind in (MessageType.REQUEST_PING, MessageType.REQUEST_DATA_COLLECTION):
-            session = self._sessions.get(serial)
+            session = self.bridge.link.sessions.get(serial)
             if session is None or session.latest is None:
                 raise refuse(Reason.OFFLINE, "the station is not connected")
             if kind is MessageType.REQUEST_PING:
                 return m.bare(response, serial)
             # Its log went out with the poll that brought it; this answer does not repeat it.
             return m.collect_data(serial, session.latest, with_log=False)
-        if not self._controls(serial):
-            raise refuse(
-                Reason.NOT_CONTROLLER,
-                f"station {point.name} is not controlled by {CONTROLLER} (see its controller)",
-            )
-        now = self._clock()
-        if kind is MessageType.REQUEST_SET_PWM_PERCENT:
-            assert request.pwm_percent is not None
-            try:
-                centiamps = m.pwm_to_centiamps(request.pwm_percent)
+        if self._closing:
+            raise refuse(Reason.OFFLINE, "the service is shutting down")
+        now = self.bridge.clock()
+        try:
+            cp.check_writer(point.state, CONTROLLER)
+            if kind is MessageType.REQUEST_SET_PWM_PERCENT:
+                assert request.pwm_percent is not None
+                try:
+                    centiamps = m.pwm_to_centiamps(request.pwm_percent)
+                except ValueError as err:
+                    raise refuse(Reason.BAD_VALUE, str(err)) from None
                 state = cp.set_current(point.state, centiamps, now)
-            except (ValueError, cp.Refused) as err:
-                raise refuse(Reason.BAD_VALUE, str(err)) from None
-        else:
-            assert request.contactor_state is not None
-            state = cp.set_contactor_allowed(point.state, request.contactor_state, now)
+            else:
+                assert request.contactor_state is not None
+                state = cp.set_contactor_allowed(point.state, request.contactor_state, now)
+        except cp.Refused as refusal:
+            raise refuse(_REASON_OF_REFUSAL[refusal.kind], str(refusal)) from None
         point.commit(state)
         return m.bare(response, serial)
-
-    def _count(self, result: str) -> None:
-        if self._observer is not None:
-            self._observer.bridge_request(result)

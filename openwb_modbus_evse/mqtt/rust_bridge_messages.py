@@ -79,7 +79,8 @@ class Reason(StrEnum):
     BAD_VALUE = "bad_value"
     NOT_CONTROLLER = "not_controller"
     OFFLINE = "offline"
-    RETAINED = "retained"
+    BUSY = "busy"
+    REPLAY = "replay"  # a retained request: replayed by the broker, not sent now
 
 
 class BadRequest(Exception):
