@@ -298,6 +298,7 @@ BAD = [
     (b"", "malformed_json", None, None),
     (b'["request_ping"]', "malformed_json", None, None),
     (readme_request("request_ping", "00112233445566778899AABBCCDDEEFF"), "unknown_client_id", 1, 1),
+    (readme_request("request_ping", "AB\nWARNING forged line"), "unknown_client_id", 1, 1),
     (readme_request("request_reboot"), "unknown_message_type", 1, 1),
     (readme_request("request_firmware"), "unknown_message_type", 1, 1),
     (readme_request("request_ping", 42), "wrong_field_type", None, 1),
@@ -339,7 +340,12 @@ async def test_every_bad_request_gets_one_error_and_changes_nothing(
     assert rig.bridge.mqtt.connected and rig.bridge.mqtt.connects == 1  # stayed up
     refused = [r for r in caplog.records if "bridge-mqtt: refused" in r.getMessage()]
     assert len(refused) == len(BAD)
-    # still answering
+    assert not any("\n" in r.getMessage() for r in refused)  # no forged log lines
+    sample = rig.bridge.metrics.registry.get_sample_value
+    name = "openwb_modbus_evse_bridge_mqtt_requests_total"
+    assert sample(name, {"result": "malformed_json"}) == 3
+    assert sample(name, {"result": "wrong_field_type"}) == 5
+    assert sample(name, {"result": "ok"}) == 1  # still answering
     assert b"response_ping" in await client.ask(readme_request("request_ping"), "response_ping")
 
 
