@@ -417,3 +417,21 @@ def test_bad_bridge_settings_name_the_key(values, key):
     with pytest.raises(config.ConfigError) as err:
         config.build(values)
     assert err.value.key == key
+
+
+def test_serve_takes_the_two_topic_options():
+    from click.testing import CliRunner
+
+    from openwb_modbus_evse.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(
+        main, ["serve", "--mqtt-host", "h", "--bridge-publish-topic", "evse/out", "--check-config"]
+    )
+    assert ok.exit_code == 0, ok.output
+    same = ["--bridge-publish-topic", "x", "--bridge-subscribe-topic", "x"]
+    refused = runner.invoke(main, ["serve", "--mqtt-host", "h", *same, "--check-config"])
+    assert refused.exit_code == 2
+    assert "config error: bridge_topics: publish and subscribe topics must differ" in (
+        refused.output
+    )
