@@ -263,7 +263,9 @@ async def test_a_subscriber_that_goes_quiet_stops_charging(mqtt_settings, make_r
     await station.wait_for(lambda s: not s.contactor, timeout=3)
     sent = commands(station, since)
     assert sent.index(("pwm", 100)) < sent.index(("contactor", False))
-    assert rig.bridge.bridge_heartbeat.lapses == 1
+    assert rig.bridge.rust_bridge.heartbeat.lapses == 1
+    sample = rig.bridge.metrics.registry.get_sample_value
+    assert sample("openwb_modbus_evse_bridge_heartbeat_lapsed") == 1
     await client.ask(readme_request("request_ping"), "response_ping")  # any request: back
     await station.wait_for(lambda s: s.pwm == 26 and s.contactor, timeout=3)
 
@@ -342,10 +344,11 @@ async def test_every_bad_request_gets_one_error_and_changes_nothing(
     assert len(refused) == len(BAD)
     assert not any("\n" in r.getMessage() for r in refused)  # no forged log lines
     sample = rig.bridge.metrics.registry.get_sample_value
-    name = "openwb_modbus_evse_bridge_mqtt_requests_total"
-    assert sample(name, {"result": "malformed_json"}) == 3
-    assert sample(name, {"result": "wrong_field_type"}) == 5
-    assert sample(name, {"result": "ok"}) == 1  # still answering
+    name = "openwb_modbus_evse_commands_refused_total"
+    assert sample(name, {"interface": "bridge-mqtt", "reason": "malformed_json"}) == 3
+    assert (
+        sample(name, {"interface": "bridge-mqtt", "reason": "wrong_field_type"}) == 5
+    )  # still answering
     assert b"response_ping" in await client.ask(readme_request("request_ping"), "response_ping")
 
 
@@ -358,7 +361,7 @@ async def test_a_retained_request_is_not_carried_out(mqtt_settings, make_rig, br
         )
     rig = await running(make_rig, mqtt_settings)
     await eventually(lambda: client.of("error"))
-    assert client.of("error")[0]["reason"] == "retained"
+    assert client.of("error")[0]["reason"] == "replay"
     assert not rig.point(SERIAL).state.contactor_allowed
 
 
@@ -435,3 +438,16 @@ def test_serve_takes_the_two_topic_options():
     assert "config error: bridge_topics: publish and subscribe topics must differ" in (
         refused.output
     )
+
+
+async def test_modbus_cannot_write_to_a_bridge_mqtt_station(mqtt_settings, make_rig):
+    from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+
+    rig = await running(make_rig, mqtt_settings)
+    station = await rig.station(1, VEHICLE)
+    station.plug_in()
+    client = await rig.client()
+    reply = await client.write_register(REGISTER_MAP.address(1, "set_current"), 1600, device_id=1)
+    assert reply.isError() and reply.exception_code == 1
+    await asyncio.sleep(0.6)
+    assert rig.point(SERIAL).state.requested_ca == 0 and station.pwm == 100
