@@ -7,6 +7,8 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
    subprocess too: ``python -m tests.bench --plain-server PORT``).
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
    ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
+   ``bridge``: the same from a Rust-bridge ``request_set_pwm_percent`` over MQTT, and from a
+   poll to its ``response_collect_data`` at a subscriber.
 3. ``capacity``: how many stations one bridge keeps polled on time, with its CPU and memory use.
 4. ``heartbeat``: from the heartbeat deadline to the PWM-100 command.
 5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics
@@ -49,7 +51,7 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
-PARTS = ("modbus", "latency", "mqtt", "capacity", "heartbeat", "scrape")
+PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape")
 LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
@@ -801,6 +803,89 @@ async def bench_mqtt(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+# --- part 2c: Rust-bridge messages ----------------------------------------------------------------
+
+
+async def bench_bridge(args: argparse.Namespace, workdir: Path) -> None:
+    """Part 2c: request_set_pwm_percent -> set-PWM and response; poll -> response_collect_data."""
+    import aiomqtt
+
+    say(f"bridge: {args.writes} request_set_pwm_percent over MQTT")
+    broker, mqtt_port = await start_mosquitto(workdir)
+    bridge = await start_bridge(
+        workdir,
+        "bridge",
+        *("--mqtt-host", HOST, "--mqtt-port", str(mqtt_port), "--controller", "bridge-mqtt"),
+        *("--bridge-topics", "from_dehneEVSE,to_dehneEVSE"),
+    )
+    serial = virtual_serial(1)
+    station = MiniStation(serial, record=True)
+    to_pwm: list[float] = []
+    to_response: list[float] = []
+    poll_to_message: list[float] = []
+    try:
+        async with aiomqtt.Client(HOST, mqtt_port) as client:
+            await client.subscribe("from_dehneEVSE")
+            messages = client.messages
+
+            async def next_of(kind: str) -> float:
+                async with asyncio.timeout(5):
+                    async for message in messages:
+                        if json.loads(message.payload)["message_type"] == kind:
+                            return time.perf_counter()
+                raise BenchError(f"no {kind}")
+
+            await asyncio.sleep(1.0)  # the service's MQTT client connects
+            await station.connect(bridge.evse_port)
+            await registered(station)
+            await next_of("new_connection")
+            for i in range(args.writes):
+                percent = (26, 16)[i % 2]
+                request = {
+                    "message_type": "request_set_pwm_percent",
+                    "client_id": serial,
+                    "pwm_percent": percent,
+                }
+                station.drain()
+                t0 = time.perf_counter()
+                await client.publish("to_dehneEVSE", json.dumps(request))
+                answered = await next_of("response_set_pwm_percent")
+                at, got = await station.expect(is_pwm(), timeout=5.0)
+                if got.pwm != percent:
+                    raise BenchError(f"asked {percent} %, the station got PWM {got.pwm}")
+                to_pwm.append(at - t0)
+                to_response.append(answered - t0)
+                polled, _ = await station.expect(is_collect, timeout=5.0)
+                poll_to_message.append(await next_of("response_collect_data") - polled)
+    finally:
+        await close_stations([station])
+        bridge.child.stop()
+        broker.stop()
+
+    def row(name: str, values: list[float]) -> list[str]:
+        return [name, *(ms(percentile(values, q)) for q in (50, 99)), ms(max(values))]
+
+    section(
+        f"2c. Rust-bridge request_set_pwm_percent over MQTT, {args.writes} requests alternating "
+        "26/16 %; compare with parts 2 and 2b",
+        table(
+            ["interval", "p50 ms", "p99 ms", "max ms"],
+            [
+                row("publish -> set-PWM on station", to_pwm),
+                row("publish -> response_set_pwm_percent", to_response),
+                row("collect-data on station -> response_collect_data", poll_to_message),
+            ],
+        ),
+        [
+            f"bridge: {bridge.options}",
+            "  through a mosquitto on loopback; one client publishes and subscribes",
+            "  the last row waits for a delayed ACK (~40 ms) when two messages go out back to "
+            "back: neither paho nor mosquitto (set_tcp_nodelay) turns Nagle off; with both off "
+            "it was 0.8 ms",
+        ],
+    )
+
+
 # --- part 3: station capacity -------------------------------------------------------------------
 
 
@@ -1324,6 +1409,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "modbus": bench_modbus,
         "latency": bench_latency,
         "mqtt": bench_mqtt,
+        "bridge": bench_bridge,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,
