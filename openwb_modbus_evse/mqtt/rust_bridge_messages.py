@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..chargepoint import CA_PER_PWM_PERCENT, MAX_CURRENT_CA, MIN_CHARGING_PWM, PWM_OFF
-from ..evse.protocol import INT32_MAX, UINT32_MAX, Pilot, Proximity, StationData
+from ..evse.protocol import UINT32_MAX, Pilot, Proximity, StationData
 
 # A request is well under 200 bytes; anything much larger is not one, and is not parsed.
 MAX_REQUEST_BYTES = 4096
@@ -34,7 +34,6 @@ class MessageType(StrEnum):
     RESPONSE_SET_CONTACTOR_STATE = "response_set_contactor_state"
     REQUEST_PING = "request_ping"
     REQUEST_DATA_COLLECTION = "request_data_collection"
-    REQUEST_FIRMWARE = "request_firmware"
     REQUEST_SET_PWM_PERCENT = "request_set_pwm_percent"
     REQUEST_SET_CONTACTOR_STATE = "request_set_contactor_state"
     ERROR = "error"
@@ -138,15 +137,12 @@ def _u32(value: int) -> int:
     return min(max(value, 0), UINT32_MAX)
 
 
-def _i32(value: int) -> int:
-    return min(max(value, -INT32_MAX - 1), INT32_MAX)
-
-
 def collect_data(client_id: str, data: StationData, *, with_log: bool = True) -> bytes:
     """``response_collect_data`` for one data report of the station.
 
-    ``logging_buffer`` is the station's raw buffer (NUL-terminated lines) as the Rust bridge
-    passed it on; ``with_log=False`` leaves it empty, for data whose log was already published.
+    ``logging_buffer`` holds the station's log lines, each NUL-terminated as in its buffer (which
+    the Rust bridge passed on); ``with_log=False`` leaves it empty, for data whose log was
+    already published.
     Firmware before 3 reports no ADC values: they read 0.
     """
     volts, amps = data.voltages_mv, data.currents_ma
@@ -155,7 +151,7 @@ def collect_data(client_id: str, data: StationData, *, with_log: bool = True) ->
         {
             "message_type": MessageType.RESPONSE_COLLECT_DATA.value,
             "client_id": client_id,
-            "pwm_percent": min(max(data.pwm, 0), 255),
+            "pwm_percent": data.pwm,
             "contactor_state": data.contactor,
             "measurements": {
                 "pilot_voltage": PILOT_VOLTAGE[data.pilot],
@@ -166,8 +162,8 @@ def collect_data(client_id: str, data: StationData, *, with_log: bool = True) ->
                 "phase1_milliamps": _u32(amps[0]),
                 "phase2_milliamps": _u32(amps[1]),
                 "phase3_milliamps": _u32(amps[2]),
-                "wifi_rssi": _i32(data.rssi_dbm),
-                "uptime_milliseconds": _i32(data.uptime_ms),
+                "wifi_rssi": data.rssi_dbm,
+                "uptime_milliseconds": data.uptime_ms,
                 "current_control_pilot_adc": _u32(data.cp_adc or 0),
                 "current_proximity_pilot_adc": _u32(data.pp_adc or 0),
                 "logging_buffer": log,
