@@ -19,8 +19,8 @@ from ipaddress import IPv4Network, IPv6Network
 from . import chargepoint as cp
 from .actions import ActionError, ActionErrorKind
 from .config import ConfigError, Settings, StationConfig
-from .evse.link import Session, StationLink
-from .evse.protocol import NO_CALIBRATION, StationCalibration
+from .evse.link import Session, SessionClosed, StationLink
+from .evse.protocol import MAX_FIRMWARE_SIZE, NO_CALIBRATION, StationCalibration
 from .heartbeat import Heartbeat
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .metrics import Metrics
@@ -134,6 +134,7 @@ class Bridge:
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
         self._tasks: list[asyncio.Task[None]] = []
         self._switches: dict[str, asyncio.Task[None]] = {}
+        self._updates: set[str] = set()  # serials with a firmware update running
         self._stopped = False
         self._running = False  # start() completed
 
@@ -391,6 +392,68 @@ class Bridge:
         if point.identity.lp is not None:
             del self._by_lp[point.identity.lp]
         log.info("station %s (%s) forgotten by an operator", serial, point.name)
+
+    # --- firmware update (operator action) ---------------------------------------------------
+
+    async def update_firmware(self, serial: str, image: bytes, timeout: float) -> dict[str, object]:
+        """Send ``image`` to a station that is not charging; done once it has reconnected.
+
+        LP, energy counter and settings belong to the charge point, which outlives the session.
+        """
+        if not image:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, "the firmware image is empty")
+        if len(image) > MAX_FIRMWARE_SIZE:
+            raise ActionError(
+                ActionErrorKind.TOO_LARGE,
+                f"the image has {len(image)} bytes; a station holds at most {MAX_FIRMWARE_SIZE}",
+            )
+        point = self.charge_points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        session = self.link.sessions.get(serial)
+        if session is None:
+            raise ActionError(ActionErrorKind.CONFLICT, f"{point.name} is not connected")
+        if serial in self._updates:
+            raise ActionError(ActionErrorKind.CONFLICT, f"an update of {point.name} is running")
+
+        def check() -> None:
+            if _busy(point):
+                raise ActionError(
+                    ActionErrorKind.CONFLICT,
+                    f"firmware update refused: {point.name} is charging or its contactor is "
+                    "closed; stop it first",
+                )
+
+        check()
+        self._updates.add(serial)
+        try:
+            started = self.clock()
+            try:
+                await session.upload_firmware(image, check)
+            except SessionClosed as err:
+                raise ActionError(ActionErrorKind.FAILED, f"connection lost: {err}") from None
+            log.info("station %s: firmware image of %d bytes sent", point.name, len(image))
+            while self.clock() - started < timeout:
+                current = self.link.sessions.get(serial)
+                if current is not None and current is not session:
+                    return {
+                        "firmware_before": session.firmware,
+                        "firmware_after": current.firmware,
+                        "seconds": round(self.clock() - started, 1),
+                    }
+                await asyncio.sleep(0.05)
+        finally:
+            self._updates.discard(serial)
+        if not session.closed:
+            raise ActionError(
+                ActionErrorKind.FAILED,
+                f"{point.name} did not restart within {timeout:g} s: it is still connected, so "
+                "it probably refused the image",
+            )
+        raise ActionError(
+            ActionErrorKind.FAILED,
+            f"{point.name} dropped the connection and did not come back within {timeout:g} s",
+        )
 
     # --- shared supply ----------------------------------------------------------------------
 

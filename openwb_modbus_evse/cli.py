@@ -453,5 +453,35 @@ def forget(url: str, token: str, serial: str) -> None:
     click.echo(f"station {serial} forgotten")
 
 
+@main.command()
+@_admin
+@click.argument("serial")
+@click.argument("image", type=click.File("rb"))
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(1, 240),
+    help="Seconds the station may take to flash, restart and reconnect.",
+)
+def firmware(url: str, token: str, serial: str, image: Any, timeout: float) -> None:
+    """Update the firmware of station SERIAL with IMAGE (it must not be charging)."""
+    data = image.read()
+    click.echo(f"sending {len(data)} bytes to {serial}; waiting for it to restart ...")
+    done = _call(
+        url,
+        token,
+        "POST",
+        f"/api/stations/{serial}/firmware?timeout={timeout:g}",
+        body=data,
+        content_type="application/octet-stream",
+        timeout=timeout + 30,
+    )
+    click.echo(
+        f"station {serial} is back after {done['seconds']} s with firmware "
+        f"{done['firmware_after']} (was {done['firmware_before']})"
+    )
+
+
 if __name__ == "__main__":
     main()

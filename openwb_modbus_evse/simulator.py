@@ -112,8 +112,19 @@ class VirtualStation:
         request_timeout: float = STATION_IDLE_TIMEOUT,
         safety_timeout: float = STATION_SAFETY_TIMEOUT,
         name: str | None = None,
+        firmware_update: str = "reboot",
+        firmware_after_update: int | None = None,
     ) -> None:
-        """``vehicle=None`` means a default vehicle that is only plugged in by ``plug_in()``."""
+        """``vehicle=None`` means a default vehicle that is only plugged in by ``plug_in()``.
+
+        A firmware upload with a good CRC makes the station ``"reboot"`` (drop the connection,
+        come back after ``reconnect_delay`` with ``firmware_after_update``, if given),
+        ``"ignore"`` it, or ``"die"`` (drop the connection and never come back).
+        """
+        if firmware_update not in ("reboot", "ignore", "die"):
+            raise ValueError(
+                f"firmware_update must be reboot, ignore or die, not {firmware_update}"
+            )
         protocol.encode_handshake(serial, firmware)  # raises ValueError early on a bad serial
         if len(serial) != 32:
             raise ValueError(f"serial must be 32 hex digits, got {serial!r}")
@@ -128,6 +139,10 @@ class VirtualStation:
         self._request_timeout = request_timeout
         self._safety_timeout = safety_timeout
         self.name = name or self._serial
+        self._firmware_update = firmware_update
+        self._firmware_after_update = firmware_after_update
+        self._uploads: list[bytes] = []
+        self._rebooting = False
 
         # Station state, as after power-on.
         self._pwm = 100
@@ -224,6 +239,11 @@ class VirtualStation:
     def notifies_sent(self) -> int:
         """How many notify frames were written."""
         return self._notifies_sent
+
+    @property
+    def uploads(self) -> list[bytes]:
+        """Every firmware image received with a good CRC, in order."""
+        return self._uploads
 
     @property
     def silent(self) -> bool:
@@ -477,10 +497,13 @@ class VirtualStation:
             self._set_contactor(request.contactor)
             self._send(protocol.contactor_ack())
         elif request.type is RequestType.FIRMWARE_UPLOAD:
-            # The real firmware never answers an upload; we only note it.
-            size = len(request.image or b"")
-            self._log(f"firmware upload {size} bytes crc {'ok' if request.crc_ok else 'bad'}")
-            logger.info("%s: firmware upload of %d bytes (not answered)", self.name, size)
+            # The real firmware never answers an upload; it flashes a good image and restarts.
+            image = request.image or b""
+            self._log(f"firmware upload {len(image)} bytes crc {'ok' if request.crc_ok else 'bad'}")
+            logger.info("%s: firmware upload of %d bytes (not answered)", self.name, len(image))
+            if request.crc_ok and image:
+                self._uploads.append(image)
+                self._rebooting = self._firmware_update != "ignore"
         self._after(before, by_command=True)
 
     async def _run(self) -> None:
@@ -510,7 +533,26 @@ class VirtualStation:
                     writer.close()
                     with contextlib.suppress(OSError):
                         await writer.wait_closed()
+            if self._rebooting:
+                if self._firmware_update == "die":
+                    logger.info("%s: does not come back after the firmware upload", self.name)
+                    return
+                self._reboot()
             await asyncio.sleep(self._reconnect_delay)
+
+    def _reboot(self) -> None:
+        """Start again after a firmware update: outputs off, uptime from 0, maybe a new version."""
+        self._rebooting = False
+        before = self._observe()
+        self._set_contactor(False)
+        self._set_pwm(100)
+        self._log_lines.clear()
+        self._log_bytes = 0
+        self._started_at = asyncio.get_running_loop().time()
+        if self._firmware_after_update is not None:
+            self._firmware = self._firmware_after_update
+        logger.info("%s: restarted with firmware %d", self.name, self._firmware)
+        self._after(before, by_command=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake, then answer requests until the connection drops or falls idle."""
@@ -529,7 +571,9 @@ class VirtualStation:
             try:
                 async with asyncio.timeout_at(last_request + self._request_timeout):
                     header = await reader.readexactly(HEADER_SIZE)
-                    frame_type, length = protocol.decode_header(header, REQUEST_TYPES)
+                    frame_type, length = protocol.decode_header(
+                        header, REQUEST_TYPES, protocol.MAX_FIRMWARE_SIZE + 4
+                    )
                     body = await reader.readexactly(length)
             except TimeoutError:
                 logger.info(
@@ -543,6 +587,8 @@ class VirtualStation:
             last_request = loop.time()
             self._on_request(request)
             await writer.drain()
+            if self._rebooting:
+                return
 
 
 async def run_simulators(

@@ -162,3 +162,73 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     rig = await make_rig(web_settings, station=(station_config(3, lp=5),))
     again = await rig.station(1, VehicleConfig(plug_in_after=None))
     assert rig.point(again.serial).identity.lp == 4
+
+
+# --- firmware update ---------------------------------------------------------------------------
+
+IMAGE = bytes(range(256)) * 1000  # 256 kB
+
+
+async def test_firmware_update_end_to_end_keeps_lp_energy_and_settings(
+    make_rig, web_settings, tmp_path
+):
+    rig = await make_rig(web_settings)
+    client = await rig.client()
+    station = await rig.station(2, VehicleConfig(plug_in_after=None), firmware_after_update=5)
+    serial = station.serial
+    rr = await client.write_register(ADDR(1, "set_current"), 1000, device_id=1)
+    assert not rr.isError()
+    point = rig.point(serial)
+    point.energy.wh = 1234.5  # as if it had charged
+    path = tmp_path / "firmware.bin"
+    path.write_bytes(IMAGE)
+    done = await cli(rig, "firmware", serial, str(path), "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    assert "with firmware 5 (was 4)" in done.stdout
+    assert station.uploads == [IMAGE]  # the virtual station checked the CRC
+    assert station.connections == 2 and station.firmware == 5
+    assert rig.bridge.link.sessions[serial].firmware == 5
+    assert point is rig.point(serial) and point.identity.lp == 1
+    assert point.energy.wh >= 1234.5 and point.state.requested_ca == 1000
+
+
+async def test_firmware_refusals(make_rig, web_settings):
+    rig = await make_rig(web_settings)
+    client = await rig.client()
+    station = await rig.station(1, VehicleConfig(plug_in_after=0.0, reaction_s=0.05))
+    url = f"/api/stations/{station.serial}/firmware?timeout=5"
+    # empty, and larger than a station holds (1 MiB)
+    status, body = await http(rig, "POST", url, data=b"")
+    assert status == 400 and "empty" in body["error"]
+    status, body = await http(rig, "POST", url, data=b"x" * (1024 * 1024 + 1))
+    assert status == 413 and "1048576" in body["error"]
+    status, body = await http(rig, "POST", url.replace("=5", "=9999"), data=IMAGE)
+    assert status == 400
+    status, _ = await http(rig, "POST", f"/api/stations/{virtual_serial(7)}/firmware", data=IMAGE)
+    assert status == 404
+    # charging: refused, nothing sent
+    rr = await client.write_register(ADDR(1, "set_current"), 1600, device_id=1)
+    assert not rr.isError()
+    await station.wait_for(lambda s: s.contactor)
+    await eventually(lambda: bool(rig.point(station.serial).state.data.contactor))
+    status, body = await http(rig, "POST", url, data=IMAGE)
+    assert status == 409 and "charging" in body["error"]
+    assert station.uploads == [] and station.connections == 1
+    # no token: refused before the image is even read
+    status, _ = await http(rig, "POST", url, token=None, data=IMAGE)
+    assert status == 401
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [("ignore", "still connected"), ("die", "did not come back")],
+)
+async def test_firmware_update_that_does_not_come_back_is_an_error(
+    make_rig, web_settings, behaviour, message
+):
+    rig = await make_rig(web_settings)
+    station = await rig.station(1, VehicleConfig(plug_in_after=None), firmware_update=behaviour)
+    url = f"/api/stations/{station.serial}/firmware?timeout=1.5"
+    status, body = await http(rig, "POST", url, data=IMAGE)
+    assert status == 502 and message in body["error"], body
+    assert station.uploads == [IMAGE]

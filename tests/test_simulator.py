@@ -184,7 +184,7 @@ async def test_every_request_is_answered_with_its_frame(connect):
 
 
 async def test_firmware_upload_is_recorded_but_never_answered(connect):
-    station, conn = await connect()
+    station, conn = await connect(firmware_update="ignore")
     await conn.send(p.firmware_upload(b"image"))
     await conn.expect_nothing(within=0.2)
     # The next answer is the ping's: nothing was queued for the upload.
@@ -193,6 +193,28 @@ async def test_firmware_upload_is_recorded_but_never_answered(connect):
     assert upload.type is p.RequestType.FIRMWARE_UPLOAD
     assert upload.image == b"image" and upload.crc_ok
     assert "firmware upload 5 bytes crc ok" in (await conn.data()).log_lines
+
+
+async def test_firmware_upload_makes_the_station_restart_with_the_new_version(connect, bridge):
+    station, conn = await connect(firmware_after_update=7)
+    await conn.request(p.set_pwm(26))
+    await conn.send(p.firmware_upload(b"new image"))
+    await conn.expect_closed()
+    again = await bridge.accept()  # after reconnect_delay, with the new version
+    assert again.handshake.firmware == 7 and station.firmware == 7
+    assert station.uploads == [b"new image"] and station.pwm == 100  # outputs off after a restart
+    data = await again.data()
+    assert data.pwm == 100 and not data.contactor
+
+
+async def test_firmware_upload_with_a_bad_crc_changes_nothing(connect):
+    station, conn = await connect(firmware_after_update=7)
+    frame = bytearray(p.firmware_upload(b"new image"))
+    frame[-1] ^= 0xFF
+    await conn.send(bytes(frame))
+    assert await conn.request(p.ping()) == (p.ResponseType.PONG, b"")
+    assert station.uploads == [] and station.firmware == 4 and station.connections == 1
+    assert "firmware upload 9 bytes crc bad" in (await conn.data()).log_lines
 
 
 # --- data response ---------------------------------------------------------------------------
@@ -485,7 +507,7 @@ async def test_silent_station_answers_nothing_but_keeps_the_connection(connect):
         b"\x04\x00\x00\x00\x02\x1a\x00",  # PWM body too long
         b"\x04\x00\x00\x00\x01\x65",  # PWM 101 %
         b"\x01\x00\x00\x00\x01\x00",  # ping with a body
-        b"\x02\x00\x01\x00\x01",  # oversize
+        b"\x02\x00\x20\x00\x00",  # oversize: 2 MiB, above the largest firmware image
     ],
     ids=["unknown-type", "long-pwm-body", "pwm-101", "ping-with-body", "oversize"],
 )

@@ -226,6 +226,15 @@ class Session:
             return False
         return True
 
+    async def upload_firmware(self, image: bytes, may_send: Callable[[], None]) -> None:
+        """Send a firmware image (never answered); ``may_send`` may still refuse, just before."""
+        async with self._lock:  # not in the middle of another request
+            if self.closed:
+                raise SessionClosed(self.close_reason)
+            may_send()
+            self._writer.write(p.firmware_upload(image))
+            await self._writer.drain()
+
     async def set_pwm(self, percent: int) -> None:
         """Set the PWM duty cycle; returns once the station acknowledged it."""
         await self.request(p.set_pwm(percent), p.ResponseType.PWM_ACK)

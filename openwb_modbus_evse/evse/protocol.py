@@ -23,6 +23,9 @@ HEADER_SIZE = 5
 # The station keeps at most 1 KiB of log per data response; anything near this limit is garbage,
 # and refusing it keeps one broken peer from making us buffer megabytes.
 MAX_BODY_SIZE = 64 * 1024
+# The largest firmware image a station takes: 1 MiB, the application slot of the common ESP32
+# "two OTA slots" flash layout (ESP-IDF's partitions_two_ota on 4 MB flash).
+MAX_FIRMWARE_SIZE = 1024 * 1024
 
 _HEADER_FMT = "uint8, uintbe32"
 _DATA_FMT_V1 = "uint8, uint8, uint8, uint8, 6*uintbe32, intbe32, intbe32"
@@ -218,16 +221,18 @@ def encode_frame(frame_type: int, body: bytes = b"") -> bytes:
     return bitstring.pack(_HEADER_FMT, frame_type, len(body)).tobytes() + body
 
 
-def decode_header(raw: bytes, known_types: frozenset[int]) -> tuple[int, int]:
+def decode_header(
+    raw: bytes, known_types: frozenset[int], max_size: int = MAX_BODY_SIZE
+) -> tuple[int, int]:
     """(type, body length) of a 5-byte frame header; rejects unknown types and oversize bodies."""
     if len(raw) != HEADER_SIZE:
         raise ProtocolError("short_header", f"frame header is {len(raw)} bytes, expected 5")
     frame_type, length = bitstring.Bits(raw).unpack(_HEADER_FMT)
     if frame_type not in known_types:
         raise ProtocolError("unknown_frame_type", f"unknown frame type {frame_type}")
-    if length > MAX_BODY_SIZE:
+    if length > max_size:
         raise ProtocolError(
-            "oversize", f"frame type {frame_type} announces {length} bytes (limit {MAX_BODY_SIZE})"
+            "oversize", f"frame type {frame_type} announces {length} bytes (limit {max_size})"
         )
     return frame_type, length
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..actions import ActionError, ActionErrorKind
+from ..evse.protocol import MAX_FIRMWARE_SIZE
 from ..ratelimit import RateLimit
 
 if TYPE_CHECKING:
@@ -30,6 +31,11 @@ _STATUS = {
     ActionErrorKind.TOO_LARGE: 413,
     ActionErrorKind.FAILED: 502,
 }
+
+FIRMWARE_TIMEOUT = 120.0  # seconds a station may take to flash, restart and reconnect
+FIRMWARE_TIMEOUT_MAX = 240.0  # stays below the HTTP connection's lifetime (server.py)
+# The request body may hold a whole image; aiohttp refuses anything larger before we read it.
+MAX_REQUEST_BODY = MAX_FIRMWARE_SIZE + 1
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -51,6 +57,9 @@ class AdminApi:
         app.router.add_get("/api/stations", self._guard("list stations", self._stations))
         app.router.add_post("/api/stations/{serial}/move", self._guard("move", self._move))
         app.router.add_post("/api/stations/{serial}/forget", self._guard("forget", self._forget))
+        app.router.add_post(
+            "/api/stations/{serial}/firmware", self._guard("firmware update", self._firmware)
+        )
 
     def _guard(self, action: str, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.Response:
@@ -103,9 +112,39 @@ class AdminApi:
         self._bridge.move_station(request.match_info["serial"].upper(), lp)
         return web.json_response({"ok": True, "lp": lp})
 
+    async def _firmware(self, request: web.Request) -> web.Response:
+        try:
+            timeout = float(request.query.get("timeout", FIRMWARE_TIMEOUT))
+        except ValueError:
+            timeout = -1.0
+        if not 1 <= timeout <= FIRMWARE_TIMEOUT_MAX:
+            raise ActionError(
+                ActionErrorKind.BAD_REQUEST, f"timeout must be 1..{FIRMWARE_TIMEOUT_MAX:g} s"
+            )
+        image = await _image(request)
+        serial = request.match_info["serial"].upper()
+        result = await self._bridge.update_firmware(serial, image, timeout)
+        log.info(
+            "station %s: firmware %s -> %s",
+            serial,
+            result["firmware_before"],
+            result["firmware_after"],
+        )
+        return web.json_response({"ok": True, **result})
+
     async def _forget(self, request: web.Request) -> web.Response:
         self._bridge.forget_station(request.match_info["serial"].upper())
         return web.json_response({"ok": True})
+
+
+async def _image(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ActionError(
+            ActionErrorKind.TOO_LARGE,
+            f"the image is larger than a station holds ({MAX_FIRMWARE_SIZE} bytes)",
+        ) from None
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

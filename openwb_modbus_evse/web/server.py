@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..chargepoint import fresh_data
-from .actions import AdminApi
+from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
 from .history import PowerHistory
 from .snapshot import status_json
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64  # in total; Prometheus, a few browsers and the CLI need a handful
 MAX_PER_ADDRESS = 32  # one client address cannot take every slot
-CONNECTION_MAX_AGE = 60.0  # seconds; also ends a connection that never completes a request
+# Seconds; also ends a connection that never completes a request. Above the longest action (a
+# firmware update waits up to 240 s for the station to come back).
+CONNECTION_MAX_AGE = 300.0
 KEEPALIVE = 5.0  # seconds an idle keep-alive connection stays open
 # The exposition is regenerated at most once per this many times its own generation time (at
 # most EXPOSITION_MAX_AGE): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of the loop's time.
@@ -130,7 +132,7 @@ class WebServer:
         self.exposition = Exposition(bridge.metrics.registry)
         self.history = PowerHistory()
         self._sampler: asyncio.Task[None] | None = None
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
         AdminApi(bridge).add_routes(app)
