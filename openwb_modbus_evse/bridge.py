@@ -425,6 +425,8 @@ class Bridge:
                 )
 
         check()
+        if point.identity.lp is not None and serial not in self._kept:
+            self._remember(point)  # an operator updates it: it keeps its LP across the restart
         self._updates.add(serial)
         try:
             started = self.clock()
