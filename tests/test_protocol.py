@@ -274,3 +274,16 @@ def test_random_headers_give_a_value_or_a_protocol_error(raw):
 @given(st.sampled_from(sorted(p.REQUEST_TYPES)), st.binary(max_size=300))
 def test_header_announces_the_body_length(frame_type, body):
     assert _split(p.encode_frame(frame_type, body)) == (frame_type, body)
+
+
+@given(st.integers(0, 100), st.booleans(), st.binary(max_size=64))
+def test_every_request_round_trips_through_its_header_and_body(pwm, on, image):
+    for frame, expected in (
+        (p.ping(), p.Request(p.RequestType.PING)),
+        (p.collect_data(), p.Request(p.RequestType.COLLECT_DATA)),
+        (p.set_pwm(pwm), p.Request(p.RequestType.SET_PWM, pwm=pwm)),
+        (p.set_contactor(on), p.Request(p.RequestType.SET_CONTACTOR, contactor=on)),
+    ):
+        assert p.decode_request(*_split(frame)) == expected
+    upload = p.decode_request(*_split(p.firmware_upload(image)))
+    assert upload.image == image and upload.crc_ok
