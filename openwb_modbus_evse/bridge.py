@@ -147,7 +147,11 @@ class Bridge:
     def limiters(self) -> list[ConnectionLimiter]:
         """The connection limiters of the listeners that run."""
         found = [self.link.limiter]
-        return found if self.modbus is None else [*found, self.modbus.limiter]
+        if self.modbus is not None:
+            found.append(self.modbus.limiter)
+        if self.web is not None and self.web.gate is not None:
+            found.append(self.web.gate.limiter)
+        return found
 
     def _calibration(self, serial: str) -> StationCalibration:
         station = self.settings.station_by_serial(serial)

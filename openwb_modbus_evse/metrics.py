@@ -185,17 +185,6 @@ class _ChargePointCollector(Collector):
             "Stations with an established session.",
             value=len(bridge.link.sessions),
         )
-        gate = bridge.web.gate if bridge.web is not None else None
-        yield GaugeMetricFamily(
-            f"{PREFIX}_http_connections",
-            "Open HTTP connections.",
-            value=gate.open_connections if gate else 0,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_http_connections_refused",
-            "HTTP connections refused by the connection caps.",
-            value=gate.refused if gate else 0,
-        )
         connections = GaugeMetricFamily(
             f"{PREFIX}_connections", "Connections open now, by listener.", labels=["listener"]
         )

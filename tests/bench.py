@@ -1205,8 +1205,10 @@ async def controller_reads(client: AsyncModbusTcpClient, seconds: float) -> tupl
 async def bench_scrape(args: argparse.Namespace, workdir: Path) -> None:
     """Part 5: Modbus latency while /metrics is hammered, with 200 stations."""
     metrics_port = free_port()
-    # start_bridge turns /metrics off with --metrics-port 0 first; the later option wins.
-    bridge = await start_bridge(workdir, "scrape", "--metrics-port", str(metrics_port))
+    # start_bridge turns /metrics off with --metrics-port 0 first; the later option wins. All
+    # stations come from one loopback address: the per-address cap must let them in.
+    caps = ["--evse-max-connections", "1000", "--evse-max-per-address", "1000"]
+    bridge = await start_bridge(workdir, "scrape", "--metrics-port", str(metrics_port), *caps)
     url = f"http://{HOST}:{metrics_port}/metrics"
     stations = [
         MiniStation(virtual_serial(i), requests_power=True) for i in range(1, SCRAPE_STATIONS + 1)

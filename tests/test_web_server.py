@@ -65,16 +65,16 @@ async def _refused(reader: asyncio.StreamReader) -> bool:
 
 async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
     port = rig.bridge.metrics_port
-    gate = rig.bridge.web.gate
-    monkeypatch.setattr(gate, "max_connections", 20)
-    monkeypatch.setattr(gate, "max_per_address", 8)
+    limiter = rig.bridge.web.gate.limiter
+    monkeypatch.setattr(limiter, "max_total", 20)
+    monkeypatch.setattr(limiter, "max_per_address", 8)
     idle = []
     try:
         # idle connections that never send a request (slowloris) from one address ...
-        for _ in range(gate.max_per_address):
+        for _ in range(limiter.max_per_address):
             idle.append(await _connect(port, "127.0.0.2"))
         await asyncio.sleep(0.1)
-        assert gate.open_connections == gate.max_per_address
+        assert limiter.open == limiter.max_per_address
         reader, writer = await _connect(port, "127.0.0.2")
         assert await _refused(reader)
         writer.close()
@@ -85,14 +85,20 @@ async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
         reader, writer = await _connect(port, "127.0.0.4")
         assert await _refused(reader)
         writer.close()
-        assert gate.refused == 2
+        assert limiter.open == limiter.max_total
     finally:
         for _, writer in idle:
             writer.close()
-    # closed connections free their slots
-    async with aiohttp.ClientSession() as session:
-        await asyncio.sleep(0.1)
-        assert await scrape_status(session, f"http://127.0.0.1:{port}/metrics") == 200
+    # closed connections free their slots; the refusals are counted by reason
+    await eventually(lambda: limiter.open == 0)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    assert 'connections_refused_total{listener="http",reason="per_address"} 1.0' in text
+    assert 'connections_refused_total{listener="http",reason="total"} 1.0' in text
+    assert 'openwb_modbus_evse_connections{listener="http"} 1.0' in text  # this scrape
 
 
 async def test_a_connection_that_never_finishes_is_closed_after_its_lifetime(make_rig, settings):
@@ -103,8 +109,7 @@ async def test_a_connection_that_never_finishes_is_closed_after_its_lifetime(mak
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never end
     assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
     writer.close()
-    await asyncio.sleep(0.05)
-    assert rig.bridge.web.gate.open_connections == 0
+    await eventually(lambda: rig.bridge.web.gate.limiter.open == 0)
 
 
 class FakeClock:
@@ -226,3 +231,33 @@ async def test_page_files_are_served_without_anything_from_elsewhere(rig):
                 text = await response.text()
                 assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
                 assert "https://" not in text
+
+
+def test_serve_answers_http_on_its_own_event_loop(tmp_path):
+    """`serve` runs on uvloop when it is installed: the HTTP server must work there too."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    argv = [sys.executable, "-m", "openwb_modbus_evse", "serve", "--evse-host", "127.0.0.1"]
+    argv += ["--evse-port", "0", "--modbus-port", "0", "--metrics-host", "127.0.0.1"]
+    argv += ["--metrics-port", str(port), "--state-db", str(tmp_path / "state.sqlite3")]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    assert r.status == 200 and b"openwb_modbus_evse_station_sessions" in r.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert r.status == 200 and b"<title>" in r.read()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()

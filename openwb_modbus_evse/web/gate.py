@@ -1,104 +1,96 @@
-"""A bounded TCP front door for the HTTP server: connection caps and a connection lifetime.
+"""A bounded front door for the HTTP server: connection caps and a connection lifetime.
 
 aiohttp has no limit on connections and no timeout for a client that never finishes its request,
-so every connection passes this gate first: over the total or per-address cap it gets a short
-503 and is closed; admitted ones are handed to aiohttp and closed after ``max_age`` at the latest.
+so every connection passes this gate first. It takes a slot from the listener's
+:class:`~..limits.ConnectionLimiter` (over a cap: a short 503, then closed), hands the connection
+to aiohttp, gives the slot back when the connection is lost, and closes it after ``max_age`` at
+the latest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import Callable
+from typing import cast
 
-log = logging.getLogger(__name__)
+from ..limits import ConnectionLimiter, host_of
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 21\r\n\r\ntoo many connections\n"
 )
-_LOG_EVERY = 10.0  # seconds between two "refused" log lines: a flood must not flood the log
 
 
 class Gate:
-    """Counts open connections (in total and per client address) and admits or refuses."""
+    """The protocol factory to listen with: admits within ``limiter``, then aiohttp serves."""
 
     def __init__(
         self,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
-        *,
-        max_connections: int,
-        max_per_address: int,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        limiter: ConnectionLimiter,
         max_age: float,
     ) -> None:
         self._factory = protocol_factory
-        self.max_connections = max_connections
-        self.max_per_address = max_per_address
+        self.limiter = limiter
         self.max_age = max_age
-        self._open: dict[asyncio.Transport, tuple[str, asyncio.TimerHandle]] = {}
-        self.refused = 0  # connections refused so far
         self.peak = 0  # most connections open at once so far
-        self._logged_at = -_LOG_EVERY
+        self._open: set[asyncio.Transport] = set()
 
     def __call__(self) -> asyncio.Protocol:
         return _Doorman(self)
 
-    @property
-    def open_connections(self) -> int:
-        """Connections admitted and not yet closed (read-only: also safe from another thread)."""
-        return sum(1 for t in list(self._open) if not t.is_closing())
-
-    def _prune(self) -> None:
-        for transport in [t for t in self._open if t.is_closing()]:
-            self._open.pop(transport)[1].cancel()
-
-    def admit(self, transport: asyncio.Transport) -> bool:
-        """Admit ``transport`` to aiohttp, or answer 503 and close it."""
-        self._prune()
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
-        same = sum(1 for a, _ in self._open.values() if a == address)
-        if len(self._open) >= self.max_connections or same >= self.max_per_address:
-            self.refused += 1
-            now = time.monotonic()
-            if now - self._logged_at >= _LOG_EVERY:
-                self._logged_at = now
-                log.warning(
-                    "HTTP: refusing connections (from %s: %d open, %d in total; %d refused so far)",
-                    address,
-                    same,
-                    len(self._open),
-                    self.refused,
-                )
-            transport.write(_BUSY)
-            transport.close()
-            return False
-        timer = asyncio.get_running_loop().call_later(self.max_age, transport.close)
-        self._open[transport] = (address, timer)
-        self.peak = max(self.peak, len(self._open))
-        protocol = self._factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        return True
-
     def close_all(self) -> None:
         """Close every admitted connection."""
-        for transport, (_, timer) in self._open.items():
-            timer.cancel()
+        for transport in list(self._open):
             transport.close()
-        self._open.clear()
 
 
 class _Doorman(asyncio.Protocol):
-    """The first protocol of every connection: asks the gate, then steps aside."""
+    """Takes a slot for the connection, then passes every event on to aiohttp's protocol."""
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
+        self._inner: asyncio.Protocol | None = None
+        self._host = ""
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._gate.admit(transport)
+        # A stream transport; not an asyncio.Transport instance under uvloop, so no isinstance.
+        transport = cast(asyncio.Transport, transport)
+        gate = self._gate
+        self._host = host_of(transport.get_extra_info("peername"))
+        if gate.limiter.admit(self._host) is not None:
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._transport = transport
+        gate._open.add(transport)
+        gate.peak = max(gate.peak, len(gate._open))
+        self._timer = asyncio.get_running_loop().call_later(gate.max_age, transport.close)
+        self._inner = gate._factory()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is None:
+            return
+        assert self._timer is not None and self._transport is not None
+        self._timer.cancel()
+        self._gate._open.discard(self._transport)
+        self._gate.limiter.release(self._host)
+        self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        pass  # a refused connection's request is not read
+        if self._inner is not None:  # a refused connection's request is not read
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()

@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..chargepoint import fresh_data
+from ..limits import ConnectionLimiter
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
 from .history import PowerHistory
@@ -152,12 +153,10 @@ class WebServer:
         """Listen on ``host:port`` (0 picks a free port); returns the port."""
         await self._runner.setup()
         assert self._runner.server is not None
-        self.gate = Gate(
-            self._runner.server,
-            max_connections=MAX_CONNECTIONS,
-            max_per_address=MAX_PER_ADDRESS,
-            max_age=CONNECTION_MAX_AGE,
+        limiter = ConnectionLimiter(
+            "http", MAX_CONNECTIONS, MAX_PER_ADDRESS, observer=self.bridge.metrics
         )
+        self.gate = Gate(self._runner.server, limiter, CONNECTION_MAX_AGE)
         try:
             self._server = await asyncio.get_running_loop().create_server(self.gate, host, port)
         except OSError as err:
