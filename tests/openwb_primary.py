@@ -88,7 +88,12 @@ class Primary:
 
 
 async def read_json(
-    port: int, topic_filter: str, seconds: float, strip: str = "", host: str = "127.0.0.1"
+    port: int,
+    topic_filter: str,
+    seconds: float,
+    strip: str = "",
+    host: str = "127.0.0.1",
+    retained_only: bool = False,
 ) -> dict:
     """Messages under ``topic_filter`` (retained and live), JSON-decoded, minus ``strip``."""
     seen: dict[str, Any] = {}
@@ -97,6 +102,8 @@ async def read_json(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 async for message in client.messages:
+                    if retained_only and not message.retain:
+                        continue  # what the broker holds, not what passes by
                     payload = bytes(message.payload)
                     key = message.topic.value.removeprefix(strip)
                     seen[key] = json.loads(payload) if payload else None
