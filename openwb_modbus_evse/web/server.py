@@ -38,7 +38,7 @@ MAX_PER_ADDRESS = 32  # one client address cannot take every slot
 CONNECTION_MAX_AGE = 300.0
 KEEPALIVE = 5.0  # seconds an idle keep-alive connection stays open
 # The exposition is regenerated at most once per this many times its own generation time (at
-# most EXPOSITION_MAX_AGE): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of the loop's time.
+# most EXPOSITION_MAX_AGE apart): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of a core.
 EXPOSITION_COST_FACTOR = 10.0
 EXPOSITION_MAX_AGE = 1.0
 
@@ -186,14 +186,11 @@ class WebServer:
     async def _sample_power(self) -> None:
         while True:
             now = self.bridge.clock()
-            self.history.sample(
-                (
-                    (serial, data.power_w if data else None)
-                    for serial, point in list(self.bridge.charge_points.items())
-                    for data in [fresh_data(point.state, now, point.max_data_age)]
-                ),
-                time.time(),
-            )
+            powers = []
+            for serial, point in self.bridge.charge_points.items():
+                data = fresh_data(point.state, now, point.max_data_age)
+                powers.append((serial, data.power_w if data else None))  # None: a gap
+            self.history.sample(powers, time.time())
             await asyncio.sleep(self.history.interval)
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -75,7 +75,7 @@ function chart(history, now) {
 
 function card(cp, now) {
   const [kind, label] = stateOf(cp);
-  const title = cp.lp ? `LP${cp.lp} · ${cp.name}` : `${cp.name} (no LP free)`;
+  const title = cp.lp ? `LP${cp.lp} · ${cp.name}` : `${cp.name} (not served)`;
   const node = el("section", { class: "card", "data-lp": cp.lp ?? "" },
     el("div", { class: "top" },
       el("h2", { title: cp.serial_number }, title),
@@ -90,8 +90,9 @@ function card(cp, now) {
   }
   row(dl, "Phase currents", "currents_a", cp.currents_a.map((a) => fixed(a, 1)).join(" · ") + " A");
   row(dl, "Energy", "energy_wh", `${(cp.energy_wh / 1000).toFixed(3)} kWh`);
-  const beat = cp.heartbeat_lapsed ? "lapsed" : `${fixed(cp.heartbeat_age_s, 0)} s ago`;
-  row(dl, "Controller", "controller", `${cp.controller}, heartbeat ${beat}`);
+  const beat = cp.heartbeat_lapsed ? "heartbeat lapsed"
+    : cp.heartbeat_age_s === null ? "no heartbeat yet" : `heartbeat ${fixed(cp.heartbeat_age_s, 0)} s ago`;
+  row(dl, "Controller", "controller", `${cp.controller}, ${beat}`);
   row(dl, "Station uptime", "uptime_s", duration(cp.uptime_s));
   row(dl, "WiFi", "rssi_dbm", cp.rssi_dbm === null ? "–" : `${cp.rssi_dbm} dBm`);
   row(dl, "Firmware", "firmware", cp.firmware === null ? "–" : String(cp.firmware));
