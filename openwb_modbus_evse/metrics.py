@@ -251,6 +251,7 @@ class Metrics(LinkObserver, LimiterObserver):
             ["result"],
             registry=self.registry,
         )
+        self._response_counters: dict[tuple[int, int | None], list[Counter]] = {}
         self._connections_refused = Counter(
             f"{PREFIX}_connections_refused",
             "Connections refused at accept, by listener and reason.",
@@ -267,10 +268,15 @@ class Metrics(LinkObserver, LimiterObserver):
     # Modbus events (from the server's observer)
     def response(self, function_code: int, exception_code: int | None) -> None:
         """Count one answered Modbus request."""
-        result = "ok" if exception_code is None else "exception"
-        self._modbus_requests.labels(str(function_code), result).inc()
-        if exception_code is not None:
-            self._modbus_exceptions.labels(str(exception_code)).inc()
+        counters = self._response_counters.get((function_code, exception_code))
+        if counters is None:  # labels() costs more than the rest of a read: once per kind
+            result = "ok" if exception_code is None else "exception"
+            counters = [self._modbus_requests.labels(str(function_code), result)]
+            if exception_code is not None:
+                counters.append(self._modbus_exceptions.labels(str(exception_code)))
+            self._response_counters[(function_code, exception_code)] = counters
+        for counter in counters:
+            counter.inc()
 
     # link events
     def session_opened(self, serial: str) -> None:
