@@ -4,7 +4,9 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
 
 1. ``modbus``: Modbus read throughput and latency (whole LP1 block, function code 4) with 1 and 8
    concurrent clients, side by side with a plain pymodbus server holding static registers (a
-   subprocess too: ``python -m tests.bench --plain-server PORT``).
+   subprocess too: ``python -m tests.bench --plain-server PORT``) and a libmodbus server; the
+   load comes from a C program on libmodbus (``make bench`` builds tests/bench_client.c and
+   tests/bench_server.c into build/; without them, pymodbus clients in this process).
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
    ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
    ``bridge``: the same from a Rust-bridge ``request_set_pwm_percent`` over MQTT, and from a
@@ -14,8 +16,10 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
 5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics
    (a subprocess: ``python -m tests.bench --scrapers N URL SECONDS``), and a burst of 300
    simultaneous scrapes.
+6. ``idle``: Modbus latency, quiet and after 1000 connections that never send were opened (with
+   the default connection caps, and with caps that hold them all).
 
-The load generator and the stations run in this process; register numbers come from
+The stations (and the controllers of parts 5 and 6) run in this process; register numbers come from
 REGISTER_MAP, the station frames from the protocol codec. Nothing here is collected by pytest.
 """
 
@@ -51,11 +55,14 @@ from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
-PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape")
+PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape", "idle")
 LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
 SET_CURRENT = REGISTER_MAP.address(LP, "set_current")
+# C programs on libmodbus that `make bench` builds (tests/bench_client.c, tests/bench_server.c).
+C_CLIENT = Path("build/bench_client")
+C_SERVER = Path("build/bench_server")
 DEVICE_ID = 1
 HOST = "127.0.0.1"
 FIRMWARE = 4
@@ -527,31 +534,47 @@ class LoadResult:
     server: str
     clients: int
     seconds: float
-    latencies: list[float] = field(default_factory=list)
+    generator: str = "python"
+    latencies: list[float] = field(default_factory=list)  # python: every request's latency
+    summary: dict[str, float] = field(default_factory=dict)  # C: requests, p50_us, p99_us, max_us
     errors: int = 0
     server_cpu: float = 0.0
     bench_cpu: float = 0.0
 
     @property
+    def requests(self) -> int:
+        """Requests answered in the measured window."""
+        return int(self.summary["requests"]) if self.summary else len(self.latencies)
+
+    @property
     def rate(self) -> float:
         """Requests per second."""
-        return len(self.latencies) / self.seconds
+        return self.requests / self.seconds
+
+    def latency(self, q: float | None) -> float:
+        """Percentile ``q`` of the latency in seconds (None: the maximum)."""
+        if self.summary:
+            key = "max_us" if q is None else f"p{q:g}_us"
+            return self.summary[key] / 1e6 if self.requests else math.nan
+        if q is None:
+            return max(self.latencies, default=math.nan)
+        return percentile(self.latencies, q)
 
     @property
     def server_us_per_request(self) -> float:
         """Server CPU time per request in microseconds."""
-        return self.server_cpu / 100 / self.rate * 1e6 if self.latencies else math.nan
+        return self.server_cpu / 100 / self.rate * 1e6 if self.requests else math.nan
 
     def row(self) -> list[object]:
         """Row of the Modbus table."""
         return [
             self.server,
             self.clients,
-            len(self.latencies),
+            self.requests,
             f"{self.rate:.0f}",
-            ms(percentile(self.latencies, 50)),
-            ms(percentile(self.latencies, 99)),
-            ms(max(self.latencies, default=math.nan)),
+            ms(self.latency(50)),
+            ms(self.latency(99)),
+            ms(self.latency(None)),
             self.errors,
             f"{self.server_cpu:.0f}",
             f"{self.server_us_per_request:.0f}",
@@ -559,10 +582,24 @@ class LoadResult:
         ]
 
 
+async def measure_cpu(result: LoadResult, server: Child, start: float, end: float) -> None:
+    """Fill in the server's and the bench's CPU use between ``start`` and ``end``."""
+    await asyncio.sleep(start - time.perf_counter())
+    meter = CpuMeter(server)
+    await asyncio.sleep(end - time.perf_counter())
+    result.server_cpu, result.bench_cpu = meter.percent()
+
+
 async def modbus_load(
     name: str, port: int, server: Child, clients: int, warmup: float, duration: float
 ) -> LoadResult:
-    """``clients`` connections reading LP1's block back to back; measured after ``warmup``."""
+    """``clients`` connections reading LP1's block back to back; measured after ``warmup``.
+
+    With the C load generator (``make bench`` builds it) one thread per connection in a child
+    process; otherwise pymodbus clients in this process, which are slower than the servers.
+    """
+    if C_CLIENT.exists():
+        return await c_modbus_load(name, port, server, clients, warmup, duration)
     connections = [await modbus_client(port) for _ in range(clients)]
     result = LoadResult(name, clients, duration)
     start = time.perf_counter() + warmup
@@ -579,22 +616,65 @@ async def modbus_load(
                 result.latencies.append(t1 - t0)
                 result.errors += not ok
 
-    async def cpu_window() -> None:
-        await asyncio.sleep(start - time.perf_counter())
-        meter = CpuMeter(server)
-        await asyncio.sleep(end - time.perf_counter())
-        result.server_cpu, result.bench_cpu = meter.percent()
-
     try:
-        await asyncio.gather(cpu_window(), *(reader(c) for c in connections))
+        await asyncio.gather(
+            measure_cpu(result, server, start, end), *(reader(c) for c in connections)
+        )
     finally:
         for client in connections:
             client.close()
     return result
 
 
+def c_client_argv(port: int, clients: int, warmup: float, duration: float) -> list[str]:
+    """The C load generator's command line (tests/bench_client.c)."""
+    return [
+        str(C_CLIENT),
+        HOST,
+        str(port),
+        str(clients),
+        f"{duration:g}",
+        f"{warmup:g}",
+        str(BLOCK_START),
+        str(BLOCK_SIZE),
+        str(DEVICE_ID),
+    ]
+
+
+async def c_modbus_load(
+    name: str, port: int, server: Child, clients: int, warmup: float, duration: float
+) -> LoadResult:
+    """:func:`modbus_load` with the C load generator."""
+    result = LoadResult(name, clients, duration, generator="C")
+    start = time.perf_counter() + warmup
+    proc = await asyncio.create_subprocess_exec(
+        *c_client_argv(port, clients, warmup, duration), stdout=subprocess.PIPE
+    )
+    try:
+        await measure_cpu(result, server, start, start + duration)
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise BenchError(f"{C_CLIENT} failed against {name} (exit code {proc.returncode})")
+    result.summary = {k: float(v) for k, v in (f.split("=") for f in out.decode().split())}
+    result.errors = int(result.summary["errors"])
+    return result
+
+
+async def start_libmodbus_server(workdir: Path) -> tuple[Child, int]:
+    """The reference libmodbus server (tests/bench_server.c) serving a static block."""
+    port = free_port()
+    argv = [str(C_SERVER), HOST, str(port), str(BLOCK_START), str(BLOCK_SIZE)]
+    child = Child("libmodbus server", argv, workdir / "libmodbus.log")
+    await wait_listening(port, child)
+    return child, port
+
+
 async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
-    """Part 1: the bridge and a plain pymodbus server under the same read load."""
+    """Part 1: the bridge, a plain pymodbus server and a libmodbus server under one read load."""
     results: list[LoadResult] = []
     say("modbus: starting the bridge and one virtual station")
     bridge = await start_bridge(workdir, "modbus")
@@ -621,16 +701,27 @@ async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
         await station.stop()
         bridge.child.stop()
 
-    say("modbus: starting the plain pymodbus server")
-    plain, port = await start_plain_server(workdir)
-    try:
-        for n in args.clients:
-            say(f"modbus: plain server, {n} client(s), {args.warmup:g} + {args.duration:g} s")
-            results.append(await modbus_load("plain", port, plain, n, args.warmup, args.duration))
-    finally:
-        plain.stop()
+    references = [("plain", start_plain_server)]
+    if C_SERVER.exists():
+        references.append(("libmodbus", start_libmodbus_server))
+    for name, start in references:
+        say(f"modbus: starting the {name} server")
+        server, port = await start(workdir)
+        try:
+            for n in args.clients:
+                say(f"modbus: {name} server, {n} client(s), {args.warmup:g} + {args.duration:g} s")
+                results.append(await modbus_load(name, port, server, n, args.warmup, args.duration))
+        finally:
+            server.stop()
 
-    results.sort(key=lambda r: (r.clients, r.server != "bridge"))
+    order = {"bridge": 0, "plain": 1, "libmodbus": 2}
+    results.sort(key=lambda r: (r.clients, order[r.server]))
+    rate = {(r.server, r.clients): r.rate for r in results}
+    ratios = [
+        f"bridge / {ref} at {n} client(s): {rate['bridge', n] / rate[ref, n]:.2f}x"
+        for n in args.clients
+        for ref, _ in references
+    ]
     headers = [
         "server",
         "clients",
@@ -644,6 +735,18 @@ async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
         "server CPU us/req",
         "bench CPU %",
     ]
+    if C_CLIENT.exists():
+        argv = c_client_argv(0, 0, args.warmup, args.duration)
+        argv[2:4] = ["PORT", "CLIENTS"]
+        generator = (
+            f"load: {' '.join(argv)} (tests/bench_client.c: libmodbus, one thread and "
+            "connection per client)"
+        )
+    else:
+        generator = (
+            f"load: pymodbus clients in the bench process ({C_CLIENT} is missing: it, not the "
+            "server, limits the rates; run make bench, which builds it with libmodbus-dev)"
+        )
     section(
         f"1. Modbus reads: FC4, {BLOCK_SIZE} registers from {BLOCK_START}, "
         f"{args.duration:g} s each after {args.warmup:g} s warm-up",
@@ -651,10 +754,16 @@ async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
         [
             f"bridge: {bridge.options}",
             "  one virtual station on LP1, vehicle charging at 16 A (set current 1600)",
-            f"plain:  python -m tests.bench --plain-server PORT (SimDevice id {DEVICE_ID}, "
-            f"static block of {BLOCK_SIZE} registers)",
-            "CPU % is of one core; the clients run in the bench process (one pymodbus "
-            "AsyncModbusTcpClient per connection, one event loop).",
+            f"plain:  python -m tests.bench --plain-server PORT (pymodbus SimDevice id "
+            f"{DEVICE_ID}, static block of {BLOCK_SIZE} registers)",
+            *(
+                [f"libmodbus: {C_SERVER} {HOST} PORT {BLOCK_START} {BLOCK_SIZE} (static block)"]
+                if C_SERVER.exists()
+                else []
+            ),
+            generator,
+            "CPU % is of one core.",
+            *ratios,
         ],
     )
 
@@ -1295,6 +1404,102 @@ async def bench_scrape(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+# --- part 6: idle connections -------------------------------------------------------------------
+
+IDLE_CONNECTIONS = 1000
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_idle(port: int, count: int) -> list[Connection]:
+    """Open ``count`` connections that never send anything (a refused one is closed at once)."""
+    connections = []
+    for start in range(0, count, CONNECT_BATCH):
+        batch = min(CONNECT_BATCH, count - start)
+        connections += await asyncio.gather(
+            *(asyncio.open_connection(HOST, port) for _ in range(batch))
+        )
+    await asyncio.sleep(0.5)  # refusals arrive as EOF
+    for reader, _ in connections:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.001)
+    return connections
+
+
+async def bench_idle(args: argparse.Namespace, workdir: Path) -> None:
+    """Part 6: a controller's Modbus latency while 1000 idle connections are opened."""
+    seconds = args.duration
+    rows: list[list[object]] = []
+    runs = [
+        ("default caps", []),
+        (
+            "caps raised",
+            ["--modbus-max-connections", "2000", "--modbus-max-per-address", "2000"],
+        ),
+    ]
+    options = []
+    for label, extra in runs:
+        bridge = await start_bridge(workdir, f"idle-{len(rows)}", *extra)
+        options.append(bridge.options)
+        station = MiniStation(virtual_serial(1), requests_power=True)
+        client: AsyncModbusTcpClient | None = None
+        idle: list[Connection] = []
+        try:
+            await station.connect(bridge.evse_port)
+            client = await modbus_client(bridge.modbus_port)
+            await wait_for_lp(client)
+            await write_current(client, 1600)
+            phases = [("quiet", 0), (f"{IDLE_CONNECTIONS} idle, {label}", IDLE_CONNECTIONS)]
+            for name, count in phases:
+                say(f"idle: {name}, Modbus reads every {READ_EVERY * 1000:g} ms for {seconds:g} s")
+                idle += await open_idle(bridge.modbus_port, count)
+                meter = CpuMeter(bridge.child)
+                latencies, errors = await controller_reads(client, seconds)
+                cpu, _ = meter.percent()
+                held = sum(not reader.at_eof() for reader, _ in idle)
+                rows.append(
+                    [
+                        name,
+                        len(latencies),
+                        *(ms(percentile(latencies, q)) for q in (50, 95, 99)),
+                        ms(max(latencies, default=math.nan)),
+                        errors,
+                        f"{held}/{len(idle)}" if idle else "-",
+                        f"{cpu:.0f}",
+                        int(station.lost),
+                    ]
+                )
+        finally:
+            for _, writer in idle:
+                writer.close()
+            if client is not None:
+                client.close()
+            await close_stations([station])
+            bridge.child.stop()
+    headers = [
+        "phase",
+        "reads",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "idle held open",
+        "bridge CPU %",
+        "station dropped",
+    ]
+    section(
+        f"6. Idle Modbus connections: reads of LP1's block every {READ_EVERY * 1000:g} ms, "
+        f"{seconds:g} s per phase, {IDLE_CONNECTIONS} connections opened that never send",
+        table(headers, rows),
+        [
+            *(f"bridge: {o}" for o in options),
+            "  one minimal charging station; the controller's connection is opened first",
+            "idle held open: connections the bridge kept (the rest were refused at accept by "
+            "modbus_max_connections / modbus_max_per_address, all from one address here)",
+        ],
+    )
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -1415,6 +1620,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,
+        "idle": bench_idle,
     }
     for part in args.only:
         await benches[part](args, workdir)
