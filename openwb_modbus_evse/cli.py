@@ -39,8 +39,8 @@ def _host_port(value: str, default_port: int) -> tuple[str, int]:
 
 
 def _run_service(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop when it is installed (optional extra ``fast``), else on asyncio's
-    own loop: uvloop doubles the Modbus requests a core answers."""
+    """Run ``main`` on uvloop when it is installed (optional extra ``fast``: a faster event
+    loop for the Modbus server), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

@@ -1,5 +1,7 @@
 """The command line as users run it: simulate against a live link, help and version."""
 
+import asyncio
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -63,3 +65,19 @@ def test_every_command_has_help_and_the_version_is_printed():
         assert done.returncode == 0 and "Usage:" in done.stdout, command
     done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=20)
     assert "0.1.0" in done.stdout
+
+
+def test_serve_runs_on_uvloop_when_installed_else_on_asyncio(monkeypatch):
+    from openwb_modbus_evse import cli
+
+    loops = []
+
+    async def probe():
+        loops.append(type(asyncio.get_running_loop()).__module__)
+
+    installed = importlib.util.find_spec("uvloop") is not None
+    cli._run_service(probe())
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    cli._run_service(probe())
+    assert loops[0].startswith("uvloop" if installed else "asyncio")
+    assert loops[1].startswith("asyncio")
