@@ -71,14 +71,13 @@ format: install-test
 
 # The bench's load generator and reference server are C programs on libmodbus (Debian
 # libmodbus-dev), so that the load generator is not what limits the measured rates.
-BENCH_BIN := build/bench_client build/bench_server
+BENCH_BIN := $(VENV)/bin/bench_client $(VENV)/bin/bench_server
 
 bench: install-test $(BENCH_BIN)
 	$(PYTHON) -m tests.bench
 
-build/%: tests/%.c
+$(VENV)/bin/bench_%: tests/bench_%.c | $(PYTHON)
 	@test -f /usr/include/modbus/modbus.h || { echo "make bench needs libmodbus-dev for its C load generator: sudo apt-get install libmodbus-dev"; exit 1; }
-	@mkdir -p build
 	cc -O2 -Wall -Wextra -I/usr/include/modbus -o $@ $< -lmodbus -lpthread
 
 # Renews docs/page.png and docs/page-phone.png (the README's) from the browser test.
@@ -86,4 +85,4 @@ screenshot: install-test
 	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_page.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -6,7 +6,7 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
    concurrent clients, side by side with a plain pymodbus server holding static registers (a
    subprocess too: ``python -m tests.bench --plain-server PORT``) and a libmodbus server; the
    load comes from a C program on libmodbus (``make bench`` builds tests/bench_client.c and
-   tests/bench_server.c into build/; without them, pymodbus clients in this process).
+   tests/bench_server.c into .venv/bin/; without them, pymodbus clients in this process).
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
    ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
    ``bridge``: the same from a Rust-bridge ``request_set_pwm_percent`` over MQTT, and from a
@@ -60,9 +60,10 @@ LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
 SET_CURRENT = REGISTER_MAP.address(LP, "set_current")
-# C programs on libmodbus that `make bench` builds (tests/bench_client.c, tests/bench_server.c).
-C_CLIENT = Path("build/bench_client")
-C_SERVER = Path("build/bench_server")
+# C programs on libmodbus that `make bench` builds into the venv (tests/bench_client.c,
+# tests/bench_server.c).
+C_CLIENT = Path(sys.executable).parent / "bench_client"
+C_SERVER = Path(sys.executable).parent / "bench_server"
 DEVICE_ID = 1
 HOST = "127.0.0.1"
 FIRMWARE = 4
