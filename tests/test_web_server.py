@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
 from conftest import eventually, free_port
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from openwb_modbus_evse.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.web import server as web_server
 from openwb_modbus_evse.web.history import PowerHistory
-from openwb_modbus_evse.web.server import Exposition
+from openwb_modbus_evse.web.throttle import Throttled
 
 P = "openwb_modbus_evse_"
 
@@ -35,7 +36,7 @@ async def test_300_simultaneous_scrapes_keep_every_station_session(rig):
     client = await rig.client()
     opened_before = [s.connections for s in stations]
     url = f"http://127.0.0.1:{rig.bridge.metrics_port}/metrics"
-    generated_before = rig.bridge.web.exposition.generated
+    made_before = rig.bridge.web.exposition.made
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         statuses = await asyncio.gather(*(scrape_status(session, url) for _ in range(300)))
@@ -49,7 +50,7 @@ async def test_300_simultaneous_scrapes_keep_every_station_session(rig):
     assert statuses.count(503) > 0
     assert rig.bridge.web.gate.peak == web_server.MAX_PER_ADDRESS
     # the exposition is shared by scrapes that pile up rather than rebuilt for each
-    assert rig.bridge.web.exposition.generated - generated_before < statuses.count(200) + 1
+    assert rig.bridge.web.exposition.made - made_before < statuses.count(200) + 1
     assert [s.connections for s in stations] == opened_before
     assert all(s.serial in rig.bridge.link.sessions for s in stations)
 
@@ -126,7 +127,8 @@ async def test_exposition_is_shared_by_scrapes_that_pile_up_and_never_older_than
     registry = CollectorRegistry()
     gauge = Gauge("value", "A value.", registry=registry)
     clock = FakeClock()
-    exposition = Exposition(registry, clock)
+    worker = ThreadPoolExecutor(1)
+    exposition = Throttled(lambda: generate_latest(registry), worker, clock)
     clock.step = 0.01  # 10 ms per generation: the next one starts 100 ms later at the earliest
     gauge.set(1)
     assert b"value 1.0" in await exposition.body()
@@ -137,8 +139,9 @@ async def test_exposition_is_shared_by_scrapes_that_pile_up_and_never_older_than
     assert not any(t.done() for t in waiting)  # they wait for the next generation ...
     bodies = await asyncio.wait_for(asyncio.gather(*waiting), 2)
     assert all(b"value 2.0" in b for b in bodies)  # ... and see the value of their time
-    assert exposition.generated == 2
+    assert exposition.made == 2
     exposition.close()
+    worker.shutdown()
 
 
 async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, monkeypatch):
@@ -216,6 +219,16 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     assert not cp["connected"] and not cp["fresh"] and cp["power_w"] == 0  # as the register
     assert cp["voltages_v"] == [None, None, None] and cp["plugged"]  # plug state held
     assert cp["firmware"] is None and not cp["charging"]
+
+
+async def test_status_json_is_shared_by_requests_that_pile_up(rig):
+    await rig.station(1)
+    made = rig.bridge.web.status.made
+    url = f"http://127.0.0.1:{rig.bridge.metrics_port}/api/status"
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(scrape_status(session, url) for _ in range(30)))
+    assert statuses == [200] * 30
+    assert rig.bridge.web.status.made - made < 30
 
 
 async def test_page_files_are_served_without_anything_from_elsewhere(rig):

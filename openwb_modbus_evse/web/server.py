@@ -1,14 +1,16 @@
 """One aiohttp server on the metrics port: /metrics, the status page, its JSON API, actions.
 
 HTTP runs on the event loop. What keeps it from starving the stations and Modbus is bounded:
-connections pass a :class:`~.gate.Gate` (caps, lifetime), and the exposition is generated at most
-at a rate that keeps its cost near a tenth of a core (see :class:`Exposition`).
+connections pass a :class:`~.gate.Gate` (caps, lifetime), and the two answers whose size grows
+with the stations (/metrics, /api/status) are made in a worker thread at most at a rate that
+keeps their cost near a tenth of a core (see :class:`~.throttle.Throttled`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +19,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..chargepoint import fresh_data
 from ..limits import ConnectionLimiter
@@ -25,6 +27,7 @@ from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
 from .history import PowerHistory
 from .snapshot import status_json
+from .throttle import Throttled
 
 if TYPE_CHECKING:
     from ..bridge import Bridge
@@ -37,10 +40,6 @@ MAX_PER_ADDRESS = 32  # one client address cannot take every slot
 # firmware update waits up to 240 s for the station to come back).
 CONNECTION_MAX_AGE = 300.0
 KEEPALIVE = 5.0  # seconds an idle keep-alive connection stays open
-# The exposition is regenerated at most once per this many times its own generation time (at
-# most EXPOSITION_MAX_AGE apart): scrapes cost at most ~1/EXPOSITION_COST_FACTOR of a core.
-EXPOSITION_COST_FACTOR = 10.0
-EXPOSITION_MAX_AGE = 1.0
 
 
 # The status page: (file in static/, route, content type). No build step, nothing from a CDN.
@@ -58,80 +57,19 @@ def _file_handler(body: bytes, kind: str) -> Callable[[web.Request], Awaitable[w
     return handler
 
 
-class Exposition:
-    """The Prometheus text exposition of a registry, regenerated only as often as affordable.
-
-    After a generation that took ``t`` seconds, the next one starts ``10 t`` (at most 1 s) later
-    at the earliest; every scrape that arrives meanwhile waits for it and shares it. So a scrape
-    never gets values from before its arrival, and any number of scrapers cost about a tenth of a
-    core at most. Generating runs in one worker thread: for 200 stations it takes ~40 ms of CPU,
-    which on the loop would stall Modbus and the stations that long; from a thread the loop gets
-    the GIL back every few milliseconds. The collectors only read immutable snapshots.
-    """
-
-    def __init__(
-        self, registry: CollectorRegistry, clock: Callable[[], float] = time.perf_counter
-    ) -> None:
-        self._registry = registry
-        self._clock = clock
-        self._next_at = -float("inf")  # the earliest time the next generation may start
-        self._pending: asyncio.Future[bytes] | None = None  # for scrapes waiting, not started
-        self._running: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="exposition")
-        self.generated = 0  # how many times it was generated (for tests and the bench)
-
-    async def body(self) -> bytes:
-        """A fresh exposition, shared with the scrapes that arrived while it was due."""
-        if self._pending is None:
-            self._pending = asyncio.get_running_loop().create_future()
-            if self._running is None:
-                self._schedule()
-        return await asyncio.shield(self._pending)
-
-    def _schedule(self) -> None:
-        delay = max(0.0, self._next_at - self._clock())
-        self._timer = asyncio.get_running_loop().call_later(delay, self._start)
-
-    def _start(self) -> None:
-        future, self._pending = self._pending, None
-        assert future is not None
-        self._running = asyncio.ensure_future(self._run(future))
-
-    async def _run(self, future: asyncio.Future[bytes]) -> None:
-        try:
-            body = await asyncio.get_running_loop().run_in_executor(self._worker, self._generate)
-        except Exception as err:  # a collector bug: the waiting scrapes get a 500
-            future.set_exception(err)
-        else:
-            future.set_result(body)
-        finally:
-            self._running = None
-            if self._pending is not None:  # scrapes that came during this generation
-                self._schedule()
-
-    def _generate(self) -> bytes:
-        started = self._clock()
-        body = generate_latest(self._registry)
-        done = self._clock()
-        self._next_at = done + min(EXPOSITION_MAX_AGE, EXPOSITION_COST_FACTOR * (done - started))
-        self.generated += 1
-        return body
-
-    def close(self) -> None:
-        """Stop the worker thread (after the generation in progress, if any)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._worker.shutdown(wait=True, cancel_futures=True)
-
-
 class WebServer:
     """The HTTP server of a bridge."""
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.exposition = Exposition(bridge.metrics.registry)
         self.history = PowerHistory()
+        # One worker thread makes the two bodies that grow with the number of stations.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="http-body")
+        registry = bridge.metrics.registry
+        self.exposition = Throttled(lambda: generate_latest(registry), self._worker)
+        self.status = Throttled(
+            lambda: json.dumps(status_json(bridge, self.history)).encode(), self._worker
+        )
         self._sampler: asyncio.Task[None] | None = None
         app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/metrics", self._metrics)
@@ -181,6 +119,8 @@ class WebServer:
         self.gate.close_all()
         await self._server.wait_closed()
         self.exposition.close()
+        self.status.close()
+        self._worker.shutdown(wait=True, cancel_futures=True)
         self._server = None
 
     async def _sample_power(self) -> None:
@@ -194,8 +134,10 @@ class WebServer:
             await asyncio.sleep(self.history.interval)
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            status_json(self.bridge, self.history), headers={"Cache-Control": "no-store"}
+        return web.Response(
+            body=await self.status.body(),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
