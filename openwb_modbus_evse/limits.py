@@ -2,7 +2,7 @@
 
 A LAN peer that opens connections and never talks must not use up the process's file
 descriptors: every listener admits at most ``max_total`` connections and ``max_per_address``
-from one address, refuses the rest right after accept (the socket is closed at once), counts the
+from one address (one /64 for IPv6), refuses the rest right after accept (the socket is closed at once), counts the
 refusals and logs them at most once a minute. :func:`raise_fd_limit` makes sure the caps of all
 listeners fit into the process's open-file limit, so accept() itself never fails for want of one.
 """
@@ -64,6 +64,20 @@ def address_in(host: str, networks: tuple[Network, ...]) -> bool:
     return any(address in net for net in networks)
 
 
+def address_key(host: str) -> str:
+    """What the per-address cap counts: an IPv4 address, or an IPv6 address's /64.
+
+    One IPv6 host picks as many addresses from its /64 as it likes (privacy addresses), so a
+    cap per IPv6 address would bound nothing.
+    """
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.IPv6Network(f"{host.split('%')[0]}/64", strict=False))
+    except ValueError:
+        return host
+
+
 def left_out(count: int) -> str:
     """The tail of a rate-limited log line: how many such events it did not log."""
     return f" ({count} more since the last such line)" if count else ""
@@ -103,23 +117,25 @@ class ConnectionLimiter:
             reason = Refusal.NOT_ALLOWED
         elif self.open >= self.max_total:
             reason = Refusal.TOTAL
-        elif self._by_address.get(host, 0) >= self.max_per_address:
+        elif self._by_address.get(address_key(host), 0) >= self.max_per_address:
             reason = Refusal.PER_ADDRESS
         else:
+            key = address_key(host)
             self.open += 1
-            self._by_address[host] = self._by_address.get(host, 0) + 1
+            self._by_address[key] = self._by_address.get(key, 0) + 1
             return None
         self._refused(host, reason)
         return reason
 
     def release(self, host: str) -> None:
         """Give back the slot of an admitted connection from ``host``."""
+        key = address_key(host)
         self.open -= 1
-        left = self._by_address[host] - 1
+        left = self._by_address[key] - 1
         if left:
-            self._by_address[host] = left
+            self._by_address[key] = left
         else:
-            del self._by_address[host]
+            del self._by_address[key]
 
     def _refused(self, host: str, reason: str) -> None:
         if self.observer is not None:

@@ -71,6 +71,16 @@ def test_limiter_caps_total_and_per_address_and_releases(caplog):
     assert limiter.admit("10.0.0.3") is None and limiter.open == 3
 
 
+def test_ipv6_addresses_count_per_64_against_the_per_address_cap():
+    limiter = ConnectionLimiter("modbus", max_total=10, max_per_address=2)
+    assert limiter.admit("2001:db8:1:2::a") is None
+    assert limiter.admit("2001:db8:1:2:ffff::b") is None
+    assert limiter.admit("2001:db8:1:2::c") == Refusal.PER_ADDRESS  # the same /64
+    assert limiter.admit("2001:db8:1:3::a") is None  # another /64
+    limiter.release("2001:db8:1:2::a")
+    assert limiter.admit("2001:db8:1:2::d") is None
+
+
 def test_limiter_refuses_addresses_outside_the_allow_list():
     limiter = ConnectionLimiter(
         "modbus", 10, 10, allow=parse_networks(["192.168.1.0/24", "fd00::1"])
