@@ -2,9 +2,10 @@
 
 A LAN peer that opens connections and never talks must not use up the process's file
 descriptors: every listener admits at most ``max_total`` connections and ``max_per_address``
-from one address (one /64 for IPv6), refuses the rest right after accept (the socket is closed at once), counts the
-refusals and logs them at most once a minute. :func:`raise_fd_limit` makes sure the caps of all
-listeners fit into the process's open-file limit, so accept() itself never fails for want of one.
+from one address (one /64 for IPv6), refuses the rest right after accept (the socket is closed
+at once), counts the refusals and logs them at most once a minute. :func:`raise_fd_limit` makes
+sure the caps of all listeners fit into the process's open-file limit, so accept() itself never
+fails for want of one.
 """
 
 from __future__ import annotations
