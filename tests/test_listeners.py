@@ -2,6 +2,8 @@
 
 import asyncio
 import resource
+import socket
+import struct
 import subprocess
 import sys
 
@@ -281,3 +283,28 @@ async def test_station_connections_are_capped_and_a_station_gets_a_freed_slot(ma
     assert station.serial in rig.bridge.link.sessions
     for raw in half_open[1:]:
         await raw.close()
+
+
+async def test_a_client_that_does_not_read_its_responses_is_not_read_either(make_rig, settings):
+    rig = await make_rig(settings)
+    await rig.station(1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", rig.modbus_port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    server = rig.bridge.modbus._server
+    await eventually(lambda: len(server.active_connections) == 1)
+    (connection,) = server.active_connections.values()
+    # Small kernel buffers on both sides, so that responses pile up in the transport quickly.
+    connection.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+    )
+    request = struct.pack(">HHHBBHH", 1, 0, 6, 1, 4, lp_base(1), 100)  # 209 bytes of response
+    for _ in range(150):  # 1500 requests, 300 KiB of responses, none read
+        writer.write(request * 10)
+        await asyncio.sleep(0.001)
+    await eventually(lambda: not connection.transport.is_reading())
+    assert connection.transport.get_write_buffer_size() < 64 * 1024 + 21 * 209
+    client = await rig.client()  # others are served meanwhile
+    assert not (await client.read_input_registers(lp_base(1), count=1, device_id=1)).isError()
+    writer.close()

@@ -253,6 +253,17 @@ class _Connection(ServerRequestHandler):
                 self._idle_timer.cancel()
         super().connection_lost(exc)
 
+    # A client that sends requests but does not read the responses: stop reading its requests
+    # while the responses pile up beyond the transport's high-water mark (64 KiB), so that it
+    # cannot grow our memory.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+
     def _check_idle(self) -> None:
         idle = self.loop.time() - self._last_request
         timeout = self.server.idle_timeout
