@@ -1049,7 +1049,17 @@ def chunks(items: Sequence[MiniStation], size: int) -> Iterator[Sequence[MiniSta
 
 async def capacity_run(workdir: Path, n: int, duration: float) -> tuple[CapacityResult, str]:
     """Connect ``n`` stations to a fresh bridge, then watch their polls for ``duration`` s."""
-    bridge = await start_bridge(workdir, f"capacity{n}", "--poll-interval", f"{POLL_INTERVAL:g}")
+    # All bench stations come from one address: lift the station caps to let every one in.
+    bridge = await start_bridge(
+        workdir,
+        f"capacity{n}",
+        "--poll-interval",
+        f"{POLL_INTERVAL:g}",
+        "--evse-max-connections",
+        str(n + 16),
+        "--evse-max-per-address",
+        str(n + 16),
+    )
     stations = [MiniStation(virtual_serial(i)) for i in range(1, n + 1)]
     try:
         t0 = time.perf_counter()
