@@ -146,10 +146,6 @@ class MqttConnection:
         data = payload.encode() if isinstance(payload, str) else payload
         self.wills.append(Will(topic, data))
 
-    def retained(self, topic: str) -> bytes | None:
-        """The retained value last published to ``topic`` (None if none)."""
-        return self._retained.get(topic)
-
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
