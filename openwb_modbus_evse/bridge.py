@@ -31,6 +31,7 @@ from .mqtt.openwb import OpenWbSecondary
 from .mqtt.rust_bridge import CONTROLLER as BRIDGE_MQTT
 from .mqtt.rust_bridge import RustBridgeApi
 from .phaseswitch import run_switch_command
+from .ratelimit import RateLimit
 from .store import Store, StoreError
 from .supply import SupplyLimit
 from .web.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -80,6 +81,9 @@ class Bridge:
         self._kept: set[str] = set()
         self._probations: dict[str, asyncio.Task[None]] = {}
         self._released_energy: OrderedDict[str, float] = OrderedDict()
+        # Lines about stations that are not (yet) remembered: a peer that connects with a new
+        # serial every few milliseconds must not write two log lines each time.
+        self._newcomer_log = RateLimit(per_second=0.1, burst=20)
         self.metrics = Metrics(self)
         # The Modbus heartbeat; it applies to the charge points whose controller is "modbus".
         self.heartbeat = Heartbeat(
@@ -226,7 +230,8 @@ class Bridge:
         energy = self._released_energy.pop(serial, None) or self._stored_energy.get(serial, 0.0)
         known = self.settings.is_known(serial)
         if not known and self.settings.unknown_stations == "hold":
-            log.warning(
+            self._log_newcomer(
+                logging.WARNING,
                 "station %s is not in known_stations: polled and kept safe, not served "
                 '(unknown_stations = "hold")',
                 serial,
@@ -242,7 +247,8 @@ class Bridge:
         if known:
             self._remember(point)
         else:
-            log.info(
+            self._log_newcomer(
+                logging.INFO,
                 "station %s is served as LP%d; the LP is remembered once it has stayed "
                 "connected with valid data for %g s",
                 serial,
@@ -250,6 +256,12 @@ class Bridge:
                 self.settings.lp_remember_after,
             )
         return point
+
+    def _log_newcomer(self, level: int, message: str, *args: object) -> None:
+        if self._newcomer_log.allow(self.clock()):
+            dropped = self._newcomer_log.take_dropped()
+            more = f" ({dropped} such lines left out before)" if dropped else ""
+            log.log(level, message + "%s", *args, more)
 
     def _remember(self, point: cp.ChargePoint) -> None:
         """Keep ``point`` and its LP, also across restarts."""
@@ -293,7 +305,12 @@ class Bridge:
         del self.charge_points[serial]
         if lp is not None and self._by_lp.get(lp) is point:
             del self._by_lp[lp]
-            log.info("station %s left before its LP was remembered: LP%d is free again", serial, lp)
+            self._log_newcomer(
+                logging.INFO,
+                "station %s left before its LP was remembered: LP%d is free",
+                serial,
+                lp,
+            )
         if point.energy.wh > 0:
             self._released_energy[serial] = point.energy.wh
             while len(self._released_energy) > RELEASED_ENERGY_KEPT:

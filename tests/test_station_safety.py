@@ -1,6 +1,7 @@
 """Stations on a LAN that are not what they claim: hostile or broken peers against the bridge."""
 
 import asyncio
+import logging
 import os
 from dataclasses import replace
 
@@ -126,7 +127,8 @@ async def test_one_shot_connections_claim_no_lp(make_rig, settings):
     assert again.bridge.charge_point_at(1).identity.serial == real.serial
 
 
-async def test_hundreds_of_random_serials_leave_nothing_behind(make_rig, settings):
+async def test_hundreds_of_random_serials_leave_nothing_behind(make_rig, settings, caplog):
+    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.bridge")
     rig = await make_rig(settings)
     for _ in range(300):
         await one_shot(rig, random_serial())
@@ -135,6 +137,8 @@ async def test_hundreds_of_random_serials_leave_nothing_behind(make_rig, setting
     assert bridge.store.energy_wh() == {}
     exposition = generate_latest(bridge.metrics.registry).decode()
     assert "serial=" not in exposition  # no series left for any of them
+    newcomer_lines = [r for r in caplog.records if r.name == "openwb_modbus_evse.bridge"]
+    assert 20 <= len(newcomer_lines) <= 22  # a burst of 20, then one every 10 s
 
 
 async def test_hold_polls_unknown_stations_safely_but_serves_only_known_ones(make_rig, settings):
