@@ -227,6 +227,7 @@ class Broker:
         self.config.write_text(
             f"{config[0] if config else listener}\n"
             "persistence false\n"
+            "set_tcp_nodelay true\n"  # as the README's configuration has it
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             # Started as root it would switch to user mosquitto, who cannot read the test's files.
