@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from ..chargepoint import Target
-from ..limits import ConnectionLimiter, host_of
+from ..limits import ConnectionLimiter, address_in, host_of
 from ..ratelimit import RateLimit
 from . import protocol as p
 
@@ -130,7 +130,7 @@ class Session:
         self._writer = writer
         peer = writer.get_extra_info("peername")
         host, port = (peer[0], peer[1]) if peer else ("?", 0)
-        self.host = host
+        self.host = host_of(peer) if peer else host  # IPv4-mapped addresses as IPv4
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.serial: str | None = None
         self.firmware = 0
@@ -305,15 +305,7 @@ class Session:
 
     def _check_address(self, serial: str) -> None:
         network = self.link.address_for(serial)
-        if network is None:
-            return
-        try:
-            address = ipaddress.ip_address(self.host)
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # an IPv4 station on the dual-stack "::" socket
-        if address is None or address not in network:
+        if network is not None and not address_in(self.host, (network,)):
             raise SessionClosed(
                 f"refused: station {serial} may connect only from {network}, not from {self.host}"
             )
