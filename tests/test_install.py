@@ -49,7 +49,7 @@ def test_make_test_adds_the_test_tools_and_the_debian_peers(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "pip install --quiet -e '.[test,fast]'" in done.stdout
     assert "tools/apt-install-no-services mbpoll prometheus" in done.stdout
-    assert done.stdout.rstrip().endswith(f"{tmp_path}/venv/bin/python -m pytest -q")
+    assert done.stdout.rstrip().endswith(f"{tmp_path}/venv/bin/python -m pytest -q -n 4")
 
 
 def test_make_says_what_to_install_when_python3_venv_is_missing(tmp_path):
