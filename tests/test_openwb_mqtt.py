@@ -254,6 +254,25 @@ async def test_every_bad_payload_is_ignored_logged_once_and_cleared(
     assert refused == 2 * len(BAD) + 3 + 40  # every one counted
 
 
+async def test_what_the_primary_sends_cannot_forge_log_lines(
+    broker, mqtt_settings, make_rig, caplog
+):
+    caplog.set_level(logging.INFO)
+    rig = await make_rig(mqtt_settings)
+    await eventually(lambda: rig.bridge.mqtt.connected)
+    primary = Primary(broker.port)
+    await primary.send("parent_cp", "7\nCRITICAL forged line \x1b[2J")
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "charge point 7" in r.getMessage()]
+
+    await eventually(logged)
+    assert logged() == [
+        "openWB/internal_chargepoint/0 is charge point 7\\nCRITICAL forged line \\x1b[2J"
+        " of the openWB primary"
+    ]
+
+
 async def test_writes_from_the_interface_that_does_not_control_are_refused(
     broker, mqtt_settings, make_rig
 ):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import chargepoint as cp
 from ..config import Settings, station_tree
+from ..evse.link import printable
 from ..heartbeat import Heartbeat
 from ..ratelimit import RateLimit
 from .connection import Message, MqttConnection
@@ -44,7 +45,6 @@ CONTROLLER = "openwb-mqtt"
 REFRESH_INTERVAL = 1.0  # s between checks for values that changed by time alone (stale data)
 FAULT_OK, FAULT_WARNING, FAULT_ERROR = 0, 1, 2
 _VERSION = f"openwb-modbus-evse {version('openwb-modbus-evse')}"
-LOG_TEXT_MAX = 200  # characters of peer input shown in a log line
 # Log lines caused by what peers publish: a burst, then one every 10 s (refusals stay counted).
 LOG_BURST, LOG_PER_SECOND = 30, 0.1
 # Commands that act once: a retained copy of them is an old command, not a new one.
@@ -352,9 +352,9 @@ class OpenWbSecondary:
             raise _bad(f"not JSON: {message.payload[:40]!r}") from None
 
     def _log(self, level: int, text: str) -> None:
-        """A log line about what a peer published: shortened and rate-limited."""
+        """A log line about what a peer published: escaped, shortened and rate-limited."""
         if self._log_limit.allow(self.bridge.clock()):
-            log.log(level, "%s", text[:LOG_TEXT_MAX])
+            log.log(level, "%s", printable(text))
 
     def _refused(self, topic: str, refusal: cp.Refused | str, kind: str) -> None:
         text = str(refusal)
