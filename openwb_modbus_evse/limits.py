@@ -79,11 +79,6 @@ def address_key(host: str) -> str:
         return host
 
 
-def left_out(count: int) -> str:
-    """The tail of a rate-limited log line: how many such events it did not log."""
-    return f" ({count} more since the last such line)" if count else ""
-
-
 class LimiterObserver:
     """Receives refusals (for metrics)."""
 
@@ -150,7 +145,7 @@ class ConnectionLimiter:
                 self.open,
                 self.max_total,
                 self.max_per_address,
-                left_out(self._log_limit.take_dropped()),
+                self._log_limit.left_out(),
             )
 
 

@@ -27,3 +27,8 @@ class RateLimit:
         """How many events were refused since the last call."""
         dropped, self.dropped = self.dropped, 0
         return dropped
+
+    def left_out(self) -> str:
+        """The tail of a rate-limited log line: how many events were refused since the last."""
+        dropped = self.take_dropped()
+        return f" ({dropped} more since the last such line)" if dropped else ""

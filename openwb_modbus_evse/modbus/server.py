@@ -33,7 +33,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
 from .. import chargepoint as cp
-from ..limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of, left_out
+from ..limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
 from ..ratelimit import RateLimit
 from .registers import (
     LP_BASE,
@@ -385,7 +385,7 @@ class _Server(ModbusTcpServer):
                 "Modbus client %s: malformed MBAP header (%s), connection dropped%s",
                 host,
                 what,
-                left_out(self._bad_frame_log.take_dropped()),
+                self._bad_frame_log.left_out(),
             )
 
     def refused(self, kind: cp.RefusalKind) -> None:

@@ -128,11 +128,11 @@ class RustBridgeApi(StationListener):
     def _refused(self, err: BadRequest) -> None:
         self.bridge.metrics.command_refused(CONTROLLER, err.reason.value)
         if self._log_limit.allow(self.bridge.clock()):
-            before = self._log_limit.take_dropped()
-            note = f" ({before} more refused before, not logged)" if before else ""
             # What a peer sent must not forge log lines: escaped and cut.
             line = f"refused {err.request or 'a message'} for {err.client_id or 'no station'}"
-            log.warning("bridge-mqtt: %s", printable(f"{line}: {err}{note}"))
+            log.warning(
+                "bridge-mqtt: %s%s", printable(f"{line}: {err}"), self._log_limit.left_out()
+            )
         self._send(m.error(err))
 
     def _carry_out(self, request: m.Request) -> bytes:

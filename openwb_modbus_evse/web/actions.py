@@ -95,8 +95,7 @@ class AdminApi:
 
     def _log_failure(self, action: str, client: str, why: str) -> None:
         if self._failed_log.allow(time.monotonic()):
-            dropped = self._failed_log.take_dropped()
-            more = f" ({dropped} more not logged)" if dropped else ""
+            more = self._failed_log.left_out()
             log.warning("action %s by %s refused: %s%s", action, client, why, more)
 
     # --- LP assignment ----------------------------------------------------------------------
