@@ -6,7 +6,6 @@ with that line and no traceback.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shlex
@@ -68,7 +67,7 @@ class StationConfig:
     phase_switch_command: str | None = None
     calibration: StationCalibration = NO_CALIBRATION
     # The only source address (or network) the station may connect from; None: any.
-    address: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    address: Network | None = None
 
 
 @dataclass(frozen=True)
@@ -231,17 +230,13 @@ def _serials(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_serial(key, item) for item in value)
 
 
-def _network(key: str, value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(_str(key, value), strict=False)
-    except ValueError as exc:
-        raise ConfigError(key, f"must be an IP address or network, got {value!r}") from exc
+def _network(key: str, value: Any) -> Network:
+    (network,) = _networks(key, [_str(key, value)])
+    return network
 
 
 def _bridge_topics(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string, got {value!r}")
-    if not value:
+    if not _optional_str(key, value):
         return value
     topics = value.split(",")
     if len(topics) != 2 or not all(topics):
