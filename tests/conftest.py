@@ -268,6 +268,10 @@ class Broker:
         self.stop()
         await self.start()
 
+    def settings(self, settings: Settings, **changes) -> Settings:
+        """``settings`` with MQTT on this broker (and ``changes``)."""
+        return replace(settings, mqtt_host="127.0.0.1", mqtt_port=self.port, **changes)
+
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[Broker]:

@@ -166,7 +166,7 @@ async def test_the_service_connects_when_mqtt_host_is_set_and_not_otherwise(
     off = await make_rig(settings)
     assert off.bridge.mqtt is None
     await off.close()
-    rig = await make_rig(settings, mqtt_host="127.0.0.1", mqtt_port=broker.port)
+    rig = await make_rig(broker.settings(settings))
     mqtt = rig.bridge.mqtt
     assert mqtt is not None
     await eventually(lambda: mqtt.connected)

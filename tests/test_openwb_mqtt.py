@@ -30,14 +30,8 @@ HEARTBEAT_TIMEOUT = 1.5
 @pytest.fixture
 def mqtt_settings(settings, broker):
     """Settings with MQTT on: every station driven by the openWB primary by default."""
-    from dataclasses import replace
-
-    return replace(
-        settings,
-        mqtt_host="127.0.0.1",
-        mqtt_port=broker.port,
-        mqtt_heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        controller="openwb-mqtt",
+    return broker.settings(
+        settings, mqtt_heartbeat_timeout=HEARTBEAT_TIMEOUT, controller="openwb-mqtt"
     )
 
 

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import replace
 
 import aiomqtt
 import pytest
@@ -89,10 +88,8 @@ class Client:
 
 @pytest.fixture
 def mqtt_settings(settings, broker):
-    return replace(
+    return broker.settings(
         settings,
-        mqtt_host="127.0.0.1",
-        mqtt_port=broker.port,
         bridge_topics=f"{PUBLISH},{SUBSCRIBE}",
         station=(station_config(1, 1, controller="bridge-mqtt"), station_config(2, 2)),
     )
