@@ -74,7 +74,7 @@ def test_demo_shows_live_values_in_status_and_metrics(tmp_path):
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
 
 
-def test_demo_with_a_port_in_use_says_so_in_one_line(tmp_path):
+def test_demo_with_a_port_in_use_says_so_in_one_line():
     """`make demo` while `make run` runs: serve's one-line error, not a traceback."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

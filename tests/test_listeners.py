@@ -61,7 +61,7 @@ async def modbus_client(port: int) -> AsyncModbusTcpClient:
 # --- the limiter on its own -------------------------------------------------------------------
 
 
-def test_limiter_caps_total_and_per_address_and_releases(caplog):
+def test_limiter_caps_total_and_per_address_and_releases():
     clock = Clock()
     limiter = ConnectionLimiter("modbus", max_total=3, max_per_address=2, clock=clock)
     assert limiter.admit("10.0.0.1") is None and limiter.admit("10.0.0.1") is None
