@@ -94,14 +94,18 @@ def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
 @_setting("modbus_allow", str, "Addresses/networks that may connect to Modbus (a,b,...).")
 @_setting("modbus_write_allow", str, "Addresses/networks that may write over Modbus (a,b,...).")
 @_setting("state_db", str, "SQLite state file (energy, LP numbers).")
-@_setting("heartbeat_timeout", float, "Seconds without a Modbus request before charging stops.")
+@_setting(
+    "heartbeat_timeout",
+    float,
+    "Seconds without a Modbus request from a client that may write before charging stops.",
+)
 @_setting("stop_timeout", float, "Seconds to wait for the vehicle before opening under load.")
 @_setting("phase_switch_pause", float, "Seconds between a phase switch and resuming.")
 @_setting("phase_switch_timeout", float, "Seconds the phase-switch command may take.")
 @_setting("stop_charging_on_shutdown", bool, "Stop charging safely on shutdown (true/false).")
 @_setting("energy_save_interval", float, "Seconds between saves of the energy counters.")
-@_setting("metrics_host", str, "Prometheus /metrics listen address.")
-@_setting("metrics_port", int, "Prometheus /metrics port, 0 = off.")
+@_setting("metrics_host", str, "HTTP listen address (/metrics, status page, actions).")
+@_setting("metrics_port", int, "HTTP port (/metrics, status page, actions), 0 = off.")
 @_setting("admin_token", str, "Bearer token for the HTTP actions; empty = actions off.")
 @_setting("supply_max_current", float, "A per phase all stations share; 0 = no limit.")
 @_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
