@@ -90,7 +90,7 @@ class LimiterObserver:
 class ConnectionLimiter:
     """Admits connections to one listener within its caps; release what you admitted."""
 
-    listener: str  # "modbus", "evse": for logs and metrics
+    listener: str  # "modbus", "evse", "http": for logs and metrics
     max_total: int
     max_per_address: int
     allow: tuple[Network, ...] | None = None  # None: every address may connect
