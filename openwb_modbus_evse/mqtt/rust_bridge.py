@@ -32,12 +32,6 @@ CONTROLLER = "bridge-mqtt"
 # the others are counted and said with the next line.
 LOG_BURST = 20
 LOG_LINES_PER_SECOND = 1 / 3
-_REASON_OF_REFUSAL = {
-    cp.RefusalKind.BAD_VALUE: Reason.BAD_VALUE,
-    cp.RefusalKind.BUSY: Reason.BUSY,
-    cp.RefusalKind.OFFLINE: Reason.OFFLINE,
-    cp.RefusalKind.NOT_CONTROLLER: Reason.NOT_CONTROLLER,
-}
 
 
 class RustBridgeApi(StationListener):
@@ -169,6 +163,6 @@ class RustBridgeApi(StationListener):
                 assert request.contactor_state is not None
                 state = cp.set_contactor_allowed(point.state, request.contactor_state, now)
         except cp.Refused as refusal:
-            raise refuse(_REASON_OF_REFUSAL[refusal.kind], str(refusal)) from None
+            raise refuse(Reason(refusal.kind), str(refusal)) from None  # same names
         point.commit(state)
         return m.bare(response, serial)
