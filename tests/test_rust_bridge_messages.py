@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from openwb_modbus_evse.chargepoint import RefusalKind
 from openwb_modbus_evse.evse.protocol import Pilot, Proximity, StationData
 from openwb_modbus_evse.mqtt import rust_bridge_messages as m
 
@@ -368,3 +369,8 @@ def test_pwm_above_32_a_asks_for_the_most_a_charge_point_takes(percent):
 def test_pwm_percent_that_is_no_current_is_refused(percent):
     with pytest.raises(ValueError, match=r"pwm_percent must be 10\.\.85"):
         m.pwm_to_centiamps(percent)
+
+
+def test_every_refusal_of_the_state_machine_has_an_error_reason():
+    """bridge-mqtt answers a refused command with the reason of the same name."""
+    assert {m.Reason(kind).value for kind in RefusalKind} == {kind.value for kind in RefusalKind}
