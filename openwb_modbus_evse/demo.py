@@ -2,8 +2,8 @@
 
 Everything runs in one process, on the default ports unless told otherwise (and on loopback
 only: the virtual stations are not for the LAN), so ``status --watch`` and ``/metrics`` work
-without options. The controller writes the charging
-current like a PV-surplus controller would, so the values keep changing.
+without options. The controller writes the charging current like a PV-surplus controller would,
+so the values keep changing.
 """
 
 from __future__ import annotations
