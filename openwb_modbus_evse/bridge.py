@@ -195,10 +195,14 @@ class Bridge:
         self.charge_points[serial] = point
         if lp is not None:
             self._by_lp[lp] = point
+        self._sync_heartbeat(point)
+        return point
+
+    def _sync_heartbeat(self, point: cp.ChargePoint) -> None:
+        """Take over the lapse state of the heartbeat that now applies to ``point``."""
         heartbeat = self.heartbeat_of(point)
         lapsed = heartbeat is None or heartbeat.lapsed
         point.commit(cp.set_heartbeat_lapsed(point.state, lapsed, self.clock()))
-        return point
 
     def heartbeat_of(self, point: cp.ChargePoint) -> Heartbeat | None:
         """The heartbeat of the controller that drives the charge point (None: it has none)."""
@@ -393,6 +397,11 @@ class Bridge:
             del self._by_lp[point.identity.lp]
         self._by_lp[lp] = point
         point.identity = replace(point.identity, lp=lp, name=f"LP{lp}")
+        # The controller of the new LP has written nothing for it yet, and its heartbeat (an
+        # openWB tree is per LP) may be another one: a current offered for the old LP must not
+        # charge here.
+        point.commit(cp.reassign(point.state, self.clock()))
+        self._sync_heartbeat(point)
         log.info("station %s is LP%d from now on (moved by an operator)", serial, lp)
 
     def forget_station(self, serial: str) -> None:

@@ -406,6 +406,22 @@ def shut_down(state: State, now: float) -> State:
     return settle(replace(state, requested_ca=0, sequence=None), now)
 
 
+def reassign(state: State, now: float) -> State:
+    """The station is served as another LP: what its controller wrote for the old one (current,
+    phase target, heartbeat enforcement, contactor permission) no longer applies."""
+    start = initial_state(state.config)
+    return settle(
+        replace(
+            state,
+            requested_ca=start.requested_ca,
+            contactor_allowed=start.contactor_allowed,
+            enforce_heartbeat=start.enforce_heartbeat,
+            phase_target=start.phase_target,
+        ),
+        now,
+    )
+
+
 def set_heartbeat_lapsed(state: State, lapsed: bool, now: float) -> State:
     """No controller has asked anything for the heartbeat timeout (or one came back)."""
     return settle(replace(state, heartbeat_lapsed=lapsed), now)

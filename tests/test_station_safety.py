@@ -158,3 +158,31 @@ async def test_hold_polls_unknown_stations_safely_but_serves_only_known_ones(mak
     assert rig.bridge.store.lp_assignments() == {known: 1}  # known: remembered at once
     await stranger.close()
     await eventually(lambda: SERIAL not in rig.bridge.charge_points)
+
+
+# --- LP move ---------------------------------------------------------------------------------
+
+
+async def test_a_moved_station_drops_what_was_written_for_its_old_lp(make_rig, settings):
+    from openwb_modbus_evse.simulator import VehicleConfig
+
+    rig = await make_rig(settings)
+    bridge = rig.bridge
+    client = await rig.client()
+    station = await rig.station(1, VehicleConfig(plug_in_after=None))
+    point = rig.point(station.serial)
+    assert point.identity.lp == 1
+    rr = await client.write_register(ADDR(1, "set_current"), 1600, device_id=1)
+    assert not rr.isError()
+    rr = await client.write_register(ADDR(1, "heartbeat"), 0, device_id=1)
+    assert not rr.isError()
+    assert point.state.requested_ca == 1600 and not point.state.enforce_heartbeat
+    # As with an openWB tree per LP: the new LP's controller has no heartbeat (yet).
+    bridge.heartbeats["modbus"] = lambda p: None if p.identity.lp == 4 else bridge.heartbeat
+    assert not point.state.heartbeat_lapsed
+
+    bridge.move_station(station.serial, 4)
+
+    assert point.identity.lp == 4
+    assert point.state.requested_ca == 0 and point.state.enforce_heartbeat
+    assert point.state.heartbeat_lapsed
