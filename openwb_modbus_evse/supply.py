@@ -125,6 +125,11 @@ class SupplyLimit:
     def __init__(self, max_current_a: float) -> None:
         self.limit_ca = round(max_current_a * 100)
         self._turns: dict[str, Turn] = {}
+        # Charge points that were balanced before and are gone now (released or forgotten while
+        # disconnected): their station may still offer its last PWM until its own safety timeout,
+        # so that current stays counted (see cp.exposure_ca) and is not granted to another.
+        self._present: dict[str, cp.ChargePoint] = {}
+        self._departed: dict[str, cp.ChargePoint] = {}
         self._busy = False
         self._again = False
 
@@ -136,19 +141,33 @@ class SupplyLimit:
         self._busy = True
         try:
             points = list(points)
+            by_key = {p.identity.serial: p for p in points}
+            self._note_departed(by_key, now)
             for _ in range(len(points) + 2):
                 self._again = False
-                by_key = {p.identity.serial: p for p in points}
                 claims = {k: claim(p.state, now) for k, p in by_key.items()}
+                for key, gone in self._departed.items():
+                    claims[key] = Claim(0, False, 0, cp.exposure_ca(gone.state, now))
                 caps, self._turns = allocate(claims, self.limit_ca, self._turns, now)
-                for key, cap in caps.items():
-                    point = by_key[key]
+                for key, point in by_key.items():
+                    cap = caps[key]
                     if cap != point.state.supply_cap_ca:
                         point.commit(cp.set_supply_cap(point.state, cap, now))
                 if not self._again:
                     break
         finally:
             self._busy = False
+
+    def _note_departed(self, present: dict[str, cp.ChargePoint], now: float) -> None:
+        for key, point in self._present.items():
+            if key not in present:
+                self._departed[key] = point
+        self._present = present
+        self._departed = {
+            key: point
+            for key, point in self._departed.items()
+            if key not in present and cp.exposure_ca(point.state, now) > 0
+        }
 
 
 def claim(state: cp.State, now: float) -> Claim:

@@ -14,6 +14,7 @@ from openwb_modbus_evse.supply import (
     IDLE_AFTER,
     ROTATE_AFTER,
     Claim,
+    SupplyLimit,
     Turn,
     allocate,
     claim,
@@ -242,3 +243,33 @@ def test_the_per_state_cap_limits_the_pwm():
     state = cp.set_supply_cap(state, 1000, 0.0)
     assert cp.offered_pwm(state) == 16  # 10 A granted: 9.6 A offered
     assert cp.offered_pwm(replace(state, supply_cap_ca=None)) == 26  # no supply limit
+
+
+def test_a_charge_point_that_is_gone_keeps_its_current_counted():
+    """A station charging at 16 A drops its connection and its charge point is released (or
+    forgotten): the station keeps offering 16 A until its own safety timeout, so another station
+    gets nothing of a 16 A supply until then."""
+    supply = SupplyLimit(16)
+    config = replace(CONFIG, max_current_a=16)
+    points = {}
+    for serial in ("a", "b"):
+        points[serial] = cp.ChargePoint(cp.Identity(serial, None, serial, serial), config)
+        points[serial].commit(cp.set_current(points[serial].state, 1600, 0.0))
+    a, b = points["a"], points["b"]
+    station = Station()
+    station.plugged = station.contactor = True
+    station.pwm = 26
+    a.observe(station.data(), 0.0)
+    supply.balance([a], 0.0)
+    assert a.state.supply_cap_ca == 1600
+    a.disconnected(1.0, "connection lost")
+    supply.balance([a], 1.0)
+    waiting = Station()
+    waiting.plugged = True
+    b.observe(waiting.data(), 2.0)
+
+    supply.balance([b], 2.0)  # a is gone from the charge points
+    assert b.state.supply_cap_ca == 0
+    later = cp.STATION_SAFETY_TIMEOUT + cp.SAFETY_MARGIN_S + 1.0
+    supply.balance([b], later)  # a has switched off by itself: b is served (idle: 6 A)
+    assert b.state.supply_cap_ca == cp.MIN_CURRENT_CA
