@@ -57,8 +57,11 @@ def shares(
             continue
         turn = turns.get(key)
         served = turn is not None and turn.served
-        quiet[key] = None if claim.drawing or not served else (turn.quiet_since or now)
-        since = quiet[key]
+        since = None
+        if served and not claim.drawing:  # "is None", not "or": quiet since t = 0.0 is quiet
+            assert turn is not None
+            since = now if turn.quiet_since is None else turn.quiet_since
+        quiet[key] = since
         idle = since is not None and now - since >= IDLE_AFTER
         wants[key] = min(claim.demand_ca, cp.MIN_CURRENT_CA) if idle else claim.demand_ca
 
@@ -91,7 +94,12 @@ def shares(
         if turn is None or turn.served != served:
             turn = Turn(served=served, since=now)
         if served:
-            turn = replace(turn, quiet_since=None if claims[key].drawing else (quiet[key] or now))
+            since = quiet[key]
+            if claims[key].drawing:
+                since = None
+            elif since is None:
+                since = now
+            turn = replace(turn, quiet_since=since)
         new_turns[key] = turn
     return targets, new_turns
 

@@ -72,6 +72,15 @@ def test_equal_split_and_redistribution_when_a_vehicle_stops_drawing():
     assert targets == {"a": 1000, "b": 1000}
 
 
+def test_a_vehicle_quiet_since_time_zero_is_idle_after_idle_after():
+    claims = {"a": Claim(1600, False, 1600, 1600), "b": Claim(1600, True, 0, 0)}
+    turns = {"a": Turn(served=True, since=0.0, quiet_since=0.0)}
+    targets, turns = shares(claims, 2200, turns, IDLE_AFTER / 2)
+    assert turns["a"].quiet_since == 0.0
+    targets, _ = shares(claims, 2200, turns, IDLE_AFTER)
+    assert targets == {"a": 600, "b": 1600}
+
+
 def test_who_cannot_get_6_a_waits_and_takes_a_turn():
     three = {k: Claim(1600, True, 0, 0) for k in "abc"}
     turns: dict[str, Turn] = {}
