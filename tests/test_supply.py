@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from openwb_modbus_evse import chargepoint as cp
@@ -106,6 +106,9 @@ def test_who_cannot_get_6_a_waits_and_takes_a_turn():
     ),
     st.integers(cp.MIN_CURRENT_CA, 8000),
 )
+# a lowers from 12 A: the 6 A left free go to b or to c, not to both
+@example({"a": (0, 0, 1200), "b": (600, 0, 0), "c": (600, 0, 0)}, 1800)
+@settings(max_examples=1000)
 def test_grant_never_raises_the_sum_of_what_may_be_offered_above_the_limit(raw, limit):
     claims = {k: Claim(d, True, cap, exp) for k, (d, cap, exp) in raw.items()}
     before = sum(max(c.cap_ca, c.exposure_ca) for c in claims.values())
@@ -282,3 +285,12 @@ def test_a_charge_point_that_is_gone_keeps_its_current_counted():
     later = cp.STATION_SAFETY_TIMEOUT + cp.SAFETY_MARGIN_S + 1.0
     supply.balance([b], later)  # a has switched off by itself: b is served (idle: 6 A)
     assert b.state.supply_cap_ca == cp.MIN_CURRENT_CA
+
+
+def test_only_a_connected_station_with_a_vehicle_plugged_in_asks_for_a_share():
+    plugged = Station()
+    plugged.plugged = True
+    state = cp.observe(cp.set_current(cp.initial_state(CONFIG), 1600, 0.0), plugged.data(), 0.0)
+    assert claim(state, 0.0).demand_ca == 1600
+    assert claim(cp.disconnect(state, 1.0), 1.0).demand_ca == 0
+    assert claim(cp.observe(state, Station().data(), 1.0), 1.0).demand_ca == 0  # unplugged
