@@ -171,7 +171,7 @@ class Bridge:
         identity = cp.Identity(
             serial=serial,
             lp=lp,
-            name=station.name or (f"LP{lp}" if lp else cp.short_serial(serial)),
+            name=self._display_name(serial, lp),
             serial_number=station.serial_number or serial[-20:],
         )
         config = cp.ChargePointConfig(
@@ -197,6 +197,10 @@ class Bridge:
             self._by_lp[lp] = point
         self._sync_heartbeat(point)
         return point
+
+    def _display_name(self, serial: str, lp: int | None) -> str:
+        station = self.settings.station_by_serial(serial)
+        return (station.name if station else None) or (f"LP{lp}" if lp else cp.short_serial(serial))
 
     def _sync_heartbeat(self, point: cp.ChargePoint) -> None:
         """Take over the lapse state of the heartbeat that now applies to ``point``."""
@@ -396,7 +400,7 @@ class Bridge:
         if point.identity.lp is not None:
             del self._by_lp[point.identity.lp]
         self._by_lp[lp] = point
-        point.identity = replace(point.identity, lp=lp, name=f"LP{lp}")
+        point.identity = replace(point.identity, lp=lp, name=self._display_name(serial, lp))
         # The controller of the new LP has written nothing for it yet, and its heartbeat (an
         # openWB tree is per LP) may be another one: a current offered for the old LP must not
         # charge here.

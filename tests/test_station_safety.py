@@ -186,3 +186,15 @@ async def test_a_moved_station_drops_what_was_written_for_its_old_lp(make_rig, s
     assert point.identity.lp == 4
     assert point.state.requested_ca == 0 and point.state.enforce_heartbeat
     assert point.state.heartbeat_lapsed
+
+
+async def test_a_moved_station_keeps_its_configured_name(make_rig, settings):
+    from openwb_modbus_evse.simulator import VehicleConfig
+
+    named = StationConfig(serial=virtual_serial(1), name="Garage")
+    rig = await make_rig(settings, station=(named,))
+    station = await rig.station(1, VehicleConfig(plug_in_after=None))
+    point = rig.point(station.serial)
+    assert point.identity.lp == 1 and point.name == "Garage"
+    rig.bridge.move_station(station.serial, 4)
+    assert point.identity.lp == 4 and point.name == "Garage"
