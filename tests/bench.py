@@ -38,7 +38,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT, offered_amps
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from tests.ports import free_port
 
 PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape", "idle")
 LP = 1
@@ -140,13 +140,6 @@ def section(title: str, body: str, notes: Sequence[str] = ()) -> None:
 
 
 # --- subprocesses -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 class Child:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.bridge import Bridge
@@ -36,13 +37,6 @@ def listen_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
         listen(sock, *backlog)
 
     monkeypatch.setattr(socket.socket, "listen", loopback_listen)
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for servers where 0 means "off")."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_tool(name: str) -> str:

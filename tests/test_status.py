@@ -4,12 +4,12 @@ import asyncio
 import io
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from conftest import free_port
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -108,9 +108,7 @@ async def port():
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()  # nobody else in this run is given it, so it stays closed
 
 
 class StopAfter(io.StringIO):
