@@ -647,7 +647,11 @@ class Bridge:
             task.cancel()  # a relay command in flight is abandoned (and killed)
         await asyncio.gather(*switches, return_exceptions=True)
         if self.settings.stop_charging_on_shutdown:
-            await self._stop_charging()
+            await self._settle_for_shutdown(cp.shut_down, _not_stopped, "confirm the stop")
+        else:
+            await self._settle_for_shutdown(
+                cp.leave_charging, lambda p: _pwm_not_applied(p, self.clock()), "apply its PWM"
+            )
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.rust_bridge is not None:
@@ -661,17 +665,23 @@ class Bridge:
         if self._running:
             log.info("stopped")
 
-    async def _stop_charging(self) -> None:
+    async def _settle_for_shutdown(
+        self,
+        change: Callable[[cp.State, float], cp.State],
+        busy: Callable[[cp.ChargePoint], bool],
+        what: str,
+    ) -> None:
+        """Apply ``change`` to every charge point, then wait until no station is ``busy``."""
         now = self.clock()
         for point in self.charge_points.values():
-            point.commit(cp.shut_down(point.state, now))
+            point.commit(change(point.state, now))
         limit = now + self.settings.stop_timeout + SHUTDOWN_GRACE
         while self.clock() < limit:
-            busy = [p.name for p in self.charge_points.values() if _not_stopped(p)]
-            if not busy:
+            waiting = [p.name for p in self.charge_points.values() if busy(p)]
+            if not waiting:
                 return
             await asyncio.sleep(0.1)
-        log.warning("shutdown: %s did not confirm the stop in time", ", ".join(busy))
+        log.warning("shutdown: %s did not %s in time", ", ".join(waiting), what)
 
 
 def _busy(point: cp.ChargePoint) -> bool:
@@ -680,6 +690,12 @@ def _busy(point: cp.ChargePoint) -> bool:
     return (
         point.state.connected and data is not None and (data.contactor or cp.charging(point.state))
     )
+
+
+def _pwm_not_applied(point: cp.ChargePoint, now: float) -> bool:
+    """A connected station has not yet reported the PWM it should show now."""
+    want, data = cp.target(point.state, now), point.state.data
+    return want is not None and data is not None and data.pwm != want.pwm
 
 
 def _not_stopped(point: cp.ChargePoint) -> bool:

@@ -406,6 +406,15 @@ def shut_down(state: State, now: float) -> State:
     return settle(replace(state, requested_ca=0, sequence=None), now)
 
 
+def leave_charging(state: State, now: float) -> State:
+    """The service stops but leaves charging as it is. A pilot interruption ends now (the station
+    would hold state F until its own timeout); a phase switch stays stopped, as its relays were
+    left in an unknown position."""
+    if state.sequence is None or state.sequence.seconds is None:
+        return state
+    return settle(replace(state, sequence=None), now)
+
+
 def reassign(state: State, now: float) -> State:
     """The station is served as another LP: what its controller wrote for the old one (current,
     phase target, heartbeat enforcement, contactor permission) no longer applies."""

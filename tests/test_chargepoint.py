@@ -186,6 +186,20 @@ def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
     assert cp.target(s, 3) == cp.Target(100, True)  # PWM first, as for any stop
 
 
+def test_leaving_charging_on_shutdown_ends_only_a_pilot_interruption():
+    s = cp.start_cp_interruption(charging_state(), 30, 0)
+    s = cp.observe(s, replace(s.data, pwm=0, pilot=Pilot.B_9V, contactor=False), 1)
+    assert cp.target(s, 1) == cp.Target(0, False)  # holding state F
+    s = cp.leave_charging(s, 2)
+    assert s.sequence is None and s.requested_ca == 1600
+    assert cp.target(s, 2) == cp.Target(26, False)  # offered again; closes once the PWM is seen
+    switchable = replace(charging_state(), config=SWITCHABLE)
+    switching = cp.trigger_phase_switch(cp.set_phase_target(switchable, 1, 0), 0)
+    assert switching.sequence is not None
+    assert cp.leave_charging(switching, 1) == switching
+    assert cp.leave_charging(charging_state(), 1) == charging_state()
+
+
 def test_disconnected_station_gets_no_commands():
     s = cp.disconnect(charging_state(), 1)
     assert cp.target(s, 1) is None

@@ -149,6 +149,18 @@ async def test_cp_interruption_holds_state_f_then_resumes(make_rig, settings):
     await station.wait_for(lambda s: s.contactor and any(s.currents_ma), timeout=3)
 
 
+async def test_shutdown_that_leaves_charging_ends_a_pilot_interruption(make_rig, settings):
+    """stop_charging_on_shutdown = false: the vehicle is not left in state F for the station's
+    own timeout (minutes) because the service stopped during a 30 s interruption."""
+    rig = await make_rig(settings, stop_charging_on_shutdown=False)
+    client = await rig.client()
+    station = await start_charging(rig, client)
+    assert await write(client, 1, "cp_interruption", 30) is None
+    await station.wait_for(lambda s: s.pwm == 0 and not s.contactor, timeout=3)
+    await rig.bridge.stop()
+    assert station.pwm == 26  # the current is offered again before the connection closes
+
+
 # --- faults --------------------------------------------------------------------------------
 
 
