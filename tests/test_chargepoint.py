@@ -175,11 +175,16 @@ def test_contactor_no_longer_allowed_stops_the_safe_way_then_offers_the_current_
     assert cp.target(s, 15) == cp.Target(26, True)
 
 
-def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
+def holding_state_f() -> cp.State:
+    """A 16 A charge that stopped for a 30 s pilot interruption and now holds state F (t = 1)."""
     s = cp.start_cp_interruption(charging_state(), 30, 0)
     s = cp.observe(s, replace(s.data, pwm=100, pilot=Pilot.B_9V, contactor=False), 1)
-    assert cp.target(s, 1) == cp.Target(0, False)  # holding state F
-    s = cp.shut_down(s, 2)
+    assert cp.target(s, 1) == cp.Target(cp.PWM_STATE_F, False)
+    return s
+
+
+def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
+    s = cp.shut_down(holding_state_f(), 2)
     assert s.sequence is None and s.requested_ca == 0
     assert cp.target(s, 2) == cp.Target(100, False)
     s = cp.shut_down(charging_state(), 3)
@@ -187,10 +192,7 @@ def test_shutdown_stops_the_normal_way_and_ends_a_pilot_interruption():
 
 
 def test_leaving_charging_on_shutdown_ends_only_a_pilot_interruption():
-    s = cp.start_cp_interruption(charging_state(), 30, 0)
-    s = cp.observe(s, replace(s.data, pwm=0, pilot=Pilot.B_9V, contactor=False), 1)
-    assert cp.target(s, 1) == cp.Target(0, False)  # holding state F
-    s = cp.leave_charging(s, 2)
+    s = cp.leave_charging(holding_state_f(), 2)
     assert s.sequence is None and s.requested_ca == 1600
     assert cp.target(s, 2) == cp.Target(26, False)  # offered again; closes once the PWM is seen
     switchable = replace(charging_state(), config=SWITCHABLE)
