@@ -18,13 +18,12 @@ from ipaddress import IPv4Network, IPv6Network
 
 from . import chargepoint as cp
 from .actions import ActionError, ActionErrorKind
-from .config import ConfigError, Settings, StationConfig
+from .config import MAX_LP, ConfigError, Settings, StationConfig
 from .evse.link import Session, SessionClosed, StationLink
 from .evse.protocol import MAX_FIRMWARE_SIZE, NO_CALIBRATION, StationCalibration
 from .heartbeat import Heartbeat
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .metrics import Metrics
-from .modbus.registers import MAX_LP
 from .modbus.server import ChargePointServer, ModbusObserver
 from .mqtt.connection import MqttConnection, MqttSettings
 from .mqtt.openwb import OpenWbSecondary

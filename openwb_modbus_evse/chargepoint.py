@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .energy import EnergyMeter
-from .evse.protocol import STATION_SAFETY_TIMEOUT, Pilot, Proximity, StationData
+from .evse.protocol import STATION_SAFETY_TIMEOUT, Pilot, Proximity, StationData, Target
 from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,6 @@ class ChargePointConfig:
     contactor_min_off: float = 0.0  # least time between the contactor opening and closing again
     # The controller switches the contactor (bridge-mqtt): it stays open until allowed.
     contactor_by_request: bool = False
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the station should report: PWM duty cycle and contactor."""
-
-    pwm: int
-    contactor: bool
 
 
 class Stage(StrEnum):

@@ -23,8 +23,9 @@ from .evse.protocol import (
     StationCalibration,
 )
 from .limits import Network, parse_networks
-from .modbus.registers import MAX_LP
 
+#: How many charge points are served (LP1..LP9, one openWB register block each).
+MAX_LP = 9
 ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from ..chargepoint import Target
 from ..limits import ConnectionLimiter, address_in, host_of
 from ..ratelimit import RateLimit
 from . import protocol as p
+from .protocol import Target
 
 log = logging.getLogger(__name__)
 station_log = logging.getLogger(__package__.rsplit(".", 1)[0] + ".station")

@@ -169,6 +169,15 @@ class Handshake:
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a station should report: PWM duty cycle and contactor (what the link sends until
+    the station reports it)."""
+
+    pwm: int
+    contactor: bool
+
+
+@dataclass(frozen=True)
 class StationData:
     """One data response: the station's state and measurements (calibrated)."""
 

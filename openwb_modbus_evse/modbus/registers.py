@@ -17,7 +17,6 @@ from ..evse.protocol import STATION_SAFETY_TIMEOUT
 
 LP_BASE = 10000  # LP n occupies LP_BASE + LP_STRIDE * n ... + LP_STRIDE - 1
 LP_STRIDE = 100
-MAX_LP = 9
 _SIZES = {"int16": 1, "int32": 2, "string": 10}  # a string holds 20 characters, 2 per register
 INVALID = -1  # what openWB serves for "no valid value"
 SERIES2 = 1  # type of hardware

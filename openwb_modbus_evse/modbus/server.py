@@ -33,12 +33,12 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
 from .. import chargepoint as cp
+from ..config import MAX_LP
 from ..limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
 from ..ratelimit import RateLimit
 from .registers import (
     LP_BASE,
     LP_STRIDE,
-    MAX_LP,
     REGISTER_MAP,
     BlockEncoder,
     RegisterMap,
