@@ -85,6 +85,8 @@ class Sequence:
     # Stages advance only on reports numbered above this: a report requested before the
     # sequence began may predate a contactor command still in flight.
     after_report: int = 0
+    # Pilot interruption: whether a vehicle was plugged in when the hold began (state F hides it).
+    plugged: bool = False
 
     @property
     def kind(self) -> str:
@@ -276,6 +278,25 @@ def charging(state: State) -> bool:
     return data is not None and data.contactor and data.pilot.requests_power
 
 
+def busy(state: State) -> bool:
+    """The station charges, or its contactor is closed (per its latest data): no firmware
+    update, LP move or forget now."""
+    data = state.data
+    return state.connected and data is not None and (data.contactor or charging(state))
+
+
+def not_stopped(state: State) -> bool:
+    """A connected station still reports a closed contactor or a current offered."""
+    data = state.data
+    return state.connected and data is not None and (data.contactor or data.pwm != PWM_OFF)
+
+
+def pwm_not_applied(state: State, now: float) -> bool:
+    """A connected station has not yet reported the PWM it should show now."""
+    want, data = target(state, now), state.data
+    return want is not None and data is not None and data.pwm != want.pwm
+
+
 def fresh_data(state: State, now: float, max_age: float) -> StationData | None:
     """The latest data, if the station is connected, the data at most ``max_age`` old and
     plausible."""
@@ -324,7 +345,8 @@ def settle(state: State, now: float) -> State:
         if seq.phases is not None:
             return replace(state, sequence=replace(seq, stage=Stage.READY))
         assert seq.seconds is not None
-        return replace(state, sequence=replace(seq, stage=Stage.HOLD, until=now + seq.seconds))
+        hold = replace(seq, stage=Stage.HOLD, until=now + seq.seconds, plugged=data.pilot.plugged)
+        return replace(state, sequence=hold)
     if seq.stage in (Stage.HOLD, Stage.PAUSE) and seq.until is not None and now >= seq.until:
         phases = seq.phases if seq.phases is not None else state.phases
         return settle(replace(state, sequence=None, phases=phases), now)
@@ -566,6 +588,11 @@ class ChargePoint:
     def name(self) -> str:
         """How the charge point is called in logs and metrics."""
         return self.identity.name
+
+    @property
+    def energy_wh(self) -> float:
+        """The energy counter (Wh)."""
+        return self.energy.wh
 
     def commit(self, state: State) -> None:
         """Make ``state`` (derived from the current one by the functions above) the current one."""

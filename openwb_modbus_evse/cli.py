@@ -161,19 +161,19 @@ def serve(config_path: str | None, check_config: bool, **overrides: Any) -> None
     _setup_logging(settings.log_level)
     for warning in warnings:
         logging.getLogger(__name__).warning("%s", warning)
-    from .bridge import Bridge
+    from .service import Service
     from .store import StoreError
 
     async def run(stop: asyncio.Event) -> None:
-        bridge = Bridge(settings)
+        service = Service(settings)
         try:
-            await bridge.start()
+            await service.start()
         except (StoreError, OSError, config_mod.ConfigError) as err:
-            await bridge.stop()
+            await service.stop()
             raise click.ClickException(str(err)) from None
         await stop.wait()
         logging.getLogger(__name__).info("stopping")
-        await bridge.stop()
+        await service.stop()
 
     _run_service(_until_signal(run))
 
@@ -328,7 +328,7 @@ def status(
 @click.option("--port", default=1883, show_default=True, help="Port of the primaries' listeners.")
 def mosquitto_config(config_path: str | None, addresses: tuple[str, ...], port: int) -> None:
     """Print a mosquitto configuration for the configured charge points (openWB MQTT API)."""
-    from .mqtt.mosquitto import build
+    from .interfaces.mosquitto_config import build
 
     try:
         settings = config_mod.load(config_path)
@@ -356,7 +356,7 @@ def mosquitto_config(config_path: str | None, addresses: tuple[str, ...], port: 
 )
 def registers(markdown: bool, lp: int) -> None:
     """Print the register map (register_map.csv)."""
-    from .modbus.registers import REGISTER_MAP, format_table
+    from .interfaces.modbus.registers import REGISTER_MAP, format_table
 
     click.echo(format_table(REGISTER_MAP, lp, markdown=markdown))
 

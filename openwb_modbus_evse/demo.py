@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pymodbus.client import AsyncModbusTcpClient
 
-from .bridge import Bridge
 from .config import Settings, StationConfig
 from .evse.protocol import Proximity
-from .modbus.registers import REGISTER_MAP
+from .interfaces.modbus.registers import REGISTER_MAP
+from .service import Service
 from .simulator import VehicleConfig, VirtualStation, virtual_serial
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,23 @@ async def run_demo(
                 StationConfig(serial=serials[1], lp=2, name="carport", phases=1, cable="tethered"),
             ),
         )
-        bridge = Bridge(settings)
+        service = Service(settings)
         try:
-            await bridge.start()
+            await service.start()
         except OSError:
-            await bridge.stop()
+            await service.stop()
             raise
         stations = [
             VirtualStation(
                 serials[0],
-                bridge=("127.0.0.1", bridge.link.port),
+                bridge=("127.0.0.1", service.link.port),
                 vehicle=VehicleConfig(plug_in_after=3, max_current_a=16, phases=3),
                 voltage_jitter_v=1.5,
                 name="garage",
             ),
             VirtualStation(
                 serials[1],
-                bridge=("127.0.0.1", bridge.link.port),
+                bridge=("127.0.0.1", service.link.port),
                 vehicle=VehicleConfig(plug_in_after=8, max_current_a=32, phases=1),
                 proximity=Proximity.NO_CABLE,
                 voltage_jitter_v=1.5,
@@ -90,8 +90,8 @@ async def run_demo(
         ]
         for station in stations:
             await station.start()
-        assert bridge.modbus is not None
-        controller = asyncio.create_task(_controller(bridge.modbus.port, stop))
+        assert service.modbus is not None
+        controller = asyncio.create_task(_controller(service.modbus.port, stop))
         log.info(
             "demo running. In another terminal: .venv/bin/openwb-modbus-evse status --watch  "
             "|  curl -s localhost:%d/metrics | grep ^openwb  |  Ctrl-C stops",
@@ -99,6 +99,6 @@ async def run_demo(
         )
         await stop.wait()
         await controller
-        await bridge.stop()
+        await service.stop()
         for station in stations:
             await station.stop()

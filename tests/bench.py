@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT, offered_amps
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 from tests.ports import free_port
 

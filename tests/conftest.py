@@ -16,9 +16,9 @@ import pytest
 from ports import free_port
 from pymodbus.client import AsyncModbusTcpClient
 
-from openwb_modbus_evse.bridge import Bridge
 from openwb_modbus_evse.config import Settings, StationConfig
 from openwb_modbus_evse.evse import protocol as p
+from openwb_modbus_evse.service import Service
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 
@@ -112,6 +112,18 @@ def idle_data(**changes) -> p.StationData:
     return replace(data, **changes)
 
 
+def metric(service: Service, name: str, /, **labels: str) -> float | None:
+    """One sample of what a scrape of ``service`` shows now (None: no such sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = service.metrics.exposition(service.snapshot()).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
 # --- the whole bridge in-process ---------------------------------------------------------------
 
 FAST = {"reconnect_delay": 0.2, "request_timeout": 2.0}
@@ -120,7 +132,7 @@ FAST = {"reconnect_delay": 0.2, "request_timeout": 2.0}
 class Rig:
     """A running bridge, ways to add virtual stations, and a Modbus client."""
 
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self, bridge: Service) -> None:
         self.bridge = bridge
         self.stations: list[VirtualStation] = []
         self.clients: list[AsyncModbusTcpClient] = []
@@ -153,7 +165,7 @@ class Rig:
         return client
 
     def point(self, serial: str):
-        return self.bridge.charge_points[serial]
+        return self.bridge.registry.get(serial)
 
     async def close(self) -> None:
         for client in self.clients:
@@ -188,7 +200,7 @@ async def make_rig() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
     rigs: list[Rig] = []
 
     async def make(settings: Settings, **changes) -> Rig:
-        bridge = Bridge(replace(settings, **changes))
+        bridge = Service(replace(settings, **changes))
         await bridge.start()
         rig = Rig(bridge)
         rigs.append(rig)

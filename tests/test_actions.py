@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from conftest import eventually, free_port, station_config
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
 
 TOKEN = "s3cret-token-for-tests"
@@ -60,7 +60,7 @@ async def test_no_token_wrong_token_and_token_on_read_only_routes(make_rig, web_
     rig = await make_rig(web_settings)
     await rig.station(1)
     forget = f"/api/stations/{virtual_serial(1)}/forget"
-    with caplog.at_level(logging.INFO, logger="openwb_modbus_evse.web.actions"):
+    with caplog.at_level(logging.INFO, logger="openwb_modbus_evse.interfaces.http.actions"):
         status, body = await http(rig, "POST", forget, token=None)
         assert status == 401 and "admin token" in body["error"]
         status, body = await http(rig, "POST", forget, token="not-the-token-at-all")
@@ -80,7 +80,7 @@ async def test_no_token_wrong_token_and_token_on_read_only_routes(make_rig, web_
 
 async def test_a_flood_of_wrong_tokens_is_logged_rate_limited(make_rig, web_settings, caplog):
     rig = await make_rig(web_settings)
-    with caplog.at_level(logging.WARNING, logger="openwb_modbus_evse.web.actions"):
+    with caplog.at_level(logging.WARNING, logger="openwb_modbus_evse.interfaces.http.actions"):
         for _ in range(50):
             status, _ = await http(rig, "GET", "/api/stations", token="guess")
             assert status == 403
@@ -98,7 +98,7 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     two = await rig.station(2, VehicleConfig(plug_in_after=None))
     serial = one.serial
     # a new station's LP is remembered once it stayed lp_remember_after
-    await eventually(lambda: serial in rig.bridge.store.lp_assignments())
+    await eventually(lambda: serial in rig.bridge.registry.store.lp_assignments())
 
     done = await cli(rig, "stations", "--json")
     assert done.returncode == 0, done.stderr
@@ -123,7 +123,7 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     assert not rr.isError()
     await one.wait_for(lambda s: not s.contactor)
     await eventually(lambda: not rig.point(serial).state.data.contactor)
-    with caplog.at_level(logging.INFO, logger="openwb_modbus_evse.web.actions"):
+    with caplog.at_level(logging.INFO, logger="openwb_modbus_evse.interfaces.http.actions"):
         done = await cli(rig, "move", serial, "4")
     assert done.returncode == 0, done.stderr
     assert any(f"action move {serial} by 127.0.0.1: done" in r.getMessage() for r in caplog.records)
@@ -132,7 +132,7 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     assert REGISTER_MAP.decode([0] * 50 + rr.registers + [0] * 40)["serial_number"] == serial[-20:]
     rr = await client.read_input_registers(ADDR(1, "power"), count=2, device_id=1)
     assert rr.isError() and rr.exception_code == 2
-    assert rig.bridge.store.lp_assignments()[serial] == 4
+    assert rig.bridge.registry.store.lp_assignments()[serial] == 4
     assert rig.point(serial).name == "LP4"
 
     # refusals: taken LP, configured station, unknown station, bad LP
@@ -154,8 +154,8 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     await eventually(lambda: not rig.point(two.serial).state.connected)
     done = await cli(rig, "forget", two.serial)
     assert done.returncode == 0, done.stderr
-    assert rig.bridge.charge_point_at(2) is None and two.serial not in rig.bridge.charge_points
-    assert two.serial not in rig.bridge.store.lp_assignments()
+    assert rig.bridge.registry.at(2) is None and rig.bridge.registry.get(two.serial) is None
+    assert two.serial not in rig.bridge.registry.store.lp_assignments()
 
     # after a restart the station keeps its new LP
     await rig.close()

@@ -7,7 +7,7 @@ import sys
 
 from conftest import eventually, station_config
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 ADDR = REGISTER_MAP.address
@@ -51,12 +51,12 @@ async def test_heartbeat_lapse_stops_charging_and_requests_bring_it_back(
     assert -0.05 < lapse_delay < 1.0  # within 1 s of the deadline
     await station.wait_for(lambda s: not s.contactor, timeout=3)  # after the vehicle stopped
     assert rig.point(station.serial).state.requested_ca == 1600  # kept
-    assert rig.bridge.heartbeat.lapses == 1
+    assert rig.bridge.modbus_heartbeat.lapses == 1
     assert any("heartbeat: no Modbus request" in r.getMessage() for r in caplog.records)
 
     await read(client)  # any request: the current applies again
     await station.wait_for(lambda s: s.pwm == 26 and s.contactor, timeout=3)
-    assert rig.bridge.heartbeat.recoveries == 1
+    assert rig.bridge.modbus_heartbeat.recoveries == 1
 
 
 async def test_heartbeat_enforcement_is_per_lp(make_rig, settings):

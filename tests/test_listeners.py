@@ -12,6 +12,7 @@ from conftest import RawStation, eventually, free_port
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.config import ConfigError, build
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
 from openwb_modbus_evse.limits import (
     ConnectionLimiter,
     Refusal,
@@ -20,7 +21,6 @@ from openwb_modbus_evse.limits import (
     parse_networks,
     raise_fd_limit,
 )
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig
 
 SET_CURRENT = REGISTER_MAP.address(1, "set_current")
@@ -249,7 +249,7 @@ async def test_a_read_only_address_gets_exception_1_for_writes_and_changes_nothi
     point = rig.point(station.serial)
     await station.wait_for(lambda s: s.plugged)
     client = await rig.client()
-    heard = rig.bridge.heartbeat.last_request
+    heard = rig.bridge.modbus_heartbeat.last_request
     for call in (
         client.write_register(SET_CURRENT, 1600, device_id=1),
         client.write_registers(SET_CURRENT, [1600], device_id=1),
@@ -264,7 +264,7 @@ async def test_a_read_only_address_gets_exception_1_for_writes_and_changes_nothi
     assert all(r.type.name == "COLLECT_DATA" for r in station.received)
     assert not station.contactor
     # A read-only client does not keep the heartbeat: charging stops when the controller goes.
-    assert rig.bridge.heartbeat.last_request == heard
+    assert rig.bridge.modbus_heartbeat.last_request == heard
 
 
 # --- the station listener ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
 
 ADDR = REGISTER_MAP.address
@@ -229,7 +229,7 @@ async def test_disconnected_station_shows_connected_0_no_stale_values_and_the_re
         assert before.series(P + name, serial=SHORT), name  # present while connected
     assert before.value(P + "plugged", **LP1) == 1
     # a station that has earned its LP (one that has not is forgotten when it leaves)
-    await eventually(lambda: SERIAL in rig.bridge.store.lp_assignments())
+    await eventually(lambda: SERIAL in rig.bridge.registry.store.lp_assignments())
 
     await station.stop()
     await eventually(lambda: SERIAL not in rig.bridge.link.sessions)
@@ -381,7 +381,7 @@ async def test_heartbeat_age_and_lapses(make_rig, settings):
         heartbeat_timeout=0.6,
         station=(station_config(1, lp=1),),
     )
-    heartbeat = rig.bridge.heartbeat
+    heartbeat = rig.bridge.modbus_heartbeat
     client = await rig.client()
     rr = await client.write_register(ADDR(1, "set_current"), 1600, device_id=1)
     assert not rr.isError(), rr
@@ -518,14 +518,13 @@ def test_readme_lists_every_metric():
     import openwb_modbus_evse
 
     readme = (Path(openwb_modbus_evse.__file__).resolve().parents[1] / "README.md").read_text()
-    from prometheus_client import generate_latest
 
-    from openwb_modbus_evse.bridge import Bridge
     from openwb_modbus_evse.config import Settings
+    from openwb_modbus_evse.service import Service
 
     async def families() -> set[str]:
         # MQTT on (a broker that is not there): its metrics exist while it retries.
-        bridge = Bridge(
+        bridge = Service(
             Settings(
                 evse_host="127.0.0.1",
                 evse_port=0,
@@ -538,7 +537,7 @@ def test_readme_lists_every_metric():
         )
         await bridge.start()
         try:
-            text = generate_latest(bridge.metrics.registry).decode()
+            text = bridge.metrics.exposition(bridge.snapshot()).decode()
         finally:
             await bridge.stop()
         return {f.name for f in text_string_to_metric_families(text)}

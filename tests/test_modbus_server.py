@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from conftest import eventually, require_tool, station_config
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP, lp_base
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
 from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
 
 ADDR = REGISTER_MAP.address  # (lp, name) -> address, from register_map.csv
@@ -223,7 +223,7 @@ async def test_configured_lp_and_remembered_lp_across_restarts(make_rig, setting
     rig = await make_rig(settings, station=(configured,))
     await rig.station(5)
     await rig.station(6)  # not configured: lowest free LP, remembered after lp_remember_after
-    await eventually(lambda: virtual_serial(6) in rig.bridge.store.lp_assignments())
+    await eventually(lambda: virtual_serial(6) in rig.bridge.registry.store.lp_assignments())
     client = await rig.client()
     assert value(await read_block(client, 3), "serial_number") == "WB-GARAGE"
     assert value(await read_block(client, 1), "serial_number") == virtual_serial(6)[-20:]

@@ -12,7 +12,11 @@ from conftest import Broker, free_port, require_tool, station_config
 from openwb_primary import Primary
 
 from openwb_modbus_evse.config import Settings
-from openwb_modbus_evse.mqtt.mosquitto import MOUNT_POINTS_FIXED, build, installed_version
+from openwb_modbus_evse.interfaces.mosquitto_config import (
+    MOUNT_POINTS_FIXED,
+    build,
+    installed_version,
+)
 
 CLI = [sys.executable, "-m", "openwb_modbus_evse", "mosquitto-config"]
 

@@ -14,8 +14,10 @@ from test_chargepoint import charging_state, connected
 
 from openwb_modbus_evse import chargepoint as cp
 from openwb_modbus_evse.config import Settings, StationConfig
+from openwb_modbus_evse.control import Control
 from openwb_modbus_evse.evse.protocol import Pilot
-from openwb_modbus_evse.mqtt.openwb import (
+from openwb_modbus_evse.heartbeat import Heartbeat
+from openwb_modbus_evse.interfaces.openwb_mqtt import (
     COMMANDS,
     PrimaryHeartbeat,
     Tree,
@@ -25,6 +27,7 @@ from openwb_modbus_evse.mqtt.openwb import (
     trees_of,
 )
 from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.view import PLUG_HOLD
 
 MQTT = cp.ChargePointConfig(controller="openwb-mqtt")
 
@@ -39,11 +42,21 @@ json_values = st.recursive(
 )
 
 
+def carried_out(state: cp.State, name: str, value) -> cp.State:
+    """The state after the command ``name`` with ``value``, through the control path."""
+    point = _point(state)
+    command = COMMANDS[name](value)
+    if command is not None:
+        Control(lambda: 1.0, lambda: [point]).execute("openwb-mqtt", [(point, command)])
+    return point.state
+
+
 @given(name=st.sampled_from(sorted(COMMANDS)), value=json_values)
 def test_any_value_is_either_refused_or_leaves_a_safe_state(name, value):
     before = charging_state()
+    before = replace(before, config=replace(before.config, controller="openwb-mqtt"))
     try:
-        after = COMMANDS[name](before, value, 1.0)
+        after = carried_out(before, name, value)
     except cp.Refused as refusal:
         assert refusal.kind in (cp.RefusalKind.BAD_VALUE, cp.RefusalKind.BUSY)
         return
@@ -72,9 +85,8 @@ def test_set_current_refuses_discharge_gaps_and_wrong_types(value):
 
 
 def test_one_shot_false_or_zero_changes_nothing():
-    s = charging_state()
-    assert COMMANDS["trigger_phase_switch"](s, False, 1) is s
-    assert COMMANDS["cp_interruption_duration"](s, 0, 1) is s
+    assert COMMANDS["trigger_phase_switch"](False) is None
+    assert COMMANDS["cp_interruption_duration"](0) is None
 
 
 def test_a_command_from_the_wrong_interface_is_refused():
@@ -98,7 +110,7 @@ class Clock:
 
 def test_heartbeat_counts_only_newer_live_timestamps_whatever_the_primary_clock_says():
     clock, changes = Clock(), []
-    hb = PrimaryHeartbeat("", 80, clock, changes.append)
+    hb = PrimaryHeartbeat("", Heartbeat(80, clock, changes.append, lapsed=True))
     assert hb.clock.lapsed  # nothing charges before the first live heartbeat
     assert not hb.received(1e9, retained=True)  # a replay sets the baseline only
     assert hb.clock.lapsed and changes == []
@@ -155,7 +167,7 @@ def test_values_of_a_charging_station():
         idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(15_600, 15_550, 0)),
         1,
     )
-    values = get_values(_point(s), Tree("", 0, lp=1), 1.5, heartbeat_lapsed=False)
+    values = get_values(_point(s), Tree("", 0, lp=1), 1.5)
     assert values["charge_state"] is True and values["plug_state"] is True
     assert values["currents"] == [15.6, 15.55, 0.0] and values["phases_in_use"] == 2
     assert values["power"] == round(230 * 15.6 + 230 * 15.55, 2)
@@ -164,25 +176,28 @@ def test_values_of_a_charging_station():
     json.dumps(values)  # all of it is JSON
 
 
-def test_stale_data_are_a_fault_with_zeros_never_stale_charging_values():
+def test_stale_data_are_a_warning_with_zeros_and_the_plug_held_then_an_error():
     s = cp.observe(
         connected(MQTT, pilot=Pilot.C_6V),
         idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(16_000,) * 3),
         1,
     )
     point = _point(s)
-    values = get_values(point, Tree("", 0, lp=1), 1 + point.max_data_age + 0.1, False)
-    assert values["fault_state"] == 2 and "no fresh data" in values["fault_str"]
+    values = get_values(point, Tree("", 0, lp=1), 1 + point.max_data_age + 0.1)
+    assert values["fault_state"] == 1 and "no valid data" in values["fault_str"]
+    assert values["plug_state"] is True  # held: a Wi-Fi hiccup does not end the session
     assert values["charge_state"] is False and values["power"] == 0 and values["phases_in_use"] == 0
-    missing = get_values(None, Tree("", 1, lp=2), 0, False)
+    later = get_values(point, Tree("", 0, lp=1), 1 + PLUG_HOLD + 0.1)
+    assert later["fault_state"] == 2 and later["plug_state"] is False
+    missing = get_values(None, Tree("", 1, lp=2), 0)
     assert missing["fault_state"] == 2 and "no station is LP2" in missing["fault_str"]
 
 
 def test_warnings_say_why_charging_does_not_happen():
-    s = connected(MQTT, pilot=Pilot.B_9V)
-    lapsed = get_values(_point(s), Tree("", 0, lp=1), 0, heartbeat_lapsed=True)
+    s = replace(connected(MQTT, pilot=Pilot.B_9V), heartbeat_lapsed=True)
+    lapsed = get_values(_point(s), Tree("", 0, lp=1), 0)
     assert lapsed["fault_state"] == 1 and "heartbeat" in lapsed["fault_str"]
-    modbus = get_values(_point(connected(pilot=Pilot.B_9V)), Tree("", 0, lp=1), 0, False)
+    modbus = get_values(_point(connected(pilot=Pilot.B_9V)), Tree("", 0, lp=1), 0)
     assert modbus["fault_state"] == 1 and "modbus" in modbus["fault_str"]
-    fault = get_values(_point(connected(MQTT, pilot=Pilot.FAULT)), Tree("", 0, lp=1), 0, False)
+    fault = get_values(_point(connected(MQTT, pilot=Pilot.FAULT)), Tree("", 0, lp=1), 0)
     assert fault["fault_state"] == 2 and "state E" in fault["fault_str"]

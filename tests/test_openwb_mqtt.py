@@ -11,7 +11,6 @@ from conftest import eventually, station_config
 from openwb_primary import Primary, read_json
 from test_control import FAST_VEHICLE, read, relay_command, write
 
-from openwb_modbus_evse.mqtt.openwb import LOG_BURST
 from openwb_modbus_evse.simulator import virtual_serial
 
 MANDATORY = (
@@ -234,13 +233,13 @@ async def test_every_bad_payload_is_ignored_logged_once_and_cleared(
         assert hits, (name, payload, words)
     assert len(warnings) == len(BAD) + 3, warnings
     assert await set_topics_left(broker) == {}
-    # A peer that sends a new bad value every time cannot flood the log.
+    # A peer that sends a new bad value every time cannot flood the log: a burst of 20 lines,
+    # then one a second.
+    before = len(caplog.records)
     for amps in range(40, 80):
         await primary.send("set_current", amps)
     await asyncio.sleep(0.3)
-    logged = [r for r in caplog.records if r.levelname in ("WARNING", "INFO")]
-    ours = [r for r in logged if r.name == "openwb_modbus_evse.mqtt.openwb"]
-    assert len(ours) <= LOG_BURST + 2  # + "waiting for the heartbeat" and "current set to 16 A"
+    assert len(caplog.records) - before <= 20 + 1
     refused = rig.bridge.metrics.registry.get_sample_value(
         "openwb_modbus_evse_commands_refused_total",
         {"interface": "openwb-mqtt", "reason": "bad_value"},
@@ -307,17 +306,22 @@ async def test_writes_from_the_interface_that_does_not_control_are_refused(
     assert refused(name, {"interface": "openwb-mqtt", "reason": "not_controller"}) == 1
 
 
-async def test_offline_station_and_missing_station_publish_fault_2(broker, mqtt_settings, make_rig):
+async def test_an_offline_station_is_a_warning_with_the_plug_held_a_missing_one_fault_2(
+    broker, mqtt_settings, make_rig
+):
     rig = await make_rig(mqtt_settings)
     primary = Primary(broker.port)
     async with primary.beating():
         station = await charging_at_16(rig, primary)
         # a new station is kept after it leaves once its LP is remembered (lp_remember_after)
-        await eventually(lambda: station.serial in rig.bridge.store.lp_assignments())
+        await eventually(lambda: station.serial in rig.bridge.registry.store.lp_assignments())
         await station.stop()
-        await asyncio.sleep(3 * 0.5 + 1.2)  # stale after 3 polls; republished within 1 s
+        await asyncio.sleep(3 * 0.5 + 0.5)  # stale after 3 polls, republished then
         values = await primary.read(0.5)
-    assert values["fault_state"] == 2 and "not connected" in values["fault_str"]
+    # As on Modbus: the plug state is held for the station's own 300 s safety timeout, so that a
+    # Wi-Fi hiccup does not end the primary's charging session; a warning says why.
+    assert values["fault_state"] == 1 and "not connected" in values["fault_str"]
+    assert values["plug_state"] is True
     assert values["charge_state"] is False and values["power"] == 0
     assert values["currents"] == [0, 0, 0]
     empty = await Primary(broker.port, duo=1).read(0.5)

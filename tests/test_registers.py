@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from openwb_modbus_evse.cli import main
-from openwb_modbus_evse.modbus import registers as r
-from openwb_modbus_evse.modbus.server import WRITE_HANDLERS
+from openwb_modbus_evse.interfaces.modbus import registers as r
+from openwb_modbus_evse.interfaces.modbus.server import WRITE_COMMANDS
+from openwb_modbus_evse.view import PLUG_HOLD
 
 ROOT = Path(__file__).resolve().parents[1]
 M = r.REGISTER_MAP
@@ -59,13 +60,13 @@ def test_csv_has_one_row_per_register_of_the_openwb_table():
 
 
 def test_packaged_copy_is_the_same_file():
-    packaged = ROOT / "openwb_modbus_evse" / "modbus" / "register_map.csv"
+    packaged = ROOT / "openwb_modbus_evse" / "interfaces" / "modbus" / "register_map.csv"
     assert packaged.read_bytes() == (ROOT / "register_map.csv").read_bytes()
 
 
 def test_every_writable_register_has_a_handler_except_the_pro_only_update():
     writable = {reg.name for reg in M.registers if reg.writable}
-    assert set(WRITE_HANDLERS) == writable - {"force_update"}
+    assert set(WRITE_COMMANDS) == writable - {"force_update"}
 
 
 def test_no_register_number_is_written_in_the_code():
@@ -168,16 +169,21 @@ def _charging_data():
     return idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(15_600,) * 3)
 
 
+def served_at(point, energy_wh, now):
+    point.energy.wh = float(energy_wh)
+    return r.chargepoint_values(point, now)
+
+
 def test_no_fresh_data_serves_0_for_what_clients_add_up_and_holds_the_plug_state():
     point = _point()
     point.observe(_charging_data(), 100.0)
     point.energy.wh = 1234.0
-    served = r.chargepoint_values(point, point.state, 1234, 100.0)
+    served = served_at(point, 1234, 100.0)
     assert served["power"] > 0 and served["charging"] == 1 and served["plugged"] == 1
 
     point.disconnected(101.0, "gone")
-    for now in (101.0, 100.0 + r.PLUG_HOLD):  # a WiFi hiccup: the session goes on
-        values = M.decode(M.encode(r.chargepoint_values(point, point.state, 1234, now)))
+    for now in (101.0, 100.0 + PLUG_HOLD):  # a WiFi hiccup: the session goes on
+        values = M.decode(M.encode(served_at(point, 1234, now)))
         assert values["plugged"] == 1, now
         assert values["charging"] == values["offered_current"] == 0
         for name in ("power", "power_l1", "power_l2", "power_l3"):
@@ -188,20 +194,20 @@ def test_no_fresh_data_serves_0_for_what_clients_add_up_and_holds_the_plug_state
             assert values[name] is None, name  # -1: unknown, and no client adds voltages up
         assert values["energy_imported"] == 1234
 
-    later = M.decode(M.encode(r.chargepoint_values(point, point.state, 1234, 100.1 + r.PLUG_HOLD)))
+    later = M.decode(M.encode(served_at(point, 1234, 100.1 + PLUG_HOLD)))
     assert later["plugged"] == 0 and later["power"] == 0 and later["voltage_l1"] is None
 
 
 def test_stale_data_of_a_connected_but_silent_station_follows_the_same_rule():
     point = _point()
     point.observe(_charging_data(), 100.0)
-    values = M.decode(M.encode(r.chargepoint_values(point, point.state, 0, 100.0 + 16)))
+    values = M.decode(M.encode(served_at(point, 0, 100.0 + 16)))
     assert point.state.connected
     assert values["plugged"] == 1 and values["power"] == 0 and values["voltage_l1"] is None
 
 
 def test_a_station_never_seen_serves_plugged_0():
-    values = M.decode(M.encode(r.chargepoint_values(_point(), _point().state, 7, 5.0)))
+    values = M.decode(M.encode(served_at(_point(), 7, 5.0)))
     assert values["plugged"] == 0 and values["power"] == 0 and values["energy_imported"] == 7
 
 
@@ -211,7 +217,7 @@ def test_block_encoder_notices_the_end_of_the_plug_hold():
     point.disconnected(100.0, "gone")
     encoder = r.BlockEncoder()
     assert M.decode(encoder.block(point, 200.0))["plugged"] == 1
-    assert M.decode(encoder.block(point, 100.0 + r.PLUG_HOLD + 1))["plugged"] == 0
+    assert M.decode(encoder.block(point, 100.0 + PLUG_HOLD + 1))["plugged"] == 0
 
 
 def test_the_register_table_states_the_no_data_rule_the_code_follows():
@@ -219,7 +225,7 @@ def test_the_register_table_states_the_no_data_rule_the_code_follows():
     point = _point()
     point.observe(_charging_data(), 100.0)
     point.disconnected(100.0, "gone")
-    offline = M.decode(M.encode(r.chargepoint_values(point, point.state, 42, 110.0)))
+    offline = M.decode(M.encode(served_at(point, 42, 110.0)))
     stated = {"0 without fresh data": 0, "-1 without fresh data": None}
     checked = set()
     for reg in M.readable:
@@ -229,7 +235,7 @@ def test_the_register_table_states_the_no_data_rule_the_code_follows():
                 checked.add(reg.name)
     summed = {"power", "power_l1", "power_l2", "power_l3", "current_l1", "current_l2"}
     assert summed | {"current_l3", "voltage_l1", "charging", "offered_current"} <= checked
-    assert f"for up to {r.PLUG_HOLD:g} s" in M["plugged"].description
+    assert f"for up to {PLUG_HOLD:g} s" in M["plugged"].description
     assert offline["plugged"] == 1
     energy = M["energy_imported"].description
     assert "uint32" in energy and "evcc" in energy and "Home Assistant" in energy

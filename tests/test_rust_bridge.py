@@ -12,7 +12,7 @@ import logging
 
 import aiomqtt
 import pytest
-from conftest import eventually, station_config
+from conftest import eventually, metric, station_config
 
 from openwb_modbus_evse import config
 from openwb_modbus_evse.evse.protocol import RequestType
@@ -260,9 +260,9 @@ async def test_a_subscriber_that_goes_quiet_stops_charging(mqtt_settings, make_r
     await station.wait_for(lambda s: not s.contactor, timeout=3)
     sent = commands(station, since)
     assert sent.index(("pwm", 100)) < sent.index(("contactor", False))
-    assert rig.bridge.rust_bridge.heartbeat.lapses == 1
-    sample = rig.bridge.metrics.registry.get_sample_value
-    assert sample("openwb_modbus_evse_bridge_heartbeat_lapsed") == 1
+    assert rig.bridge.bridge_mqtt.heartbeat.lapses == 1
+    lapsed = "openwb_modbus_evse_heartbeat_lapsed"
+    assert metric(rig.bridge, lapsed, controller="bridge-mqtt", scope="") == 1
     await client.ask(readme_request("request_ping"), "response_ping")  # any request: back
     await station.wait_for(lambda s: s.pwm == 26 and s.contactor, timeout=3)
 
@@ -369,7 +369,7 @@ async def test_log_lines_for_refused_requests_are_limited(mqtt_settings, make_ri
         await client.send(b"{not json")
     await eventually(lambda: len(client.of("error")) == 30)
     refused = [r for r in caplog.records if "bridge-mqtt: refused" in r.getMessage()]
-    assert len(refused) == 20
+    assert 20 <= len(refused) <= 21  # a burst of 20, then one a second (per kind of refusal)
 
 
 async def test_without_bridge_topics_nothing_is_published(mqtt_settings, make_rig, client):
@@ -377,7 +377,7 @@ async def test_without_bridge_topics_nothing_is_published(mqtt_settings, make_ri
     await rig.station(1, VEHICLE)
     await client.send(readme_request("request_ping"))
     await asyncio.sleep(1.0)
-    assert client.raw == [] and rig.bridge.rust_bridge is None
+    assert client.raw == [] and rig.bridge.bridge_mqtt is None
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def test_serve_takes_the_two_topic_options():
 
 
 async def test_modbus_cannot_write_to_a_bridge_mqtt_station(mqtt_settings, make_rig):
-    from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+    from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 
     rig = await running(make_rig, mqtt_settings)
     station = await rig.station(1, VEHICLE)

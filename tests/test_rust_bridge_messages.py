@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from openwb_modbus_evse.chargepoint import RefusalKind
 from openwb_modbus_evse.evse.protocol import Pilot, Proximity, StationData
-from openwb_modbus_evse.mqtt import rust_bridge_messages as m
+from openwb_modbus_evse.interfaces import bridge_mqtt_messages as m
 
 SERIAL = "10BA23AB50534D53302E3120FF162332"
 

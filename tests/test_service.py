@@ -12,7 +12,7 @@ import pytest
 from conftest import eventually, free_port
 from pymodbus.client import AsyncModbusTcpClient
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 ADDR = REGISTER_MAP.address

@@ -5,13 +5,12 @@ import logging
 import os
 from dataclasses import replace
 
-from conftest import RawStation, eventually, idle_data
-from prometheus_client import generate_latest
+from conftest import RawStation, eventually, idle_data, metric
 
 from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.config import StationConfig
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import virtual_serial
 
 ADDR = REGISTER_MAP.address
@@ -90,9 +89,8 @@ async def test_impossible_measurements_add_no_energy_and_open_the_contactor(make
     assert values["energy_imported"] == 0
     # no data: nothing for clients to add up (0), the voltages unknown (-1)
     assert values["power"] == 0 and values["voltage_l1"] is None
-    sample = rig.bridge.metrics.registry.get_sample_value
     labels = {"lp": "1", "serial": short_serial(SERIAL), "name": "LP1"}
-    assert sample("openwb_modbus_evse_implausible_reports_total", labels) >= 4
+    assert metric(rig.bridge, "openwb_modbus_evse_implausible_reports_total", **labels) >= 4
     await station.close()
 
 
@@ -114,30 +112,31 @@ async def test_one_shot_connections_claim_no_lp(make_rig, settings):
     rig = await make_rig(settings)
     for _ in range(9):
         await one_shot(rig, random_serial())
-    assert rig.bridge.store.lp_assignments() == {}
-    assert rig.bridge.charge_points == {}
+    assert rig.bridge.registry.store.lp_assignments() == {}
+    assert rig.bridge.registry.points() == []
     real = await rig.station(1)
     assert rig.point(real.serial).identity.lp == 1  # served at once
-    await eventually(lambda: rig.bridge.store.lp_assignments() == {real.serial: 1}, timeout=3)
+    store = rig.bridge.registry.store
+    await eventually(lambda: store.lp_assignments() == {real.serial: 1}, timeout=3)
     await real.stop()
     await eventually(lambda: real.serial not in rig.bridge.link.sessions)
-    assert rig.bridge.charge_point_at(1) is rig.point(real.serial)  # remembered: LP1 stays
+    assert rig.bridge.registry.at(1) is rig.point(real.serial)  # remembered: LP1 stays
     await rig.close()
     again = await make_rig(settings)  # and across a restart
-    assert again.bridge.charge_point_at(1).identity.serial == real.serial
+    assert again.bridge.registry.at(1).identity.serial == real.serial
 
 
 async def test_hundreds_of_random_serials_leave_nothing_behind(make_rig, settings, caplog):
-    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.bridge")
+    caplog.set_level(logging.INFO, logger="openwb_modbus_evse.registry")
     rig = await make_rig(settings)
     for _ in range(300):
         await one_shot(rig, random_serial())
     bridge = rig.bridge
-    assert bridge.charge_points == {} and bridge.store.lp_assignments() == {}
-    assert bridge.store.energy_wh() == {}
-    exposition = generate_latest(bridge.metrics.registry).decode()
+    assert bridge.registry.points() == [] and bridge.registry.store.lp_assignments() == {}
+    assert bridge.registry.store.energy_wh() == {}
+    exposition = bridge.metrics.exposition(bridge.snapshot()).decode()
     assert "serial=" not in exposition  # no series left for any of them
-    newcomer_lines = [r for r in caplog.records if r.name == "openwb_modbus_evse.bridge"]
+    newcomer_lines = [r for r in caplog.records if r.name == "openwb_modbus_evse.registry"]
     assert 20 <= len(newcomer_lines) <= 22  # a burst of 20, then one every 10 s
 
 
@@ -150,14 +149,14 @@ async def test_hold_polls_unknown_stations_safely_but_serves_only_known_ones(mak
     requests = await answer(stranger, replace(charging, pwm=100), 4)
     assert p.Request(p.RequestType.SET_PWM, pwm=100) in requests  # stopped the safe way
     point = rig.point(SERIAL)
-    assert point.identity.lp is None and rig.bridge.charge_point_at(1) is None
+    assert point.identity.lp is None and rig.bridge.registry.at(1) is None
     rr = await client.read_input_registers(ADDR(1, "power"), count=10, device_id=1)
     assert rr.isError() and rr.exception_code == 2  # not served
     friend = await rig.station(2)
     assert rig.point(friend.serial).identity.lp == 1
-    assert rig.bridge.store.lp_assignments() == {known: 1}  # known: remembered at once
+    assert rig.bridge.registry.store.lp_assignments() == {known: 1}  # known: remembered at once
     await stranger.close()
-    await eventually(lambda: SERIAL not in rig.bridge.charge_points)
+    await eventually(lambda: rig.bridge.registry.get(SERIAL) is None)
 
 
 # --- LP move ---------------------------------------------------------------------------------
@@ -178,10 +177,11 @@ async def test_a_moved_station_drops_what_was_written_for_its_old_lp(make_rig, s
     assert not rr.isError()
     assert point.state.requested_ca == 1600 and not point.state.enforce_heartbeat
     # As with an openWB tree per LP: the new LP's controller has no heartbeat (yet).
-    bridge.heartbeats["modbus"] = lambda p: None if p.identity.lp == 4 else bridge.heartbeat
+    beat = bridge.modbus_heartbeat
+    bridge.control.resolve_heartbeat("modbus", lambda p: None if p.identity.lp == 4 else beat)
     assert not point.state.heartbeat_lapsed
 
-    bridge.move_station(station.serial, 4)
+    bridge.registry.move(station.serial, 4)
 
     assert point.identity.lp == 4
     assert point.state.requested_ca == 0 and point.state.enforce_heartbeat
@@ -196,5 +196,5 @@ async def test_a_moved_station_keeps_its_configured_name(make_rig, settings):
     station = await rig.station(1, VehicleConfig(plug_in_after=None))
     point = rig.point(station.serial)
     assert point.identity.lp == 1 and point.name == "Garage"
-    rig.bridge.move_station(station.serial, 4)
+    rig.bridge.registry.move(station.serial, 4)
     assert point.identity.lp == 4 and point.name == "Garage"

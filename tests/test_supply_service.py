@@ -7,7 +7,7 @@ import asyncio
 from conftest import eventually
 
 from openwb_modbus_evse.chargepoint import offered_amps
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.simulator import VehicleConfig
 
 ADDR = REGISTER_MAP.address

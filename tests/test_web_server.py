@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import pytest
 from conftest import eventually, free_port
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.web import server as web_server
-from openwb_modbus_evse.web.history import PowerHistory
-from openwb_modbus_evse.web.throttle import Throttled
+from openwb_modbus_evse.history import PowerHistory
+from openwb_modbus_evse.interfaces.http import server as web_server
+from openwb_modbus_evse.interfaces.http.throttle import Throttled
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 
 P = "openwb_modbus_evse_"
 
@@ -124,22 +124,32 @@ class FakeClock:
 
 
 async def test_exposition_is_shared_by_scrapes_that_pile_up_and_never_older_than_them():
-    registry = CollectorRegistry()
-    gauge = Gauge("value", "A value.", registry=registry)
+    value = [1]
+    taken_on, encoded_on = set(), set()
+
+    def take():
+        taken_on.add(threading.get_ident())
+        return value[0]
+
+    def encode(taken):
+        encoded_on.add(threading.get_ident())
+        return f"value {taken}".encode()
+
     clock = FakeClock()
     worker = ThreadPoolExecutor(1)
-    exposition = Throttled(lambda: generate_latest(registry), worker, clock)
+    exposition = Throttled(take, encode, worker, clock)
     clock.step = 0.01  # 10 ms per generation: the next one starts 100 ms later at the earliest
-    gauge.set(1)
-    assert b"value 1.0" in await exposition.body()
+    assert await exposition.body() == b"value 1"
     clock.step = 0.0
-    gauge.set(2)  # changed after the first scrape: later scrapes must show it
+    value[0] = 2  # changed after the first scrape: later scrapes must show it
     waiting = [asyncio.create_task(exposition.body()) for _ in range(50)]
     await asyncio.sleep(0.02)
     assert not any(t.done() for t in waiting)  # they wait for the next generation ...
     bodies = await asyncio.wait_for(asyncio.gather(*waiting), 2)
-    assert all(b"value 2.0" in b for b in bodies)  # ... and see the value of their time
+    assert all(b == b"value 2" for b in bodies)  # ... and see the value of their time
     assert exposition.made == 2
+    # The snapshot is taken on the event loop; only the encoding runs in the worker thread.
+    assert taken_on == {threading.get_ident()} and threading.get_ident() not in encoded_on
     exposition.close()
     worker.shutdown()
 
@@ -147,13 +157,13 @@ async def test_exposition_is_shared_by_scrapes_that_pile_up_and_never_older_than
 async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, monkeypatch):
     calls = []
 
-    def broken(registry):
+    def broken(snapshot):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("collector bug")
         return b"ok\n"
 
-    monkeypatch.setattr(web_server, "generate_latest", broken)
+    monkeypatch.setattr(rig.bridge.web.exposition, "_encode", broken)
     url = f"http://127.0.0.1:{rig.bridge.metrics_port}/metrics"
     async with aiohttp.ClientSession() as session:
         with contextlib.suppress(aiohttp.ClientError):
@@ -212,7 +222,7 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     assert 0 <= cp["heartbeat_age_s"] < 5 and not cp["heartbeat_lapsed"]
 
     # kept after it leaves once its LP is remembered (lp_remember_after)
-    await eventually(lambda: station.serial in rig.bridge.store.lp_assignments())
+    await eventually(lambda: station.serial in rig.bridge.registry.store.lp_assignments())
     await station.stop()
     await eventually(lambda: not point.state.connected)
     (cp,) = (await get_json(rig, "/api/status"))["charge_points"]

@@ -1,4 +1,2 @@
-"""MQTT interfaces of the service, all on one broker connection (:mod:`.connection`).
-
-- :mod:`.connection`: the connection manager (reconnect, TLS, last wills, retained values).
-"""
+"""The one broker connection the MQTT interfaces share (:mod:`.connection`: reconnect, TLS,
+last wills, retained values)."""

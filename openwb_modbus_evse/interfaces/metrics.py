@@ -1,25 +1,30 @@
-"""Prometheus metrics: live charge-point values read at scrape time, and service counters.
+"""Prometheus metrics: charge-point values as the view shows them, and service counters.
 
-The collector keeps no copy of the state: every scrape reads the bridge's charge points. Events
-that are not state (Modbus requests, protocol errors, command round trips) are counted here.
+A scrape renders a :class:`~openwb_modbus_evse.snapshot.Snapshot` taken on the event loop (the
+exposition is encoded in a worker thread). Events that are not state (Modbus requests, protocol
+errors, command round trips, refusals) are counted here as they happen.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .chargepoint import allowed_ca, fresh_data, short_serial
-from .evse.link import LinkObserver
-from .limits import LimiterObserver
-from .modbus.registers import Value, chargepoint_values
-
-if TYPE_CHECKING:
-    from .bridge import Bridge
+from ..chargepoint import allowed_ca, short_serial
+from ..evse.link import LinkObserver
+from ..limits import LimiterObserver
+from ..snapshot import Snapshot
+from ..view import Freshness, show
 
 disable_created_metrics()  # *_created series only double the counters here
 
@@ -28,15 +33,17 @@ _CP_LABELS = ["lp", "serial", "name"]
 _PILOT_STATES = ("A", "B", "C", "D", "E", "F", "unknown")
 
 
-class _ChargePointCollector(Collector):
-    """Reads every charge point of the bridge when scraped."""
+class _SnapshotCollector(Collector):
+    """Renders the snapshot handed to :meth:`Metrics.exposition`."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
 
     def collect(self) -> Iterator[Metric]:
-        bridge = self._bridge
-        now = bridge.clock()
+        snap = self.snapshot
+        if snap is None:
+            return
+        now = snap.now
 
         def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=_CP_LABELS + (extra or []))
@@ -83,11 +90,11 @@ class _ChargePointCollector(Collector):
             "controller_info", "1, labelled with the interface that drives it.", ["controller"]
         )
 
-        for point in list(bridge.charge_points.values()):
+        for point in snap.points:
             ident = point.identity
             labels = [str(ident.lp or ""), short_serial(ident.serial), ident.name]
             state = point.state
-            energy.add_metric(labels, point.energy.wh * 3600)
+            energy.add_metric(labels, point.energy_wh * 3600)
             requested.add_metric(labels, state.requested_ca / 100)
             allowed.add_metric(labels, allowed_ca(state) / 100)
             connected.add_metric(labels, 1 if state.connected else 0)
@@ -97,20 +104,20 @@ class _ChargePointCollector(Collector):
             controller.add_metric([*labels, state.config.controller], 1)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
-            # What the registers serve, so a sum here is what evcc and Home Assistant sum;
-            # a value the registers serve as unknown (-1, None here) is left out.
-            served = chargepoint_values(point, state, int(point.energy.wh), now)
-            for i in (1, 2, 3):
-                phase = [*labels, str(i)]
-                _add(voltage, phase, served[f"voltage_l{i}"])
-                _add(current, phase, served[f"current_l{i}"])
-                _add(phase_power, phase, served[f"power_l{i}"])
-            _add(power, labels, served["power"])
-            _add(plugged, labels, served["plugged"])
-            _add(charging_, labels, served["charging"])
-            _add(offered, labels, served["offered_current"])
-            data = fresh_data(state, now, point.max_data_age)
-            if data is None:
+            # What every client is shown, so a sum here is what evcc and Home Assistant sum;
+            # an unknown value (a register's -1) is left out.
+            shown = show(point, now)
+            for i in range(3):
+                phase = [*labels, str(i + 1)]
+                _add(voltage, phase, shown.voltages_v[i])
+                _add(current, phase, shown.currents_a[i])
+                _add(phase_power, phase, shown.phase_powers_w[i])
+            power.add_metric(labels, shown.power_w)
+            plugged.add_metric(labels, int(shown.plugged))
+            charging_.add_metric(labels, int(shown.charging))
+            offered.add_metric(labels, shown.offered_a)
+            data = shown.data
+            if shown.freshness is not Freshness.FRESH or data is None:
                 continue  # no stale station values: a missing series is what "unknown" looks like
             pwm.add_metric(labels, data.pwm / 100)
             contactor.add_metric(labels, 1 if data.contactor else 0)
@@ -125,22 +132,31 @@ class _ChargePointCollector(Collector):
         yield from (requested, allowed, offered, granted, pwm, contactor, pilot, cable, rssi)
         yield from (uptime, age, connected, implausible, controller)
 
-        heartbeat = bridge.heartbeat
-        yield GaugeMetricFamily(
+        beat_labels = ["controller", "scope"]
+        beat_age = GaugeMetricFamily(
             f"{PREFIX}_heartbeat_age_seconds",
-            "Seconds since the last Modbus request.",
-            value=heartbeat.age(),
+            "Seconds since the controller's last heartbeat (or since start).",
+            labels=beat_labels,
         )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_heartbeat_lapsed", "1 while the heartbeat is lapsed.", value=heartbeat.lapsed
+        beat_lapsed = GaugeMetricFamily(
+            f"{PREFIX}_heartbeat_lapsed",
+            "1 while the controller's heartbeat is lapsed (or has not come yet).",
+            labels=beat_labels,
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_heartbeat_lapses", "Heartbeat lapses.", value=heartbeat.lapses
+        lapses = CounterMetricFamily(
+            f"{PREFIX}_heartbeat_lapses", "Heartbeat lapses.", labels=beat_labels
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_heartbeat_recoveries", "Heartbeat recoveries.", value=heartbeat.recoveries
+        recoveries = CounterMetricFamily(
+            f"{PREFIX}_heartbeat_recoveries", "Heartbeat recoveries.", labels=beat_labels
         )
-        mqtt = bridge.mqtt
+        for beat in snap.heartbeats:
+            beat_label = [beat.controller, beat.scope]
+            beat_age.add_metric(beat_label, beat.age_s)
+            beat_lapsed.add_metric(beat_label, int(beat.lapsed))
+            lapses.add_metric(beat_label, beat.lapses)
+            recoveries.add_metric(beat_label, beat.recoveries)
+        yield from (beat_age, beat_lapsed, lapses, recoveries)
+        mqtt = snap.mqtt
         if mqtt is not None:
             yield GaugeMetricFamily(
                 f"{PREFIX}_mqtt_connected",
@@ -148,63 +164,38 @@ class _ChargePointCollector(Collector):
                 int(mqtt.connected),
             )
             for name, doc, value in (
-                ("mqtt_messages_received", "MQTT messages received.", mqtt.messages_in),
-                ("mqtt_messages_sent", "MQTT messages sent.", mqtt.messages_out),
-                ("mqtt_messages_dropped", "MQTT messages dropped.", mqtt.messages_dropped),
+                ("mqtt_messages_received", "MQTT messages received.", mqtt.received),
+                ("mqtt_messages_sent", "MQTT messages sent.", mqtt.sent),
+                ("mqtt_messages_dropped", "MQTT messages dropped.", mqtt.dropped),
             ):
                 yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
-        if bridge.openwb is not None:
-            age_ = GaugeMetricFamily(
-                f"{PREFIX}_mqtt_heartbeat_age_seconds",
-                "Seconds since the openWB primary's last fresh heartbeat (or since start).",
-                labels=["prefix"],
-            )
-            lapsed_ = GaugeMetricFamily(
-                f"{PREFIX}_mqtt_heartbeat_lapsed",
-                "1 while the openWB primary's heartbeat is lapsed (or has not come yet).",
-                labels=["prefix"],
-            )
-            for prefix, primary in bridge.openwb.heartbeats.items():
-                age_.add_metric([prefix], primary.clock.age())
-                lapsed_.add_metric([prefix], int(primary.clock.lapsed))
-            yield from (age_, lapsed_)
-        if bridge.rust_bridge is not None:
-            beat = bridge.rust_bridge.heartbeat
-            yield GaugeMetricFamily(
-                f"{PREFIX}_bridge_heartbeat_age_seconds",
-                "Seconds since the last Rust-bridge MQTT request (or since start).",
-                value=beat.age(),
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}_bridge_heartbeat_lapsed",
-                "1 while no Rust-bridge MQTT request came for bridge_heartbeat_timeout.",
-                value=int(beat.lapsed),
-            )
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",
-            value=len(bridge.link.sessions),
+            value=snap.sessions,
         )
         connections = GaugeMetricFamily(
             f"{PREFIX}_connections", "Connections open now, by listener.", labels=["listener"]
         )
-        for limiter in bridge.limiters():
-            connections.add_metric([limiter.listener], limiter.open)
+        for listener, count in snap.connections:
+            connections.add_metric([listener], count)
         yield connections
 
 
-def _add(family: GaugeMetricFamily, labels: list[str], value: Value) -> None:
+def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
     """One sample, unless the value is unknown (what a register serves as -1)."""
-    if isinstance(value, int | float):
+    if value is not None:
         family.add_metric(labels, value)
 
 
 class Metrics(LinkObserver, LimiterObserver):
-    """The bridge's metrics registry, and the observer of link and Modbus events."""
+    """The service's metrics registry, and the observer of link, control and Modbus events."""
 
-    def __init__(self, bridge: Bridge) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_ChargePointCollector(bridge))
+        self._collector = _SnapshotCollector()
+        self._lock = threading.Lock()  # one exposition at a time renders its snapshot
+        self.registry.register(self._collector)
         self._modbus_requests = Counter(
             f"{PREFIX}_modbus_requests",
             "Modbus requests answered, by function code and result.",
@@ -264,6 +255,15 @@ class Metrics(LinkObserver, LimiterObserver):
             ["interface", "reason"],
             registry=self.registry,
         )
+
+    def exposition(self, snapshot: Snapshot) -> bytes:
+        """The text exposition of ``snapshot`` and the counters (thread-safe)."""
+        with self._lock:
+            self._collector.snapshot = snapshot
+            try:
+                return generate_latest(self.registry)
+            finally:
+                self._collector.snapshot = None
 
     # Modbus events (from the server's observer)
     def response(self, function_code: int, exception_code: int | None) -> None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from importlib import resources
 
-from ..chargepoint import ChargePoint, State, charging, fresh_data, offered_amps
-from ..evse.protocol import STATION_SAFETY_TIMEOUT
+from ...chargepoint import Identity, State
+from ...view import Freshness, Shown, Viewable, freshness, show
 
 LP_BASE = 10000  # LP n occupies LP_BASE + LP_STRIDE * n ... + LP_STRIDE - 1
 LP_STRIDE = 100
@@ -176,69 +175,30 @@ def format_table(regmap: RegisterMap, lp: int = 1, *, markdown: bool = False) ->
     )
 
 
-# Summed by clients (evcc and Home Assistant add up power and currents): 0 without fresh data,
-# as openWB serves them, so an offline station adds nothing instead of -1 W or -0.01 A.
-_SUMMED = ("power", "power_l1", "power_l2", "power_l3", "current_l1", "current_l2", "current_l3")
-# Truly unknown without fresh data, and summed by no client: served as -1.
-_UNKNOWN = ("voltage_l1", "voltage_l2", "voltage_l3")
-# How long the last plug state is served after the data stops: a WiFi hiccup must not end a
-# controller's charging session, and after this long the station has switched itself off.
-PLUG_HOLD = STATION_SAFETY_TIMEOUT
+def chargepoint_values(point: Viewable, now: float) -> dict[str, Value]:
+    """Register values by name (see register_map.csv) of ``point`` as the view shows it."""
+    return register_values(point.identity, show(point, now))
 
 
-class Freshness(Enum):
-    """What the registers can say about a charge point's station."""
-
-    FRESH = "fresh"  # data at most max_data_age old: everything as measured
-    HOLD = "hold"  # no fresh data, the last plug state at most PLUG_HOLD old
-    NONE = "none"  # no data, or older than that
-
-
-def freshness(point: ChargePoint, state: State, now: float) -> Freshness:
-    """Which of the served-value rules applies to ``point`` in ``state`` at ``now``."""
-    if fresh_data(state, now, point.max_data_age) is not None:
-        return Freshness.FRESH
-    if state.data_at is not None and now - state.data_at <= PLUG_HOLD:
-        return Freshness.HOLD
-    return Freshness.NONE
-
-
-def chargepoint_values(
-    point: ChargePoint, state: State, energy_wh: int, now: float
-) -> dict[str, Value]:
-    """Register values by name (see register_map.csv) of ``point`` in ``state``."""
+def register_values(identity: Identity, shown: Shown) -> dict[str, Value]:
+    """Register values by name of what the view shows."""
+    # The counter is ours and stays valid while the station is away; a -1 here would read as
+    # 4.29 GWh to evcc, which takes this register as uint32.
     values: dict[str, Value] = {
         "hardware_type": SERIES2,
-        "serial_number": point.identity.serial_number,
-        # The counter is ours and stays valid while the station is away; a -1 here would read as
-        # 4.29 GWh to evcc, which takes this register as uint32.
-        "energy_imported": energy_wh,
+        "serial_number": identity.serial_number,
+        "energy_imported": int(shown.energy_wh),
+        "plugged": int(shown.plugged),
+        "charging": int(shown.charging),
+        "offered_current": shown.offered_a,
+        # Power and currents are summed by clients (evcc and Home Assistant): 0 without fresh
+        # data, as openWB serves them, so an offline station adds nothing instead of -1 W.
+        "power": shown.power_w,
     }
-    shown = freshness(point, state, now)
-    data = state.data
-    if shown is not Freshness.FRESH or data is None:
-        values.update(dict.fromkeys(_SUMMED, 0), **dict.fromkeys(_UNKNOWN))
-        held = shown is Freshness.HOLD and data is not None and data.pilot.plugged
-        values.update(plugged=int(held), charging=0, offered_current=0)
-        return values
-    volts = [mv / 1000 for mv in data.voltages_mv]
-    amps = [ma / 1000 for ma in data.currents_ma]
-    phase_powers = data.phase_powers_w
-    values.update(
-        power=data.power_w,
-        voltage_l1=volts[0],
-        voltage_l2=volts[1],
-        voltage_l3=volts[2],
-        current_l1=amps[0],
-        current_l2=amps[1],
-        current_l3=amps[2],
-        power_l1=phase_powers[0],
-        power_l2=phase_powers[1],
-        power_l3=phase_powers[2],
-        plugged=int(data.pilot.plugged),
-        charging=int(charging(state)),
-        offered_current=offered_amps(data.pwm),
-    )
+    for i in range(3):
+        values[f"voltage_l{i + 1}"] = shown.voltages_v[i]  # None (-1): unknown
+        values[f"current_l{i + 1}"] = shown.currents_a[i]
+        values[f"power_l{i + 1}"] = shown.phase_powers_w[i]
     return values
 
 
@@ -251,13 +211,13 @@ class BlockEncoder:
         # By LP, not by station: at most nine entries, however many stations come and go.
         self._last: dict[int | None, tuple[State, int, Freshness, list[int]]] = {}
 
-    def block(self, point: ChargePoint, now: float) -> list[int]:
+    def block(self, point: Viewable, now: float) -> list[int]:
         """The registers of ``point``'s LP block as of ``now``."""
-        state, energy = point.state, int(point.energy.wh)
-        fresh = freshness(point, state, now)
+        state, energy = point.state, int(point.energy_wh)
+        fresh = freshness(point, now)
         last = self._last.get(point.identity.lp)
         if last is not None and last[0] is state and last[1] == energy and last[2] == fresh:
             return last[3]
-        block = self._regmap.encode(chargepoint_values(point, state, energy, now))
+        block = self._regmap.encode(chargepoint_values(point, now))
         self._last[point.identity.lp] = (state, energy, fresh, block)
         return block

@@ -32,10 +32,11 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
-from .. import chargepoint as cp
-from ..config import MAX_LP
-from ..limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
-from ..ratelimit import RateLimit
+from ... import chargepoint as cp
+from ...config import MAX_LP
+from ...control import MODBUS, Command, Control, Kind
+from ...limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
+from ...ratelimit import RateLimit
 from .registers import (
     LP_BASE,
     LP_STRIDE,
@@ -62,11 +63,6 @@ _REFUSAL_CODES = {
     # type" is exception 1.
     cp.RefusalKind.NOT_CONTROLLER: ExcCodes.ILLEGAL_FUNCTION,
 }
-CONTROLLER = "modbus"  # the value of ``controller`` that lets Modbus writes through
-
-
-class NotWritable(Exception):
-    """A write to an address that takes no writes."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -74,30 +70,29 @@ def _require(ok: bool, message: str) -> None:
         raise cp.Refused(cp.RefusalKind.BAD_VALUE, message)
 
 
-def _accept_only_one(state: cp.State, value: int, now: float) -> cp.State:
+def _only_one(value: int) -> None:
     _require(value == 1, f"only 1 is accepted, got {value}")
-    return state
 
 
-def _trigger(state: cp.State, value: int, now: float) -> cp.State:
+def _trigger(value: int) -> Command:
     _require(value == 1, f"the phase-switch trigger takes 1, got {value}")
-    return cp.trigger_phase_switch(state, now)
+    return Command(Kind.PHASE_SWITCH)
 
 
-def _heartbeat(state: cp.State, value: int, now: float) -> cp.State:
+def _heartbeat(value: int) -> Command:
     _require(value in (0, 1), f"heartbeat enforcement takes 0 or 1, got {value}")
-    return cp.set_heartbeat_enforced(state, value == 1, now)
+    return Command(Kind.HEARTBEAT_ENFORCED, value == 1)
 
 
-#: What a write to each writable register of register_map.csv does to the charge point state.
-#: Names missing here (force_update: openWB Pro only) are refused with exception 2.
-WRITE_HANDLERS: dict[str, Callable[[cp.State, int, float], cp.State]] = {
-    "set_current": cp.set_current,
-    "phase_target": cp.set_phase_target,
+#: The command a write to each writable register of register_map.csv is (None: accepted, nothing
+#: to do). Names missing here (force_update: openWB Pro only) are refused with exception 2.
+WRITE_COMMANDS: dict[str, Callable[[int], Command | None]] = {
+    "set_current": lambda value: Command(Kind.CURRENT, value),
+    "phase_target": lambda value: Command(Kind.PHASES, value),
     "phase_switch_trigger": _trigger,
     "heartbeat": _heartbeat,
-    "reset_rfid": _accept_only_one,  # no RFID reader: nothing to reset
-    "cp_interruption": cp.start_cp_interruption,
+    "reset_rfid": _only_one,  # no RFID reader: nothing to reset
+    "cp_interruption": lambda value: Command(Kind.CP_INTERRUPTION, value),
 }
 
 
@@ -388,9 +383,6 @@ class _Server(ModbusTcpServer):
                 self._bad_frame_log.left_out(),
             )
 
-    def refused(self, kind: cp.RefusalKind) -> None:
-        """A write was refused by the charge point (bad value, busy, offline, not controller)."""
-
 
 class ChargePointServer:
     """Serves the charge point of LP n at 10000 + 100 n over Modbus TCP."""
@@ -399,6 +391,7 @@ class ChargePointServer:
         self,
         charge_point: Callable[[int], cp.ChargePoint | None],
         clock: Callable[[], float],
+        control: Control,
         *,
         unit_id: int = 1,
         observer: ModbusObserver | None = None,
@@ -408,6 +401,7 @@ class ChargePointServer:
         regmap: RegisterMap = REGISTER_MAP,
     ) -> None:
         self._charge_point = charge_point
+        self._control = control
         self._blocks = BlockEncoder(regmap)
         self._clock = clock
         self.unit_id = unit_id
@@ -492,47 +486,38 @@ class ChargePointServer:
         )
         if any(self._charge_point(lp) is None for lp in lps):
             return ExcCodes.ILLEGAL_ADDRESS
-        return self._write(address, [int(v) for v in set_values], self._clock())
+        return self._write(address, [int(v) for v in set_values])
 
-    def _write(self, address: int, words: list[int], now: float) -> ExcCodes | None:
-        staged: dict[int, tuple[cp.ChargePoint, cp.State]] = {}
-        for i, word in enumerate(words):
-            lp, offset = divmod(address + i - LP_BASE, LP_STRIDE)
-            point = self._charge_point(lp)
-            assert point is not None
-            reg = self._regmap.writable_at(offset)
-            value = signed16(word)
-            handler = WRITE_HANDLERS.get(reg.name) if reg is not None else None
-            if handler is None:
-                log.warning(
-                    "LP%d: write of %d to address %d refused: not writable", lp, value, address + i
-                )
-                return ExcCodes.ILLEGAL_ADDRESS
-            state = staged.get(lp, (point, point.state))[1]
-            try:
-                cp.check_writer(state, CONTROLLER)
-                staged[lp] = (point, handler(state, value, now))
-            except cp.Refused as refusal:
-                self._observer.refused(refusal.kind)
-                log.warning(
-                    "LP%d: write of %d to %s (%d) refused: %s",
-                    lp,
-                    value,
-                    reg.name,
-                    address + i,
-                    refusal,
-                )
-                return _REFUSAL_CODES[refusal.kind]
-        # Every part was valid: only now does anything change.
-        for point, state in staged.values():
-            _log_changes(point, state)
-            point.commit(state)
+    def _write(self, address: int, words: list[int]) -> ExcCodes | None:
+        orders: list[tuple[cp.ChargePoint, Command]] = []
+        try:
+            for i, word in enumerate(words):
+                lp, offset = divmod(address + i - LP_BASE, LP_STRIDE)
+                point = self._charge_point(lp)
+                assert point is not None
+                reg = self._regmap.writable_at(offset)
+                value = signed16(word)
+                translate = WRITE_COMMANDS.get(reg.name) if reg is not None else None
+                if translate is None:
+                    self._control.refused(
+                        MODBUS,
+                        "not_writable",
+                        f"LP{lp}: write of {value} to address {address + i} refused: not writable",
+                    )
+                    return ExcCodes.ILLEGAL_ADDRESS
+                try:
+                    command = translate(value)
+                except cp.Refused as refusal:
+                    text = f"LP{lp}: write of {value} to {reg.name} refused: {refusal}"
+                    self._control.refused(MODBUS, refusal.kind.value, text)
+                    raise
+                if command is not None:
+                    orders.append((point, command))
+            # Every part is checked before anything changes.
+            self._control.execute(MODBUS, orders)
+        except cp.Refused as refusal:
+            return _REFUSAL_CODES[refusal.kind]
         return None
-
-
-def _log_changes(point: cp.ChargePoint, new: cp.State) -> None:
-    for change in cp.describe_changes(point.state, new):
-        log.info("LP%d: %s", point.identity.lp, change)
 
 
 async def _no_such_unit(*_: object) -> ExcCodes:

@@ -2,35 +2,30 @@
 
 HTTP runs on the event loop. What keeps it from starving the stations and Modbus is bounded:
 connections pass a :class:`~.gate.Gate` (caps, lifetime), and the two answers whose size grows
-with the stations (/metrics, /api/status) are made in a worker thread at most at a rate that
-keeps their cost near a tenth of a core (see :class:`~.throttle.Throttled`).
+with the stations (/metrics, /api/status) are encoded in a worker thread, from a frozen snapshot
+taken on the event loop, at most at a rate that keeps their cost near a tenth of a core (see
+:class:`~.throttle.Throttled`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..chargepoint import fresh_data
-from ..limits import ConnectionLimiter
+from ...limits import ConnectionLimiter
+from ...snapshot import Snapshot
+from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
-from .history import PowerHistory
-from .snapshot import status_json
+from .status import status_json
 from .throttle import Throttled
-
-if TYPE_CHECKING:
-    from ..bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +53,20 @@ def _file_handler(body: bytes, kind: str) -> Callable[[web.Request], Awaitable[w
 
 
 class WebServer:
-    """The HTTP server of a bridge."""
+    """The service's HTTP server."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        self.history = PowerHistory()
-        # One worker thread makes the two bodies that grow with the number of stations.
+    def __init__(self, snapshot: Callable[[], Snapshot], metrics: Metrics, admin: AdminApi) -> None:
+        self._metrics_observer = metrics
+        # One worker thread encodes the two bodies that grow with the number of stations.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="http-body")
-        registry = bridge.metrics.registry
-        self.exposition = Throttled(lambda: generate_latest(registry), self._worker)
+        self.exposition = Throttled(snapshot, metrics.exposition, self._worker)
         self.status = Throttled(
-            lambda: json.dumps(status_json(bridge, self.history)).encode(), self._worker
+            snapshot, lambda snap: json.dumps(status_json(snap)).encode(), self._worker
         )
-        self._sampler: asyncio.Task[None] | None = None
         app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
-        AdminApi(bridge).add_routes(app)
+        admin.add_routes(app)
         static = resources.files(__package__) / "static"
         for name, route, kind in _PAGE_FILES:
             body = (static / name).read_bytes()
@@ -92,7 +84,7 @@ class WebServer:
         await self._runner.setup()
         assert self._runner.server is not None
         limiter = ConnectionLimiter(
-            "http", MAX_CONNECTIONS, MAX_PER_ADDRESS, observer=self.bridge.metrics
+            "http", MAX_CONNECTIONS, MAX_PER_ADDRESS, observer=self._metrics_observer
         )
         self.gate = Gate(self._runner.server, limiter, CONNECTION_MAX_AGE)
         try:
@@ -101,7 +93,6 @@ class WebServer:
             await self._runner.cleanup()
             raise OSError(f"cannot serve HTTP on {host}:{port}: {err.strerror or err}") from err
         self.port = self._server.sockets[0].getsockname()[1]
-        self._sampler = asyncio.create_task(self._sample_power())
         log.info("HTTP on http://%s:%d/ (status page, /metrics)", host, self.port)
         return self.port
 
@@ -109,10 +100,6 @@ class WebServer:
         """Stop listening and close every connection."""
         if self._server is None:
             return
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
         self._server.close()
         await self._runner.cleanup()
         assert self.gate is not None
@@ -122,16 +109,6 @@ class WebServer:
         self.status.close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._server = None
-
-    async def _sample_power(self) -> None:
-        while True:
-            now = self.bridge.clock()
-            powers = []
-            for serial, point in self.bridge.charge_points.items():
-                data = fresh_data(point.state, now, point.max_data_age)
-                powers.append((serial, data.power_w if data else None))  # None: a gap
-            self.history.sample(powers, time.time())
-            await asyncio.sleep(self.history.interval)
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(

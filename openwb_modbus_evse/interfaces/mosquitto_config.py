@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 from ..config import Settings
-from .openwb import trees_of
+from .openwb_mqtt import trees_of
 
 OPENWB_PORT = 1883  # fixed in openWB's secondary module
 MOUNT_POINTS_FIXED = (2, 0, 12)  # mosquitto issue 2244: delivered topics kept the mount prefix

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
-from ..limits import ConnectionLimiter, host_of
+from ...limits import ConnectionLimiter, host_of
 
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"

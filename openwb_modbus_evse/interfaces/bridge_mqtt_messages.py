@@ -200,7 +200,7 @@ def parse_request(payload: bytes) -> Request:
         )
     try:
         message = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except ValueError as err:  # not UTF-8, not JSON, or a number of 4300+ digits
         raise BadRequest(Reason.MALFORMED_JSON, f"not JSON: {err}") from None
     except RecursionError:
         raise BadRequest(Reason.MALFORMED_JSON, "not JSON: nested too deeply") from None

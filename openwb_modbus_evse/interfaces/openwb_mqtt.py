@@ -6,10 +6,11 @@ The primary (charge-point type "secondary openWB") publishes retained JSON to
 LP2 are duo 0 and 1 without a prefix (one broker looks like an openWB Duo); ``mqtt_prefix`` and
 ``duo_num`` in ``[[station]]`` place a station anywhere else (with a mosquitto mount point).
 
-Commands go through the charge-point state machine like Modbus writes; a bad one is logged once
-(until it changes), counted and ignored. Every set topic is cleared after handling (an empty
-retained publish), and one-shot commands (phase-switch trigger, pilot interruption) are only
-carried out when they arrive live, never from a retained replay after a reconnect.
+Commands go through the control path like Modbus writes; a bad one is logged once (until it
+changes), counted and ignored. What the primary reads is the view's (view.py), as on Modbus.
+Every set topic is cleared after handling (an empty retained publish), and one-shot commands
+(phase-switch trigger, pilot interruption) are only carried out when they arrive live, never
+from a retained replay after a reconnect.
 
 The primary's heartbeat (``global_data``) counts when its timestamp is newer than the previous
 one, timed by arrival on our monotonic clock (the two clocks need not agree); a retained replay
@@ -27,23 +28,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import chargepoint as cp
 from ..config import Settings, station_tree
+from ..control import OPENWB_MQTT, Command, Control, Kind
 from ..evse.link import printable
 from ..heartbeat import Heartbeat
+from ..mqtt.connection import Message, MqttConnection
 from ..ratelimit import RateLimit
-from .connection import Message, MqttConnection
-
-if TYPE_CHECKING:
-    from ..bridge import Bridge
+from ..registry import Registry
+from ..view import FAULT_ERROR, FAULT_WARNING, Viewable, next_change, show
 
 log = logging.getLogger(__name__)
 
-CONTROLLER = "openwb-mqtt"
-REFRESH_INTERVAL = 1.0  # s between checks for values that changed by time alone (stale data)
-FAULT_OK, FAULT_WARNING, FAULT_ERROR = 0, 1, 2
 _VERSION = f"openwb-modbus-evse {version('openwb-modbus-evse')}"
 # Log lines caused by what peers publish: a burst, then one every 10 s (refusals stay counted).
 LOG_BURST, LOG_PER_SECOND = 30, 0.1
@@ -103,68 +101,49 @@ def _r(value: float) -> float:
     return round(value, 2)
 
 
-def get_values(
-    point: cp.ChargePoint | None, tree: Tree, now: float, heartbeat_lapsed: bool
-) -> dict[str, Any]:
-    """Every get/ topic of the tree and its JSON value. No fresh data: fault 2 and zeros."""
-    values: dict[str, Any] = {
-        "power": 0.0,
-        "imported": _r(point.energy.wh) if point else 0.0,
-        "exported": 0.0,
-        "currents": [0.0, 0.0, 0.0],
-        "voltages": [0.0, 0.0, 0.0],
-        "powers": [0.0, 0.0, 0.0],
-        "phases_in_use": 0,
-        "plug_state": False,
-        "charge_state": False,
-        "evse_current": 0.0,
-        "max_evse_current": 0.0,
-        "serial_number": point.identity.serial_number if point else "",
-        "version": _VERSION,
-    }
+def get_values(point: Viewable | None, tree: Tree, now: float) -> dict[str, Any]:
+    """Every get/ topic of the tree and its JSON value, as the view shows the charge point."""
     if point is None:
         what = f"LP{tree.lp}" if tree.lp else f"station {tree.serial}"
-        return values | _fault(FAULT_ERROR, f"openwb-modbus-evse: no station is {what} yet")
-    state = point.state
-    values["max_evse_current"] = _r(state.config.max_current_a)
-    data = cp.fresh_data(state, now, point.max_data_age)
-    if data is None:
-        why = "is not connected" if not state.connected else "sends no fresh data"
-        return values | _fault(FAULT_ERROR, f"openwb-modbus-evse: station {point.name} {why}")
-    currents = [_r(ma / 1000) for ma in data.currents_ma]
-    charging = cp.charging(state)
-    cable_a = cp.cable_limit_ca(state) / 100
-    values |= {
-        "power": _r(data.power_w),
-        "currents": currents,
-        "voltages": [_r(mv / 1000) for mv in data.voltages_mv],
-        "powers": [_r(w) for w in data.phase_powers_w],
-        "phases_in_use": sum(ma >= cp.STOPPED_MA for ma in data.currents_ma) if charging else 0,
-        "plug_state": data.pilot.plugged,
-        "charge_state": charging,
-        "evse_current": _r(cp.offered_amps(data.pwm)),
-        "max_evse_current": _r(min(state.config.max_current_a, cable_a or math.inf)),
+        return {
+            **dict.fromkeys(("power", "imported", "exported", "evse_current"), 0.0),
+            **{key: [0.0, 0.0, 0.0] for key in ("currents", "voltages", "powers")},
+            "phases_in_use": 0,
+            "plug_state": False,
+            "charge_state": False,
+            "max_evse_current": 0.0,
+            "serial_number": "",
+            "version": _VERSION,
+            **_fault(FAULT_ERROR, f"openwb-modbus-evse: no station is {what} yet"),
+        }
+    shown = show(point, now)
+    fault, text = shown.fault, shown.fault_text
+    controller = point.state.config.controller
+    if fault < FAULT_WARNING and controller != OPENWB_MQTT:
+        fault, text = (
+            FAULT_WARNING,
+            (f"controlled over {controller}, not by this openWB: commands are refused"),
+        )
+    return {
+        "power": _r(shown.power_w),
+        "imported": _r(shown.energy_wh),
+        "exported": 0.0,
+        "currents": [_r(a) for a in shown.currents_a],
+        "voltages": [_r(v or 0.0) for v in shown.voltages_v],
+        "powers": [_r(w) for w in shown.phase_powers_w],
+        "phases_in_use": shown.phases_in_use,
+        "plug_state": shown.plugged,
+        "charge_state": shown.charging,
+        "evse_current": _r(shown.offered_a),
+        "max_evse_current": _r(shown.max_current_a),
+        "serial_number": point.identity.serial_number,
+        "version": _VERSION,
+        **_fault(fault, f"openwb-modbus-evse: {text}" if text else ""),
     }
-    return values | _fault(*_warning(state, data, heartbeat_lapsed))
 
 
 def _fault(level: int, text: str) -> dict[str, Any]:
     return {"fault_state": level, "fault_str": text}
-
-
-def _warning(state: cp.State, data: Any, heartbeat_lapsed: bool) -> tuple[int, str]:
-    if state.config.controller != CONTROLLER:
-        return FAULT_WARNING, (
-            f"controlled over {state.config.controller}, not by this openWB: commands are refused"
-        )
-    if heartbeat_lapsed:
-        return FAULT_WARNING, "no heartbeat from the openWB primary: charging is stopped"
-    if state.switch_failed:
-        return FAULT_WARNING, "the phase-switch command failed: charging stays stopped"
-    seq = state.sequence
-    if data.pilot.is_fault and not (seq is not None and seq.stage is cp.Stage.HOLD):
-        return FAULT_ERROR, f"control-pilot fault (state {data.pilot.state})"
-    return FAULT_OK, ""
 
 
 # --- what the primary sends (pure parsing) ----------------------------------------------------
@@ -195,26 +174,26 @@ def _int(name: str, value: Any) -> int:
     return value
 
 
-def _phases(state: cp.State, value: Any, now: float) -> cp.State:
-    return cp.set_phase_target(state, _int("phases_to_use", value), now)
+def _phases(value: Any) -> Command | None:
+    return Command(Kind.PHASES, _int("phases_to_use", value))
 
 
-def _trigger(state: cp.State, value: Any, now: float) -> cp.State:
+def _trigger(value: Any) -> Command | None:
     if not isinstance(value, bool):
         raise _bad(f"trigger_phase_switch must be true or false, got {value!r}")
-    return cp.trigger_phase_switch(state, now) if value else state
+    return Command(Kind.PHASE_SWITCH) if value else None
 
 
-def _interrupt(state: cp.State, value: Any, now: float) -> cp.State:
+def _interrupt(value: Any) -> Command | None:
     seconds = _int("cp_interruption_duration", value)
     if seconds < 0:
         raise _bad(f"cp_interruption_duration must be 0 or more seconds, got {seconds}")
-    return cp.start_cp_interruption(state, seconds, now) if seconds else state
+    return Command(Kind.CP_INTERRUPTION, seconds) if seconds else None
 
 
-#: What each ``.../<duo>/data/<name>`` command does to the charge point state.
-COMMANDS: dict[str, Callable[[cp.State, Any, float], cp.State]] = {
-    "set_current": lambda state, value, now: cp.set_current(state, parse_set_current(value), now),
+#: The command each ``.../<duo>/data/<name>`` is (None: nothing to do).
+COMMANDS: dict[str, Callable[[Any], Command | None]] = {
+    "set_current": lambda value: Command(Kind.CURRENT, parse_set_current(value)),
     "phases_to_use": _phases,
     "trigger_phase_switch": _trigger,
     "cp_interruption_duration": _interrupt,
@@ -231,13 +210,9 @@ def parse_heartbeat(value: Any) -> float:
 class PrimaryHeartbeat:
     """The heartbeat of the primary that publishes under one prefix."""
 
-    def __init__(
-        self, prefix: str, timeout: float, clock: Callable[[], float], on_change: Callable
-    ) -> None:
+    def __init__(self, prefix: str, clock: Heartbeat) -> None:
         self.prefix = prefix
-        what = f"openWB heartbeat on {global_topic(prefix, 'global_data')}"
-        # Lapsed until the first live heartbeat: a retained set_current may be hours old.
-        self.clock = Heartbeat(timeout, clock, on_change, what=what, lapsed=True)
+        self.clock = clock
         self.last_timestamp: float | None = None
         self.parent_ip: str | None = None
 
@@ -257,23 +232,37 @@ class PrimaryHeartbeat:
 class OpenWbSecondary:
     """Publishes every tree, takes the primary's commands, keeps one heartbeat per prefix."""
 
-    def __init__(self, bridge: Bridge, connection: MqttConnection) -> None:
-        self.bridge = bridge
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        control: Control,
+        connection: MqttConnection,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.control = control
         self.mqtt = connection
-        self.trees = trees_of(bridge.settings)
+        self.clock = clock
+        self.trees = trees_of(settings)
         self.heartbeats = {
             prefix: PrimaryHeartbeat(
                 prefix,
-                bridge.settings.mqtt_heartbeat_timeout,
-                bridge.clock,
-                lambda lapsed, prefix=prefix: self._heartbeat_changed(prefix, lapsed),
+                # Lapsed until the first live heartbeat: a retained set_current may be hours old.
+                control.add_heartbeat(
+                    OPENWB_MQTT,
+                    settings.mqtt_heartbeat_timeout,
+                    scope=prefix,
+                    what=f"openWB heartbeat on {global_topic(prefix, 'global_data')}",
+                    lapsed=True,
+                ),
             )
             for prefix in sorted({t.prefix for t in self.trees})
         }
         self.parent_cp: dict[Tree, str] = {}
-        self._last_refusal: dict[str, str] = {}  # topic -> refusal logged last (log once)
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._timers: dict[Tree, asyncio.TimerHandle] = {}
         self._warned_no_tree: set[str] = set()
         self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
         for tree in self.trees:
@@ -287,8 +276,8 @@ class OpenWbSecondary:
                 global_topic(prefix, "global_data"), lambda m, p=prefix: self._global_data(p, m)
             )
             connection.subscribe(global_topic(prefix, "last_tag"), self._last_tag)
-        bridge.heartbeats[CONTROLLER] = self._heartbeat_of
-        bridge.change_listeners.append(self._changed)
+        control.resolve_heartbeat(OPENWB_MQTT, self._heartbeat_of)
+        registry.subscribe(self._changed)
 
     # --- trees and charge points ----------------------------------------------------------
 
@@ -297,7 +286,7 @@ class OpenWbSecondary:
         for tree in self.trees:
             if tree.serial == point.identity.serial:
                 return tree
-        station = self.bridge.settings.station_by_serial(point.identity.serial)
+        station = self.settings.station_by_serial(point.identity.serial)
         if station is not None and station_tree(station) is not None:
             return None
         return next((t for t in self.trees if t.lp and t.lp == point.identity.lp), None)
@@ -305,8 +294,8 @@ class OpenWbSecondary:
     def point_of(self, tree: Tree) -> cp.ChargePoint | None:
         """The charge point published in the tree, if there is one now."""
         if tree.serial is not None:
-            return self.bridge.charge_points.get(tree.serial)
-        point = self.bridge.charge_point_at(tree.lp or 0)
+            return self.registry.get(tree.serial)
+        point = self.registry.at(tree.lp or 0)
         return point if point is not None and self.tree_of(point) == tree else None
 
     def _heartbeat_of(self, point: cp.ChargePoint) -> Heartbeat | None:
@@ -318,7 +307,7 @@ class OpenWbSecondary:
                     "%s: controller is %s but it has no MQTT tree (only LP1 and LP2 have one by "
                     "default; set mqtt_prefix or duo_num in its [[station]]): it will not charge",
                     point.name,
-                    CONTROLLER,
+                    OPENWB_MQTT,
                 )
             return None
         return self.heartbeats[tree.prefix].clock
@@ -328,40 +317,43 @@ class OpenWbSecondary:
     def publish(self, tree: Tree) -> None:
         """Publish the tree's values (the connection sends only what changed)."""
         point = self.point_of(tree)
-        lapsed = self.heartbeats[tree.prefix].clock.lapsed
-        for name, value in get_values(point, tree, self.bridge.clock(), lapsed).items():
+        for name, value in get_values(point, tree, self.clock()).items():
             self.mqtt.publish(tree.get_base + name, json.dumps(value), retain=True)
+        # What the view shows changes by time alone too (data going stale, the plug hold ending).
+        timer = self._timers.pop(tree, None)
+        if timer is not None:
+            timer.cancel()
+        when = next_change(point) if point is not None else None
+        if when is not None and not self._closing:
+            delay = max(0.0, when - self.clock()) + 0.01
+            self._timers[tree] = asyncio.get_running_loop().call_later(delay, self.publish, tree)
 
-    def _changed(self, point: cp.ChargePoint) -> None:
-        tree = self.tree_of(point)
-        if tree is not None and not self._closing:
-            self.publish(tree)
-
-    async def _refresh(self) -> None:
-        while True:
-            for tree in self.trees:
+    def _changed(self, points: list[cp.ChargePoint]) -> None:
+        if self._closing:
+            return
+        trees = {tree for tree in map(self.tree_of, points) if tree is not None}
+        for tree in self.trees:  # also the tree a moved or forgotten point has left
+            if tree in trees or (tree.lp is not None and self.point_of(tree) is None):
                 self.publish(tree)
-            await asyncio.sleep(REFRESH_INTERVAL)
 
     # --- commands -------------------------------------------------------------------------
 
     def _decode(self, message: Message) -> Any:
         try:
             return json.loads(message.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, 4300+ digits, too deep
             raise _bad(f"not JSON: {message.payload[:40]!r}") from None
 
     def _log(self, level: int, text: str) -> None:
         """A log line about what a peer published: escaped, shortened and rate-limited."""
-        if self._log_limit.allow(self.bridge.clock()):
-            log.log(level, "%s", printable(text))
+        if self._log_limit.allow(self.clock()):
+            log.log(level, "%s%s", printable(text), self._log_limit.left_out())
 
-    def _refused(self, topic: str, refusal: cp.Refused | str, kind: str) -> None:
-        text = str(refusal)
-        self.bridge.metrics.command_refused(CONTROLLER, kind)
-        if self._last_refusal.get(topic) != text:  # the primary repeats itself every cycle
-            self._last_refusal[topic] = text
-            self._log(logging.WARNING, f"MQTT {topic} ignored: {text}")
+    def _refused(self, topic: str, text: str, reason: str) -> None:
+        # The primary repeats itself every cycle: logged once per topic until it changes.
+        self.control.refused(
+            OPENWB_MQTT, reason, f"MQTT {topic} ignored: {text}", key=f"MQTT {topic}"
+        )
 
     def _handled(self, message: Message) -> bool:
         """Common part of every set topic: skip our own clears, clear what we handle."""
@@ -382,19 +374,19 @@ class OpenWbSecondary:
             if name in _ONE_SHOT and message.retain:
                 self._refused(topic, "a retained copy of an old command, not carried out", "replay")
                 return
+            command = COMMANDS[name](value)
             point = self.point_of(tree)
             if point is None:
                 raise cp.Refused(cp.RefusalKind.OFFLINE, f"no station is served at {tree.name}")
-            now = self.bridge.clock()
-            cp.check_writer(point.state, CONTROLLER)
-            new = COMMANDS[name](point.state, value, now)
         except cp.Refused as refusal:
-            self._refused(topic, refusal, refusal.kind.value)
+            self._refused(topic, str(refusal), refusal.kind.value)
             return
-        self._last_refusal.pop(topic, None)
-        for change in cp.describe_changes(point.state, new):
-            log.info("%s: %s (openWB primary)", point.name, change)
-        point.commit(new)
+        if command is not None:
+            try:
+                self.control.execute(OPENWB_MQTT, [(point, command)], origin=f"MQTT {topic}")
+            except cp.Refused:
+                return  # counted and logged by the control path
+        self.control.accepted(f"MQTT {topic}")
 
     def _parent_cp(self, tree: Tree, value: Any) -> None:
         if not isinstance(value, str | int) or isinstance(value, bool):
@@ -410,7 +402,7 @@ class OpenWbSecondary:
             if self._decode(message) is not None:
                 raise _bad("last_tag takes null (there is no RFID reader to reset)")
         except cp.Refused as refusal:
-            self._refused(message.topic, refusal, refusal.kind.value)
+            self._refused(message.topic, str(refusal), refusal.kind.value)
 
     def _global_data(self, prefix: str, message: Message) -> None:
         if not self._handled(message):
@@ -420,48 +412,37 @@ class OpenWbSecondary:
             value = self._decode(message)
             timestamp = parse_heartbeat(value)
         except cp.Refused as refusal:
-            self._refused(message.topic, refusal, refusal.kind.value)
+            self._refused(message.topic, str(refusal), refusal.kind.value)
             return
-        self._last_refusal.pop(message.topic, None)
+        self.control.accepted(f"MQTT {message.topic}")
         parent_ip = value.get("parent_ip")
         if isinstance(parent_ip, str) and parent_ip != heartbeat.parent_ip:
             heartbeat.parent_ip = parent_ip
             self._log(logging.INFO, f"openWB primary at {parent_ip} drives {prefix or 'openWB/'}")
         heartbeat.received(timestamp, message.retain)
 
-    def _heartbeat_changed(self, prefix: str, lapsed: bool) -> None:
-        points = []
-        for tree in self.trees:
-            point = self.point_of(tree) if tree.prefix == prefix else None
-            if point is not None and point.state.config.controller == CONTROLLER:
-                points.append(point)
-        self.bridge.apply_heartbeat(lapsed, points)
-        for tree in self.trees:
-            if tree.prefix == prefix:
-                self.publish(tree)
-
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Publish every tree (sent once connected), watch the heartbeats."""
+        """Publish every tree (sent once connected)."""
         for prefix in self.heartbeats:
             log.info(
                 "openWB MQTT: waiting for the primary's heartbeat on %s",
                 global_topic(prefix, "global_data"),
             )
-        self._tasks = [asyncio.create_task(self._refresh())]
-        self._tasks += [asyncio.create_task(h.clock.watch()) for h in self.heartbeats.values()]
+        for tree in self.trees:
+            self.publish(tree)
 
     def close(self) -> None:
         """Take no more commands (shutdown has begun)."""
         self._closing = True
 
     async def stop(self) -> None:
-        """Stop the tasks and tell the primary the service is gone (fault 2)."""
+        """Tell the primary the service is gone (fault 2)."""
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for tree in self.trees:
             self.publish(tree)
             self.mqtt.publish(tree.get_base + "fault_state", str(FAULT_ERROR), retain=True)

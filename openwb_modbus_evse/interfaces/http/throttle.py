@@ -6,7 +6,8 @@ few clients hammering them would take the whole machine. So after a body took ``
 next starts ``10 t`` (at most 1 s) later at the earliest, and every request that arrives meanwhile
 waits for it and shares it: no request gets values from before its arrival, and any number of
 clients cost about a tenth of a core. From the worker thread the loop gets the GIL back every
-few milliseconds. The producers only read immutable state snapshots and copy containers whole.
+few milliseconds. The thread only encodes a frozen snapshot that ``take`` made on the event loop
+when the body was started.
 """
 
 from __future__ import annotations
@@ -15,21 +16,27 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 COST_FACTOR = 10.0  # the next body waits this many times the cost of the last one ...
 MAX_WAIT = 1.0  # ... but at most this many seconds
 
 
-class Throttled:
-    """One body (bytes) made by ``produce`` in ``worker``; see the module's docstring."""
+class Throttled(Generic[T]):
+    """One body (bytes): ``encode(take())``, the encoding in ``worker``; see the module's
+    docstring."""
 
     def __init__(
         self,
-        produce: Callable[[], bytes],
+        take: Callable[[], T],
+        encode: Callable[[T], bytes],
         worker: Executor,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._produce = produce
+        self._take = take
+        self._encode = encode
         self._worker = worker
         self._clock = clock
         self._next_at = -float("inf")  # the earliest time the next body may be made
@@ -57,7 +64,8 @@ class Throttled:
 
     async def _run(self, future: asyncio.Future[bytes]) -> None:
         try:
-            body = await asyncio.get_running_loop().run_in_executor(self._worker, self._make)
+            taken = self._take()
+            body = await asyncio.get_running_loop().run_in_executor(self._worker, self._make, taken)
         except Exception as err:  # a bug in a producer: the waiting requests get a 500
             future.set_exception(err)
         else:
@@ -67,9 +75,9 @@ class Throttled:
             if self._pending is not None:  # requests that came while this one was made
                 self._schedule()
 
-    def _make(self) -> bytes:
+    def _make(self, taken: T) -> bytes:
         started = self._clock()
-        body = self._produce()
+        body = self._encode(taken)
         done = self._clock()
         self._next_at = done + min(MAX_WAIT, COST_FACTOR * (done - started))
         self.made += 1

@@ -11,16 +11,16 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from ..actions import ActionError, ActionErrorKind
-from ..evse.protocol import MAX_FIRMWARE_SIZE
-from ..ratelimit import RateLimit
-
-if TYPE_CHECKING:
-    from ..bridge import Bridge
+from ...actions import ActionError, ActionErrorKind
+from ...config import MAX_LP
+from ...evse.protocol import MAX_FIRMWARE_SIZE
+from ...firmware import FirmwareUpdater
+from ...ratelimit import RateLimit
+from ...registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,10 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 class AdminApi:
     """Routes under /api that change something (and the station list, which shows full IDs)."""
 
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
-        self._token = bridge.settings.admin_token.encode()
+    def __init__(self, registry: Registry, firmware: FirmwareUpdater, admin_token: str) -> None:
+        self._registry = registry
+        self._updater = firmware
+        self._token = admin_token.encode()
         self._failed_log = RateLimit(per_second=1 / 10, burst=5)
 
     def add_routes(self, app: web.Application) -> None:
@@ -101,14 +102,16 @@ class AdminApi:
     # --- LP assignment ----------------------------------------------------------------------
 
     async def _stations(self, request: web.Request) -> web.Response:
-        return web.json_response({"stations": self._bridge.stations()})
+        return web.json_response({"stations": self._registry.stations()})
 
     async def _move(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         lp = body.get("lp")
         if isinstance(lp, bool) or not isinstance(lp, int):
-            raise ActionError(ActionErrorKind.BAD_REQUEST, 'send {"lp": N} with N in 1..9')
-        self._bridge.move_station(request.match_info["serial"].upper(), lp)
+            raise ActionError(
+                ActionErrorKind.BAD_REQUEST, f'send {{"lp": N}} with N in 1..{MAX_LP}'
+            )
+        self._registry.move(request.match_info["serial"].upper(), lp)
         return web.json_response({"ok": True, "lp": lp})
 
     async def _firmware(self, request: web.Request) -> web.Response:
@@ -122,7 +125,7 @@ class AdminApi:
             )
         image = await _image(request)
         serial = request.match_info["serial"].upper()
-        result = await self._bridge.update_firmware(serial, image, timeout)
+        result = await self._updater.update(serial, image, timeout)
         log.info(
             "station %s: firmware %s -> %s",
             serial,
@@ -132,7 +135,7 @@ class AdminApi:
         return web.json_response({"ok": True, **result})
 
     async def _forget(self, request: web.Request) -> web.Response:
-        self._bridge.forget_station(request.match_info["serial"].upper())
+        self._registry.forget(request.match_info["serial"].upper())
         return web.json_response({"ok": True})
 
 
