@@ -517,7 +517,9 @@ def test_readme_lists_every_metric():
     """The README's metrics section names every family the service exposes."""
     import openwb_modbus_evse
 
-    readme = (Path(openwb_modbus_evse.__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (
+        Path(openwb_modbus_evse.__file__).resolve().parents[1] / "docs" / "metrics.md"
+    ).read_text()
     from prometheus_client import generate_latest
 
     from openwb_modbus_evse.bridge import Bridge
