@@ -168,7 +168,7 @@ def test_apt_helper_removes_its_own_policy_left_by_a_killed_run(fake_system):
 
 
 def test_readme_shows_the_unit_file_from_contrib():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operations.md").read_text()
     assert f"```ini\n{UNIT.read_text()}```" in readme
 
 
@@ -203,7 +203,7 @@ def test_scrape_config_passes_promtool_and_targets_the_metrics_port():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f'targets: ["localhost:{Settings().metrics_port}"]' in SCRAPE_CONFIG.read_text()
-    assert "contrib/prometheus.yml" in (ROOT / "README.md").read_text()
+    assert "contrib/prometheus.yml" in (ROOT / "docs" / "metrics.md").read_text()
 
 
 # --- README's development layout ---------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_scrape_config_passes_promtool_and_targets_the_metrics_port():
 
 def test_readme_development_layout_matches_the_tree():
     """Every module and top-level folder is in the README's layout, and everything there exists."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "development.md").read_text()
     block = readme.split("```\nopenwb_modbus_evse/ ", 1)[1].split("```", 1)[0]
     package = ROOT / "openwb_modbus_evse"
     listed = {package}

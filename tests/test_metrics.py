@@ -513,11 +513,13 @@ async def test_real_prometheus_scrapes_the_live_power(rig, tmp_path):
                     await proc.wait()
 
 
-def test_readme_lists_every_metric():
-    """The README's metrics section names every family the service exposes."""
+def test_the_metrics_page_lists_every_metric():
+    """docs/metrics.md names every family the service exposes."""
     import openwb_modbus_evse
 
-    readme = (Path(openwb_modbus_evse.__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (
+        Path(openwb_modbus_evse.__file__).resolve().parents[1] / "docs" / "metrics.md"
+    ).read_text()
 
     from openwb_modbus_evse.config import Settings
     from openwb_modbus_evse.service import Service
