@@ -285,6 +285,8 @@ class Registry:
             del self._by_lp[lp]
         point.on_change = lambda: None
         self._dirty.pop(serial, None)
+        for listener in self._listeners:
+            listener([point])  # its last change: interfaces see it gone
 
     # --- change events ----------------------------------------------------------------------
 
@@ -387,8 +389,6 @@ class Registry:
         self._store.forget_lp(serial)
         self._kept.discard(serial)
         self._drop(point)
-        for listener in self._listeners:
-            listener([point])  # its last change: interfaces see it gone
         log.info("station %s (%s) forgotten by an operator", serial, point.name)
 
     # --- energy -----------------------------------------------------------------------------
