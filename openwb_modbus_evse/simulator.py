@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .chargepoint import offered_amps
 from .evse import protocol
 from .evse.connection import NEED_DATA, Connection, Event, Notify, Response, Role
 from .evse.protocol import (
@@ -64,6 +63,19 @@ _PILOT_VOLTS = {
 
 def _volts(pilot: Pilot) -> str:
     return _PILOT_VOLTS.get(pilot, "?")
+
+
+def vehicle_amps(duty: int) -> float:
+    """The current a vehicle may draw at a PWM duty cycle in percent (IEC 61851-1, Annex A).
+
+    The vehicle's side of the table, written here on purpose rather than taken from the service:
+    a vehicle built on the service's own formula would hide any error in it.
+    """
+    if 10 <= duty <= 85:
+        return duty * 0.6
+    if 85 < duty <= 96:
+        return (duty - 64) * 2.5
+    return 0.0  # outside the table: no charging
 
 
 @dataclass(frozen=True)
@@ -397,7 +409,7 @@ class VirtualStation:
         if not self._plugged or self._pwm == 0:
             return
         before = self._observe()
-        self._vehicle_amps = offered_amps(self._pwm)
+        self._vehicle_amps = vehicle_amps(self._pwm)
         self._wants_power = self._vehicle_amps > 0
         self._after(before, by_command=False)
 
