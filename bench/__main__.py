@@ -1,12 +1,12 @@
-"""Benchmarks of the bridge, run as ``python -m tests.bench`` (``make bench``) from the repo root.
+"""Benchmarks of the bridge, run as ``python -m bench`` (``make bench``) from the repo root.
 
 The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free loopback ports:
 
 1. ``modbus``: Modbus read throughput and latency (whole LP1 block, function code 4) with 1 and 8
    concurrent clients, side by side with a plain pymodbus server holding static registers (a
-   subprocess too: ``python -m tests.bench --plain-server PORT``) and a libmodbus server; the
-   load comes from a C program on libmodbus (``make bench`` builds tests/bench_client.c and
-   tests/bench_server.c into .venv/bin/; without them, pymodbus clients in this process).
+   subprocess too: ``python -m bench --plain-server PORT``) and a libmodbus server; the
+   load comes from a C program on libmodbus (``make bench`` builds bench/bench_client.c and
+   bench/bench_server.c into .venv/bin/; without them, pymodbus clients in this process).
 2. ``latency``: from a write of the set-current register to the set-PWM command on the station.
    ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
    ``bridge``: the same from a Rust-bridge ``request_set_pwm_percent`` over MQTT, and from a
@@ -14,7 +14,7 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
 3. ``capacity``: how many stations one bridge keeps polled on time, with its CPU and memory use.
 4. ``heartbeat``: from the heartbeat deadline to the PWM-100 command.
 5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics
-   (a subprocess: ``python -m tests.bench --scrapers N URL SECONDS``), and a burst of 300
+   (a subprocess: ``python -m bench --scrapers N URL SECONDS``), and a burst of 300
    simultaneous scrapes.
 6. ``idle``: Modbus latency, quiet and after 1000 connections that never send were opened (with
    the default connection caps, and with caps that hold them all).
@@ -60,8 +60,8 @@ LP = 1
 BLOCK_START = lp_base(LP)
 BLOCK_SIZE = LP_STRIDE  # the whole LP block
 SET_CURRENT = REGISTER_MAP.address(LP, "set_current")
-# C programs on libmodbus that `make bench` builds into the venv (tests/bench_client.c,
-# tests/bench_server.c).
+# C programs on libmodbus that `make bench` builds into the venv (bench/bench_client.c,
+# bench/bench_server.c).
 C_CLIENT = Path(sys.executable).parent / "bench_client"
 C_SERVER = Path(sys.executable).parent / "bench_server"
 DEVICE_ID = 1
@@ -306,7 +306,7 @@ async def start_bridge(workdir: Path, name: str, *extra: str) -> BridgeProcess:
 async def start_plain_server(workdir: Path) -> tuple[Child, int]:
     """The reference pymodbus server (this module with --plain-server) in a subprocess."""
     port = free_port()
-    argv = [sys.executable, "-m", "tests.bench", "--plain-server", str(port)]
+    argv = [sys.executable, "-m", "bench", "--plain-server", str(port)]
     child = Child("plain pymodbus server", argv, workdir / "plain.log")
     await wait_listening(port, child)
     return child, port
@@ -621,7 +621,7 @@ async def modbus_load(
 
 
 def c_client_argv(port: int, clients: int, warmup: float, duration: float) -> list[str]:
-    """The C load generator's command line (tests/bench_client.c)."""
+    """The C load generator's command line (bench/bench_client.c)."""
     return [
         str(C_CLIENT),
         HOST,
@@ -659,7 +659,7 @@ async def c_modbus_load(
 
 
 async def start_libmodbus_server(workdir: Path) -> tuple[Child, int]:
-    """The reference libmodbus server (tests/bench_server.c) serving a static block."""
+    """The reference libmodbus server (bench/bench_server.c) serving a static block."""
     port = free_port()
     argv = [str(C_SERVER), HOST, str(port), str(BLOCK_START), str(BLOCK_SIZE)]
     child = Child("libmodbus server", argv, workdir / "libmodbus.log")
@@ -733,7 +733,7 @@ async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
         argv = c_client_argv(0, 0, args.warmup, args.duration)
         argv[2:4] = ["PORT", "CLIENTS"]
         generator = (
-            f"load: {' '.join(argv)} (tests/bench_client.c: libmodbus, one thread and "
+            f"load: {' '.join(argv)} (bench/bench_client.c: libmodbus, one thread and "
             "connection per client)"
         )
     else:
@@ -748,7 +748,7 @@ async def bench_modbus(args: argparse.Namespace, workdir: Path) -> None:
         [
             f"bridge: {bridge.options}",
             "  one virtual station on LP1, vehicle charging at 16 A (set current 1600)",
-            f"plain:  python -m tests.bench --plain-server PORT (pymodbus SimDevice id "
+            f"plain:  python -m bench --plain-server PORT (pymodbus SimDevice id "
             f"{DEVICE_ID}, static block of {BLOCK_SIZE} registers)",
             *(
                 [f"libmodbus: {C_SERVER} {HOST} PORT {BLOCK_START} {BLOCK_SIZE} (static block)"]
@@ -1347,7 +1347,7 @@ async def bench_scrape(args: argparse.Namespace, workdir: Path) -> None:
             proc = None
             if scrapers:
                 proc = await asyncio.create_subprocess_exec(
-                    *[sys.executable, "-m", "tests.bench", "--scrapers", str(scrapers), url],
+                    *[sys.executable, "-m", "bench", "--scrapers", str(scrapers), url],
                     f"{scrape_seconds:g}",
                     stdout=subprocess.PIPE,
                 )
@@ -1398,7 +1398,7 @@ async def bench_scrape(args: argparse.Namespace, workdir: Path) -> None:
         table(headers, [r.row() for r in rows]),
         [
             f"bridge: {bridge.options}",
-            f"scrapers: python -m tests.bench --scrapers {SCRAPERS} URL SECONDS (a subprocess, "
+            f"scrapers: python -m bench --scrapers {SCRAPERS} URL SECONDS (a subprocess, "
             "aiohttp, back to back); 503 = refused by the connection cap",
             f"exposition size {size / 1024:.0f} KiB; in the {SCRAPE_BURST}-at-once row every "
             "scraper GETs once, and scrapes/s is over the whole phase",
@@ -1564,7 +1564,7 @@ def part_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        prog="python -m tests.bench",
+        prog="python -m bench",
         description="Benchmark the openWB Modbus <-> Dehne-EVSE bridge (about 2.5 min by default).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
