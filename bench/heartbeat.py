@@ -22,7 +22,10 @@ async def bench_heartbeat(args: argparse.Namespace, workdir: Path) -> None:
     """Part 4: from the heartbeat deadline to the PWM-100 command on the station."""
     timeout = args.heartbeat_timeout
     say(f"heartbeat: {args.heartbeat_rounds} lapses with --heartbeat-timeout {timeout:g}")
-    bridge = await start_bridge(workdir, "heartbeat", "--heartbeat-timeout", f"{timeout:g}")
+    # Every lapse opens the contactor; without the rest it would stay open for a minute after.
+    bridge = await start_bridge(
+        workdir, "heartbeat", "--heartbeat-timeout", f"{timeout:g}", "--contactor-min-off", "0"
+    )
     station = MiniStation(virtual_serial(1), requests_power=True, record=True)
     client: AsyncModbusTcpClient | None = None
     charging_pwm = 1600 // CA_PER_PWM_PERCENT
