@@ -76,9 +76,9 @@ format: install-test
 BENCH_BIN := $(VENV)/bin/bench_client $(VENV)/bin/bench_server
 
 bench: install-test $(BENCH_BIN)
-	$(PYTHON) -m tests.bench
+	$(PYTHON) -m bench
 
-$(VENV)/bin/bench_%: tests/bench_%.c | $(PYTHON)
+$(VENV)/bin/bench_%: bench/bench_%.c | $(PYTHON)
 	@test -f /usr/include/modbus/modbus.h || { echo "make bench needs libmodbus-dev for its C load generator: sudo apt-get install libmodbus-dev"; exit 1; }
 	cc -O2 -Wall -Wextra -I/usr/include/modbus -o $@ $< -lmodbus -lpthread
 

@@ -19,11 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .chargepoint import offered_amps
 from .evse import protocol
+from .evse.connection import NEED_DATA, Connection, Event, Notify, Response, Role
 from .evse.protocol import (
-    HEADER_SIZE,
-    REQUEST_TYPES,
     STATION_IDLE_TIMEOUT,
     STATION_SAFETY_TIMEOUT,
     Pilot,
@@ -38,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 #: The firmware keeps this much log between two data responses.
 LOG_BUFFER_SIZE = 1024
+READ_SIZE = 64 * 1024  # bytes asked of the socket at a time
 RSSI_DBM = -62
 _SERIAL_PREFIX = b"VIRTUAL".hex().upper()  # "5649525455414C", 14 of the 32 digits
 _INT32 = 2**32
@@ -64,6 +63,19 @@ _PILOT_VOLTS = {
 
 def _volts(pilot: Pilot) -> str:
     return _PILOT_VOLTS.get(pilot, "?")
+
+
+def vehicle_amps(duty: int) -> float:
+    """The current a vehicle may draw at a PWM duty cycle in percent (IEC 61851-1, Annex A).
+
+    The vehicle's side of the table, written here on purpose rather than taken from the service:
+    a vehicle built on the service's own formula would hide any error in it.
+    """
+    if 10 <= duty <= 85:
+        return duty * 0.6
+    if 85 < duty <= 96:
+        return (duty - 64) * 2.5
+    return 0.0  # outside the table: no charging
 
 
 @dataclass(frozen=True)
@@ -162,7 +174,8 @@ class VirtualStation:
         self._rng = random.Random()
 
         self._task: asyncio.Task[None] | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        # The connection to the bridge while there is one, with the writer of its socket.
+        self._peer: tuple[Connection, asyncio.StreamWriter] | None = None
         self._started_at: float | None = None
         self._plug_timer: asyncio.TimerHandle | None = None
         self._unplug_timer: asyncio.TimerHandle | None = None
@@ -396,7 +409,7 @@ class VirtualStation:
         if not self._plugged or self._pwm == 0:
             return
         before = self._observe()
-        self._vehicle_amps = offered_amps(self._pwm)
+        self._vehicle_amps = vehicle_amps(self._pwm)
         self._wants_power = self._vehicle_amps > 0
         self._after(before, by_command=False)
 
@@ -436,16 +449,18 @@ class VirtualStation:
 
     # --- wire -----------------------------------------------------------------------------
 
-    def _send(self, frame: bytes) -> bool:
+    def _send(self, event: Event) -> bool:
         # One write() per whole frame, so a notify from a timer can never split another frame.
-        writer = self._writer
-        if writer is None or writer.is_closing() or self._silent:
+        if self._peer is None or self._silent:
             return False
-        writer.write(frame)
+        connection, writer = self._peer
+        if writer.is_closing():
+            return False
+        writer.write(connection.send(event))
         return True
 
     def _send_notify(self) -> None:
-        if self._send(protocol.notify()):
+        if self._send(Notify()):
             self._notifies_sent += 1
 
     def _voltage_mv(self) -> int:
@@ -454,7 +469,7 @@ class VirtualStation:
             volts += self._rng.uniform(-self._voltage_jitter_v, self._voltage_jitter_v)
         return min(_UINT32_MAX, max(0, round(volts * 1000)))  # uint32 on the wire
 
-    def _data_frame(self) -> bytes:
+    def _data(self) -> StationData:
         loop = asyncio.get_running_loop()
         uptime_ms = int((loop.time() - (self._started_at or loop.time())) * 1000)
         voltages = (self._voltage_mv(), self._voltage_mv(), self._voltage_mv())
@@ -474,7 +489,7 @@ class VirtualStation:
         )
         self._log_lines.clear()
         self._log_bytes = 0
-        return protocol.encode_data(data, self._firmware)
+        return data
 
     def _on_request(self, request: Request) -> None:
         self._received.append(request)
@@ -485,17 +500,17 @@ class VirtualStation:
             return
         before = self._observe()
         if request.type is RequestType.PING:
-            self._send(protocol.pong())
+            self._send(Response(request))
         elif request.type is RequestType.COLLECT_DATA:
-            self._send(self._data_frame())
+            self._send(Response(request, self._data()))
         elif request.type is RequestType.SET_PWM:
             assert request.pwm is not None
             self._set_pwm(request.pwm)
-            self._send(protocol.pwm_ack())
+            self._send(Response(request))
         elif request.type is RequestType.SET_CONTACTOR:
             assert request.contactor is not None
             self._set_contactor(request.contactor)
-            self._send(protocol.contactor_ack())
+            self._send(Response(request))
         elif request.type is RequestType.FIRMWARE_UPLOAD:
             # The real firmware never answers an upload; it flashes a good image and restarts.
             image = request.image or b""
@@ -526,7 +541,7 @@ class VirtualStation:
                 except (OSError, EOFError) as err:
                     logger.info("%s: connection lost: %s", self.name, err)
                 finally:
-                    self._writer = None
+                    self._peer = None
                     if self._connected:
                         self._connected = False
                         self._touch()
@@ -557,9 +572,10 @@ class VirtualStation:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake, then answer requests until the connection drops or falls idle."""
         loop = asyncio.get_running_loop()
-        writer.write(protocol.encode_handshake(self._serial, self._firmware))
+        connection = Connection(Role.STATION)
+        writer.write(connection.send(protocol.Handshake(self._serial, self._firmware)))
         await writer.drain()
-        self._writer = writer
+        self._peer = (connection, writer)
         self._connected = True
         self._connections += 1
         host, port = self._bridge
@@ -570,11 +586,7 @@ class VirtualStation:
         while True:
             try:
                 async with asyncio.timeout_at(last_request + self._request_timeout):
-                    header = await reader.readexactly(HEADER_SIZE)
-                    frame_type, length = protocol.decode_header(
-                        header, REQUEST_TYPES, protocol.MAX_FIRMWARE_SIZE + 4
-                    )
-                    body = await reader.readexactly(length)
+                    request = await _next_request(connection, reader)
             except TimeoutError:
                 logger.info(
                     "%s: no request for %s s, dropping the connection",
@@ -583,12 +595,22 @@ class VirtualStation:
                 )
                 self._log("request timeout")
                 return
-            request = protocol.decode_request(frame_type, body)
             last_request = loop.time()
             self._on_request(request)
             await writer.drain()
             if self._rebooting:
                 return
+
+
+async def _next_request(connection: Connection, reader: asyncio.StreamReader) -> Request:
+    """The bridge's next request; EOFError once it closed the connection."""
+    while (event := connection.next_event()) is NEED_DATA:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise EOFError("closed by the bridge")
+        connection.receive_data(data)
+    assert isinstance(event, Request)  # all a station receives
+    return event
 
 
 async def run_simulators(

@@ -1,6 +1,7 @@
 """The station link over real loopback TCP: virtual stations, and hand-made bad peers."""
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 
@@ -350,3 +351,35 @@ async def test_a_stray_pong_behind_the_first_data_leaves_nothing_registered(link
     assert SERIAL not in link.sessions
     assert link.recorder.opened == []
     assert link.recorder.errors == ["unexpected_response"]
+
+
+def reply_to(request: p.Request) -> bytes:
+    """What a well-behaved station answers."""
+    if request.type is p.RequestType.COLLECT_DATA:
+        return p.encode_data(idle_data(), 4)
+    return {
+        p.RequestType.PING: p.pong(),
+        p.RequestType.SET_PWM: p.pwm_ack(),
+        p.RequestType.SET_CONTACTOR: p.contactor_ack(),
+    }[request.type]
+
+
+async def test_a_response_whose_caller_gave_up_answers_nobody_else(link):
+    station = await RawStation.connect(link.port, SERIAL)
+    await answer_collect(station, idle_data())
+    await eventually(lambda: SERIAL in link.sessions)
+    session = link.session(SERIAL)
+    gave_up = asyncio.create_task(session.request(p.Request(p.RequestType.PING)))
+    while (request := await station.next_request()).type is not p.RequestType.PING:
+        station.send(reply_to(request))  # polls of the control loop
+    gave_up.cancel()
+    later = asyncio.create_task(session.request(p.Request(p.RequestType.COLLECT_DATA)))
+    # The late pong arrives after the next request went out, right before that one's answer.
+    station.send(p.pong() + reply_to(await station.next_request()))
+    while not later.done():
+        with contextlib.suppress(TimeoutError):
+            station.send(reply_to(await station.next_request(timeout=0.1)))
+    assert (await later).data == idle_data()  # its own answer, not the pong
+    assert gave_up.cancelled()
+    assert not session.closed and link.recorder.errors == []
+    await station.close()

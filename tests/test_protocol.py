@@ -51,6 +51,16 @@ def test_firmware_upload_carries_crc32_then_image():
 def test_set_pwm_refuses_duty_cycles_above_100():
     with pytest.raises(ValueError):
         p.set_pwm(101)
+    with pytest.raises(ValueError):
+        p.encode_request(p.Request(p.RequestType.SET_PWM, pwm=101))
+
+
+@pytest.mark.parametrize(
+    "kind", [p.RequestType.SET_PWM, p.RequestType.SET_CONTACTOR, p.RequestType.FIRMWARE_UPLOAD]
+)
+def test_a_request_without_its_value_cannot_be_encoded(kind):
+    with pytest.raises(ValueError):
+        p.encode_request(p.Request(kind))
 
 
 def test_response_frames():
@@ -180,19 +190,6 @@ def test_random_bytes_as_data_give_a_value_or_a_protocol_error(body, firmware):
     assert 0 <= data.pwm <= 255
 
 
-def _reencoded(request: p.Request) -> bytes:
-    """The frame that carries ``request``, built with the encoders."""
-    if request.type is p.RequestType.PING:
-        return p.ping()
-    if request.type is p.RequestType.COLLECT_DATA:
-        return p.collect_data()
-    if request.type is p.RequestType.SET_PWM:
-        return p.set_pwm(request.pwm)
-    if request.type is p.RequestType.SET_CONTACTOR:
-        return p.set_contactor(request.contactor)
-    return p.firmware_upload(request.image)
-
-
 def _header(frame_type: int, length: int) -> bytes:
     return bytes([frame_type]) + length.to_bytes(4, "big")
 
@@ -228,7 +225,7 @@ def test_random_request_frames_decode_to_what_they_carry_or_a_protocol_error(fra
         assert request.image == body[4:] and len(body) >= 4
         assert request.crc_ok == (int.from_bytes(body[:4], "big") == zlib.crc32(body[4:]))
     # encoding what was decoded gives a frame that decodes to the same request
-    kind, again = _split(_reencoded(request))
+    kind, again = _split(p.encode_request(request))
     decoded = p.decode_request(kind, again)
     if request.type is p.RequestType.FIRMWARE_UPLOAD:
         assert decoded.image == request.image and decoded.crc_ok
@@ -285,5 +282,6 @@ def test_every_request_round_trips_through_its_header_and_body(pwm, on, image):
         (p.set_contactor(on), p.Request(p.RequestType.SET_CONTACTOR, contactor=on)),
     ):
         assert p.decode_request(*_split(frame)) == expected
+        assert p.encode_request(expected) == frame
     upload = p.decode_request(*_split(p.firmware_upload(image)))
     assert upload.image == image and upload.crc_ok

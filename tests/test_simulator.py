@@ -6,11 +6,13 @@ import asyncio
 
 import pytest
 
+from openwb_modbus_evse.chargepoint import offered_amps
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.simulator import (
     VehicleConfig,
     VirtualStation,
     run_simulators,
+    vehicle_amps,
     virtual_serial,
 )
 
@@ -331,6 +333,35 @@ async def test_vehicle_draws_min_of_offer_and_own_limit(connect, pwm, limit, pha
     await conn.ack(p.set_pwm(pwm))
     await station.wait_for(lambda s: s.pilot is C)
     assert (await conn.data()).currents_ma == expected
+
+
+# IEC 61851-1 Annex A, worked out by hand: the corners of the table and a few points between.
+IEC_TABLE = [
+    (0, 0.0),  # state F
+    (5, 0.0),
+    (9, 0.0),
+    (10, 6.0),  # the lowest charging current
+    (11, 6.6),
+    (26, 15.6),
+    (50, 30.0),
+    (53, 31.8),
+    (84, 50.4),
+    (85, 51.0),  # the last duty x 0.6 A
+    (86, 55.0),  # the first (duty - 64) x 2.5 A
+    (90, 65.0),
+    (95, 77.5),
+    (96, 80.0),  # the highest charging current
+    (97, 0.0),
+    (99, 0.0),
+    (100, 0.0),  # constant +12 V: no charging
+]
+
+
+@pytest.mark.parametrize(("duty", "amps"), IEC_TABLE)
+def test_vehicle_and_service_read_the_duty_cycle_table_alike(duty, amps):
+    # Each against the hand-made table, so they agree and an error in either shows by name.
+    assert vehicle_amps(duty) == pytest.approx(amps)
+    assert offered_amps(duty) == pytest.approx(amps)
 
 
 async def test_vehicle_follows_a_new_pwm_after_reaction_time(connect):

@@ -5,6 +5,7 @@ it by serial (replacing an older session of the same station), then polls it and
 the station reports is compared with what its hooks (the charge point) want, and whatever differs
 is sent again until the station reports it. One request is in flight at a time; a notify may
 arrive between a request and its response and triggers one collect-data (several coalesce).
+Frames and their pairing are the connection's (:mod:`.connection`); a session moves the bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Protocol
 from ..limits import ConnectionLimiter, address_in, host_of
 from ..ratelimit import RateLimit
 from . import protocol as p
+from .connection import NEED_DATA, Connection, Event, Notify, Response, Role
 from .protocol import Target
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ LOG_LINE_CHARS = 200
 LOG_LINES_PER_REPORT = 64
 LOG_BURST = 30
 LOG_LINES_PER_SECOND = 0.5
+# Bytes asked of the socket at a time: a whole data response with a full log buffer.
+READ_SIZE = 64 * 1024
 
 
 class SessionClosed(ConnectionError):
@@ -134,14 +138,16 @@ class Session:
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.serial: str | None = None
         self.firmware = 0
-        self.calibration = p.NO_CALIBRATION
         self.hooks: StationHooks = _PassiveHooks(self.peer)
         self.latest: p.StationData | None = None
         self.latest_at: float | None = None
         self.closed = False
         self.close_reason = ""
+        self._connection = Connection(Role.SERVICE, link.calibration_for)
         self._lock = asyncio.Lock()
-        self._pending: deque[tuple[p.ResponseType, asyncio.Future[object]]] = deque()
+        # The connection pairs each response with its request; these are the callers waiting for
+        # them, in the same order (one, unless a caller gave up before its response came).
+        self._callers: deque[asyncio.Future[Response]] = deque()
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
         self._notified = False
@@ -165,17 +171,21 @@ class Session:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def request(self, frame: bytes, expect: p.ResponseType) -> object:
-        """Send one request and wait for its response (data, or the response type)."""
+    async def request(self, request: p.Request) -> Response:
+        """Send one request and wait for the station's response to it."""
+        expect = p.EXPECTED_RESPONSE.get(request.type)
+        if expect is None:
+            raise ValueError(f"{request.type.name} is never answered")
         async with self._lock:
             if self.closed:
                 raise SessionClosed(self.close_reason)
-            future: asyncio.Future[object] = self._loop.create_future()
-            self._pending.append((expect, future))
+            frame = self._connection.send(request)
+            future: asyncio.Future[Response] = self._loop.create_future()
+            self._callers.append(future)
             started = self._loop.time()
             self._writer.write(frame)
             try:
-                result = await asyncio.wait_for(future, self.link.response_timeout)
+                response = await asyncio.wait_for(future, self.link.response_timeout)
             except TimeoutError:
                 self.close(f"no response within {self.link.response_timeout:g} s")
                 raise SessionClosed(self.close_reason) from None
@@ -185,12 +195,16 @@ class Session:
                 # (registering, observing) would revive a session that already ended.
                 raise SessionClosed(self.close_reason)
             self.link.observer.command_rtt(expect.name.lower(), self._loop.time() - started)
-            return result
+            return response
+
+    async def _collect_data(self) -> p.StationData:
+        data = (await self.request(p.Request(p.RequestType.COLLECT_DATA))).data
+        assert data is not None  # the connection pairs a collect-data with data only
+        return data
 
     async def collect(self) -> p.StationData:
         """Collect data, remember it and hand it to the hooks."""
-        data = await self.request(p.collect_data(), p.ResponseType.DATA)
-        assert isinstance(data, p.StationData)
+        data = await self._collect_data()
         self._accept(data)
         return data
 
@@ -221,7 +235,7 @@ class Session:
     async def probe(self) -> bool:
         """Ping the station: True if it answers (the session stays), False if it has ended."""
         try:
-            await self.request(p.ping(), p.ResponseType.PONG)
+            await self.request(p.Request(p.RequestType.PING))
         except SessionClosed:
             return False
         return True
@@ -232,16 +246,17 @@ class Session:
             if self.closed:
                 raise SessionClosed(self.close_reason)
             may_send()
-            self._writer.write(p.firmware_upload(image))
+            upload = p.Request(p.RequestType.FIRMWARE_UPLOAD, image=image)
+            self._writer.write(self._connection.send(upload))
             await self._writer.drain()
 
     async def set_pwm(self, percent: int) -> None:
         """Set the PWM duty cycle; returns once the station acknowledged it."""
-        await self.request(p.set_pwm(percent), p.ResponseType.PWM_ACK)
+        await self.request(p.Request(p.RequestType.SET_PWM, pwm=percent))
 
     async def set_contactor(self, on: bool) -> None:
         """Switch the contactor; returns once the station acknowledged it."""
-        await self.request(p.set_contactor(on), p.ResponseType.CONTACTOR_ACK)
+        await self.request(p.Request(p.RequestType.SET_CONTACTOR, contactor=on))
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -250,10 +265,10 @@ class Session:
         if self.closed:
             return
         self.closed, self.close_reason = True, reason
-        for _, future in self._pending:
+        for future in self._callers:
             if not future.done():
                 future.set_exception(SessionClosed(reason))
-        self._pending.clear()
+        self._callers.clear()
         self._wake.set()
         self._ended.set()
         self._writer.close()
@@ -272,8 +287,7 @@ class Session:
             reader_task = asyncio.create_task(self._read_loop())
             # Only a peer that answers a collect-data like a station is registered: garbage on
             # the port must not claim a serial (and with it a charge point).
-            first = await self.request(p.collect_data(), p.ResponseType.DATA)
-            assert isinstance(first, p.StationData)
+            first = await self._collect_data()
             self.serial = handshake.serial
             await self.link._register(self)
             log.info(
@@ -310,49 +324,44 @@ class Session:
                 f"refused: station {serial} may connect only from {network}, not from {self.host}"
             )
 
+    async def _next_event(self) -> Event:
+        """The station's next event; EOFError once it closed the connection."""
+        while (event := self._connection.next_event()) is NEED_DATA:
+            data = await self._reader.read(READ_SIZE)
+            if not data:
+                raise EOFError
+            self._connection.receive_data(data)
+        return event
+
     async def _handshake(self) -> p.Handshake:
         try:
-            raw = await asyncio.wait_for(
-                self._reader.readexactly(p.HANDSHAKE_SIZE), self.link.handshake_timeout
-            )
+            async with asyncio.timeout(self.link.handshake_timeout):
+                handshake = await self._next_event()
         except TimeoutError:
             raise SessionClosed(f"no handshake within {self.link.handshake_timeout:g} s") from None
-        except asyncio.IncompleteReadError:
+        except EOFError:
             raise SessionClosed("connection closed during the handshake") from None
-        handshake = p.decode_handshake(raw)
+        assert isinstance(handshake, p.Handshake)  # a station's first event, always
         self.firmware = handshake.firmware
-        self.calibration = self.link.calibration_for(handshake.serial)
         return handshake
 
     async def _read_loop(self) -> None:
         try:
             while True:
-                header = await self._reader.readexactly(p.HEADER_SIZE)
-                kind, length = p.decode_header(header, p.RESPONSE_TYPES)
-                body = await self._reader.readexactly(length)
-                response = p.decode_response(kind, body, self.firmware, self.calibration)
-                if response is p.ResponseType.NOTIFY:
+                event = await self._next_event()
+                if isinstance(event, Notify):
                     if self.serial is not None:
                         for listener in self.link.listeners:
                             listener.notified(self)
                     self._notified = True
                     self._wake.set()
-                    continue
-                if not self._pending:
-                    raise p.ProtocolError(
-                        "unexpected_response", f"frame type {kind} arrived with no request waiting"
-                    )
-                expect, future = self._pending.popleft()
-                got = p.ResponseType.DATA if isinstance(response, p.StationData) else response
-                if got is not expect:
-                    raise p.ProtocolError(
-                        "wrong_response", f"expected {expect.name}, got frame type {kind}"
-                    )
-                if not future.done():
-                    future.set_result(response)
+                elif isinstance(event, Response):
+                    future = self._callers.popleft()
+                    if not future.done():  # its caller may have given up
+                        future.set_result(event)
         except p.ProtocolError as err:
             self._protocol_error(err)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (EOFError, ConnectionError):
             self.close("the station closed the connection")
         except Exception:
             log.exception("station %s: internal error while reading", self.name)

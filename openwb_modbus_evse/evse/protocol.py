@@ -292,6 +292,24 @@ class Request:
     crc_ok: bool | None = None
 
 
+def encode_request(request: Request) -> bytes:
+    """The frame of a request (what :func:`decode_request` reads back)."""
+    kind = request.type
+    if kind is RequestType.SET_PWM:
+        if request.pwm is None:
+            raise ValueError("a set-PWM request needs a duty cycle")
+        return set_pwm(request.pwm)
+    if kind is RequestType.SET_CONTACTOR:
+        if request.contactor is None:
+            raise ValueError("a set-contactor request needs on or off")
+        return set_contactor(request.contactor)
+    if kind is RequestType.FIRMWARE_UPLOAD:
+        if request.image is None:
+            raise ValueError("a firmware upload needs an image")
+        return firmware_upload(request.image)
+    return encode_frame(kind)
+
+
 def decode_request(frame_type: int, body: bytes) -> Request:
     """Decode a request frame body (the station side of the protocol)."""
     if frame_type not in REQUEST_TYPES:

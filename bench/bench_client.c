@@ -1,4 +1,4 @@
-/* Modbus TCP load generator on libmodbus, for `make bench` (tests/bench.py runs it).
+/* Modbus TCP load generator on libmodbus, for `make bench` (the bench package runs it).
  *
  * CLIENTS threads, one connection each, read COUNT registers at ADDRESS back to back (function
  * code 4, or 3 with FC=3) for WARMUP + SECONDS; only requests started after the warm-up and
@@ -81,7 +81,7 @@ static int by_value(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Nearest rank, as tests/bench.py's percentile(). */
+/* Nearest rank, as the bench's percentile(). */
 static double percentile(const double *sorted, size_t n, double q)
 {
     if (n == 0)
