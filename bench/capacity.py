@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.processes import CpuMeter, start_bridge
 from bench.report import percentile, say, section, table
 from bench.station import CONNECT_BATCH, MiniStation, chunks, close_stations
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 POLL_INTERVAL = 5.0  # the bridge's default
 POLL_TOLERANCE = 1.0  # a poll counts as on time within POLL_INTERVAL +- this

@@ -15,7 +15,7 @@ from bench.report import BenchError, ms, say, section, table
 from bench.station import MiniStation, close_stations, is_pwm, registered
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 
 async def bench_heartbeat(args: argparse.Namespace, workdir: Path) -> None:

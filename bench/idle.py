@@ -14,7 +14,7 @@ from bench.controller import READ_EVERY, controller_reads, modbus_client, wait_f
 from bench.processes import HOST, CpuMeter, start_bridge
 from bench.report import ms, percentile, say, section, table
 from bench.station import CONNECT_BATCH, MiniStation, close_stations
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 IDLE_CONNECTIONS = 1000
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]

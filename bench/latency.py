@@ -15,7 +15,7 @@ from bench.processes import HOST, start_bridge, start_mosquitto
 from bench.report import BenchError, ms, percentile, say, section, table
 from bench.station import MiniStation, close_stations, is_collect, is_pwm, registered
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 # --- part 2: write-to-PWM latency ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from bench.processes import HOST
 from bench.report import BenchError
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.evse.connection import NEED_DATA, Connection, Response, Role
-from openwb_modbus_evse.simulator import vehicle_amps
+from openwb_modbus_evse.tools.simulator import vehicle_amps
 
 FIRMWARE = 4
 CONNECT_BATCH = 50  # stations connecting at once: stays well inside the listen backlog

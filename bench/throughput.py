@@ -27,7 +27,7 @@ from bench.controller import (
 from bench.processes import HOST, Child, CpuMeter, start_bridge, wait_listening
 from bench.report import BenchError, ms, percentile, say, section, table
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, Value
-from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
 from tests.ports import free_port
 
 # C programs on libmodbus that `make bench` builds into the venv (bench/bench_client.c,

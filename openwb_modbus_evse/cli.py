@@ -245,7 +245,7 @@ def simulate(
     log_level: str,
 ) -> None:
     """Run virtual Dehne-EVSE stations with virtual vehicles."""
-    from .simulator import VehicleConfig, run_simulators
+    from .tools.simulator import VehicleConfig, run_simulators
 
     if serial is not None and count != 1:
         raise click.UsageError("--serial names one station; drop --count")
@@ -300,7 +300,7 @@ def status(
     metrics_port: int,
 ) -> None:
     """Show every charge point of an openWB Rev2.0 secondary (this service or a real openWB)."""
-    from .status import run
+    from .tools.status import run
 
     sys.exit(
         run(
@@ -376,7 +376,7 @@ def demo(
     state_db: str | None, host: str, evse_port: int, modbus_port: int, metrics_port: int
 ) -> None:
     """The service, two virtual stations with vehicles and a controller, all in one process."""
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     _setup_logging("INFO")
     ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
@@ -418,7 +418,7 @@ def _admin(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _call(url: str, token: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
-    from .admin import AdminError, call
+    from .tools.admin import AdminError, call
 
     try:
         return call(url, token, method, path, **kw)
@@ -431,7 +431,7 @@ def _call(url: str, token: str, method: str, path: str, **kw: Any) -> dict[str, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def stations(url: str, token: str, as_json: bool) -> None:
     """List the stations of a running service (connected or remembered)."""
-    from .admin import format_stations
+    from .tools.admin import format_stations
 
     found = _call(url, token, "GET", "/api/stations")["stations"]
     click.echo(json.dumps(found, indent=2) if as_json else format_stations(found))

@@ -19,7 +19,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from openwb_modbus_evse.config import Settings, StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.service import Service
-from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 from conftest import eventually, free_port, station_config
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 TOKEN = "s3cret-token-for-tests"
 ADDR = REGISTER_MAP.address

@@ -9,7 +9,7 @@ import sys
 from conftest import eventually
 
 from openwb_modbus_evse.evse.link import StationLink
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 CLI = [sys.executable, "-m", "openwb_modbus_evse"]
 

@@ -8,7 +8,7 @@ import sys
 from conftest import eventually, station_config
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 ADDR = REGISTER_MAP.address
 FAST_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)

@@ -50,8 +50,6 @@ def _imports() -> dict[str, set[str]]:
 
 # Below everything: the stations' wire codec, settings, connection caps, rate limits.
 FOUNDATION = ("evse.protocol", "config", "limits", "ratelimit")
-# What users run besides the service.
-TOOLS = ("simulator", "demo", "status", "admin")
 
 
 def _layer(module: str) -> int:
@@ -63,7 +61,7 @@ def _layer(module: str) -> int:
         return 0
     if parts[1:2] in (["interfaces"], ["mqtt"]):
         return 2
-    if parts[1:2] and parts[1] in ("service", "cli", "__main__", "tools", *TOOLS):
+    if parts[1:2] and parts[1] in ("service", "cli", "__main__", "tools"):
         return 3
     return 1
 

@@ -10,7 +10,7 @@ from conftest import RawStation, eventually, idle_data
 
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.evse.link import LinkObserver, StationLink, StationListener
-from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 SERIAL = "10BA23AB50534D53302E3120FF162332"
 

@@ -21,7 +21,7 @@ from openwb_modbus_evse.limits import (
     parse_networks,
     raise_fd_limit,
 )
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 SET_CURRENT = REGISTER_MAP.address(1, "set_current")
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 ADDR = REGISTER_MAP.address
 P = "openwb_modbus_evse_"

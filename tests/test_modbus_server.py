@@ -9,7 +9,7 @@ import pytest
 from conftest import eventually, require_tool, station_config
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 ADDR = REGISTER_MAP.address  # (lp, name) -> address, from register_map.csv
 LP1 = lp_base(1)

@@ -26,7 +26,7 @@ from openwb_modbus_evse.interfaces.openwb_mqtt import (
     parse_set_current,
     trees_of,
 )
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 from openwb_modbus_evse.view import PLUG_HOLD
 
 MQTT = cp.ChargePointConfig(controller="openwb-mqtt")

@@ -11,7 +11,7 @@ from conftest import eventually, station_config
 from openwb_primary import Primary, read_json
 from test_control import FAST_VEHICLE, read, relay_command, write
 
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 MANDATORY = (
     "power",
@@ -366,7 +366,7 @@ async def test_a_configured_tree_with_a_prefix_and_a_station_with_only_a_control
 async def _serving_process(tmp_path, broker):
     from test_service import VEHICLE, Service
 
-    from openwb_modbus_evse.simulator import VirtualStation
+    from openwb_modbus_evse.tools.simulator import VirtualStation
 
     svc = Service(
         tmp_path,
@@ -426,7 +426,7 @@ async def test_a_clean_stop_publishes_stopped_and_not_charging(tmp_path, broker)
 async def test_status_shows_which_controller_drives_each_lp(broker, mqtt_settings, make_rig):
     from conftest import free_port
 
-    from openwb_modbus_evse.status import format_table, read_status
+    from openwb_modbus_evse.tools.status import format_table, read_status
 
     stations = (station_config(1, lp=1), station_config(2, lp=2, controller="modbus"))
     metrics_port = free_port()

@@ -16,7 +16,7 @@ from conftest import eventually, metric, station_config
 
 from openwb_modbus_evse import config
 from openwb_modbus_evse.evse.protocol import RequestType
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 PUBLISH, SUBSCRIBE = "from_dehneEVSE", "to_dehneEVSE"
 SERIAL = virtual_serial(1)

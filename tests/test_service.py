@@ -13,7 +13,7 @@ from conftest import eventually, free_port
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig, VirtualStation, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
 
 ADDR = REGISTER_MAP.address
 SERVE = [sys.executable, "-m", "openwb_modbus_evse", "serve"]

@@ -8,7 +8,7 @@ import pytest
 
 from openwb_modbus_evse.chargepoint import offered_amps
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.simulator import (
+from openwb_modbus_evse.tools.simulator import (
     VehicleConfig,
     VirtualStation,
     run_simulators,

@@ -11,7 +11,7 @@ from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.config import StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import virtual_serial
 
 ADDR = REGISTER_MAP.address
 SERIAL = "10BA23AB50534D53302E3120FF162332"
@@ -163,7 +163,7 @@ async def test_hold_polls_unknown_stations_safely_but_serves_only_known_ones(mak
 
 
 async def test_a_moved_station_drops_what_was_written_for_its_old_lp(make_rig, settings):
-    from openwb_modbus_evse.simulator import VehicleConfig
+    from openwb_modbus_evse.tools.simulator import VehicleConfig
 
     rig = await make_rig(settings)
     bridge = rig.bridge
@@ -189,7 +189,7 @@ async def test_a_moved_station_drops_what_was_written_for_its_old_lp(make_rig, s
 
 
 async def test_a_moved_station_keeps_its_configured_name(make_rig, settings):
-    from openwb_modbus_evse.simulator import VehicleConfig
+    from openwb_modbus_evse.tools.simulator import VehicleConfig
 
     named = StationConfig(serial=virtual_serial(1), name="Garage")
     rig = await make_rig(settings, station=(named,))

@@ -16,7 +16,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from openwb_modbus_evse.config import MAX_LP
 from openwb_modbus_evse.interfaces.modbus.registers import LP_STRIDE, REGISTER_MAP, lp_base
-from openwb_modbus_evse.status import (
+from openwb_modbus_evse.tools.status import (
     LpStatus,
     StatusError,
     format_table,

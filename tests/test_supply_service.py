@@ -8,7 +8,7 @@ from conftest import eventually
 
 from openwb_modbus_evse.chargepoint import offered_amps
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 ADDR = REGISTER_MAP.address
 VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)

@@ -18,7 +18,7 @@ from openwb_modbus_evse import chargepoint as cp
 from openwb_modbus_evse.evse.protocol import Pilot
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
 from openwb_modbus_evse.service import Service
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 from openwb_modbus_evse.view import (
     FAULT_ERROR,
     FAULT_OK,
@@ -94,7 +94,7 @@ async def test_modbus_and_openwb_mqtt_tell_the_same_story_during_an_outage(broke
     await service.start()
     from pymodbus.client import AsyncModbusTcpClient
 
-    from openwb_modbus_evse.simulator import VirtualStation, virtual_serial
+    from openwb_modbus_evse.tools.simulator import VirtualStation, virtual_serial
 
     station = VirtualStation(
         virtual_serial(1),

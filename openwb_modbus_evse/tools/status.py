@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
-from .config import MAX_LP
-from .interfaces.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
+from ..config import MAX_LP
+from ..interfaces.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 
 _HARDWARE_TYPES = (1, 2)  # series2, Pro; a real openWB serves zeros for LPs it does not have
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, then clear

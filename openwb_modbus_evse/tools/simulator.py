@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .evse import protocol
-from .evse.connection import NEED_DATA, Connection, Event, Notify, Response, Role
-from .evse.protocol import (
+from ..evse import protocol
+from ..evse.connection import NEED_DATA, Connection, Event, Notify, Response, Role
+from ..evse.protocol import (
     STATION_IDLE_TIMEOUT,
     STATION_SAFETY_TIMEOUT,
     Pilot,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pymodbus.client import AsyncModbusTcpClient
 
-from .config import Settings, StationConfig
-from .evse.protocol import Proximity
-from .interfaces.modbus.registers import REGISTER_MAP
-from .service import Service
+from ..config import Settings, StationConfig
+from ..evse.protocol import Proximity
+from ..interfaces.modbus.registers import REGISTER_MAP
+from ..service import Service
 from .simulator import VehicleConfig, VirtualStation, virtual_serial
 
 log = logging.getLogger(__name__)
