@@ -1,5 +1,9 @@
 """Configuration: TOML file + command-line overrides -> validated, frozen settings.
 
+One table is the source of truth: the fields of :class:`Settings` (and of :class:`StationConfig`
+for ``[[station]]`` entries), each with a :class:`KeyInfo` in its metadata. The checks and the
+options of ``serve`` derive from it.
+
 Every problem raises :class:`ConfigError` with one line that names the key, so start-up can stop
 with that line and no traceback.
 """
@@ -11,10 +15,12 @@ import re
 import shlex
 import shutil
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_type_hints
+
+import click
 
 from .evse.protocol import (
     NO_CALIBRATION,
@@ -51,110 +57,40 @@ def default_state_db() -> str:
     return str(Path(base) / "openwb-modbus-evse" / "state.sqlite3")
 
 
-@dataclass(frozen=True)
-class StationConfig:
-    """One ``[[station]]`` entry."""
+# --- value checks: (key, value as read) -> the value kept; ConfigError(key, ...) if bad ----------
 
-    serial: str
-    lp: int | None = None  # None: the remembered LP, else the lowest free one
-    controller: str | None = None  # None: the global ``controller``
-    mqtt_prefix: str | None = None  # None (and no duo_num): the default openWB tree of LP1/LP2
-    duo_num: int | None = None
-    name: str | None = None
-    serial_number: str | None = None
-    max_current: float = 32.0
-    cable: str = "socket"
-    phases: int = 3
-    phase_switch_command: str | None = None
-    calibration: StationCalibration = NO_CALIBRATION
-    # The only source address (or network) the station may connect from; None: any.
-    address: Network | None = None
+Check = Callable[[str, Any], Any]
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``serve`` runs with."""
+def _integer(low: int, high: int) -> Check:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(key, f"must be {low}..{high}, got {value}")
+        return value
 
-    evse_host: str = "::"
-    evse_port: int = 9091
-    evse_max_connections: int = 128
-    evse_max_per_address: int = 8
-    poll_interval: float = 5.0
-    modbus_host: str = "0.0.0.0"
-    modbus_port: int = 1502
-    unit_id: int = 1
-    modbus_max_connections: int = 64
-    modbus_max_per_address: int = 8
-    modbus_idle_timeout: float = 300.0
-    modbus_allow: tuple[Network, ...] = EVERYONE
-    modbus_write_allow: tuple[Network, ...] = EVERYONE
-    state_db: str = field(default_factory=default_state_db)
-    heartbeat_timeout: float = 80.0
-    stop_timeout: float = 6.0
-    phase_switch_pause: float = 5.0
-    phase_switch_timeout: float = 30.0
-    stop_charging_on_shutdown: bool = True
-    energy_save_interval: float = 5.0
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9502
-    admin_token: str = ""  # bearer token for the HTTP actions; empty: actions off
-    supply_max_current: float = 0.0  # A per phase shared by all stations; 0: no limit
-    log_level: str = "INFO"
-    mqtt_host: str = ""
-    mqtt_port: int = 1883
-    mqtt_username: str = ""
-    mqtt_password: str = ""
-    mqtt_ca_file: str = ""
-    mqtt_heartbeat_timeout: float = 80.0
-    controller: str = "modbus"
-    unknown_stations: str = "assign"
-    known_stations: tuple[str, ...] = ()
-    lp_remember_after: float = 60.0
-    contactor_min_off: float = 60.0
-    bridge_topics: str = ""  # "<publish>,<subscribe>": the Rust bridge's messages; "" = off
-    bridge_heartbeat_timeout: float = 80.0
-    station: tuple[StationConfig, ...] = ()
-
-    def station_by_serial(self, serial: str) -> StationConfig | None:
-        """The ``[[station]]`` entry of this serial, if any."""
-        return next((s for s in self.station if s.serial == serial), None)
-
-    def controller_of(self, serial: str) -> str:
-        """Which interface drives the station (its own ``controller``, else the global one)."""
-        station = self.station_by_serial(serial)
-        return (station.controller if station else None) or self.controller
-
-    def is_known(self, serial: str) -> bool:
-        """A station the user named: in ``[[station]]`` or in ``known_stations``."""
-        return serial in self.known_stations or self.station_by_serial(serial) is not None
-
-    @property
-    def bridge_topic_pair(self) -> tuple[str, str] | None:
-        """(publish topic, subscribe topic) of the Rust-bridge messages; None when off."""
-        if not self.bridge_topics:
-            return None
-        publish, subscribe = self.bridge_topics.split(",")
-        return publish, subscribe
+    return check
 
 
-# --- value checks ----------------------------------------------------------------------------
+def _number(low: float, high: float) -> Check:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(key, f"must be at least {low:g} and at most {high:g}, got {value:g}")
+        return float(value)
+
+    return check
 
 
-def _int(key: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(key, f"must be {low}..{high}, got {value}")
-    return value
+def _one_of(*choices: Any) -> Check:
+    def check(key: str, value: Any) -> Any:
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
 
-
-def _number(key: str, value: Any, low: float, high: float, *, below: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(key, f"must be a number, got {value!r}")
-    if value < low or value > high or (below and value >= high):
-        bound = f"below {high:g}" if below else f"at most {high:g}"
-        raise ConfigError(key, f"must be at least {low:g} and {bound}, got {value:g}")
-    return float(value)
+    return check
 
 
 def _positive(key: str, value: Any) -> float:
@@ -194,10 +130,8 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
-def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    if value not in choices or isinstance(value, bool):
-        raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-    return value
+def _log_level(key: str, value: Any) -> str:
+    return _one_of(*LOG_LEVELS)(key, _str(key, value).upper())
 
 
 def _admin_token(key: str, value: Any) -> str:
@@ -210,7 +144,7 @@ def _admin_token(key: str, value: Any) -> str:
 
 
 def _supply_max_current(key: str, value: Any) -> float:
-    amps = _number(key, value, 0, 1000)
+    amps = _number(0, 1000)(key, value)
     if 0 < amps < 6:
         raise ConfigError(key, f"must be 0 (no limit) or at least 6 A, got {amps:g}")
     return amps
@@ -231,9 +165,35 @@ def _serials(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_serial(key, item) for item in value)
 
 
+def _serial_number(key: str, value: Any) -> str:
+    number = _str(key, value)
+    if len(number) > 20 or not number.isascii():
+        raise ConfigError(key, "must be at most 20 ASCII characters")
+    return number
+
+
 def _network(key: str, value: Any) -> Network:
     (network,) = _networks(key, [_str(key, value)])
     return network
+
+
+def _networks(key: str, value: Any) -> tuple[Network, ...]:
+    """A list of addresses / networks (TOML), or the same comma-separated (command line)."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"must be a list of addresses or networks, got {value!r}")
+    try:
+        return parse_networks(value)
+    except ValueError as err:
+        raise ConfigError(key, str(err)) from None
+
+
+def _mqtt_prefix(key: str, value: Any) -> str:
+    prefix = _optional_str(key, value)
+    if any(c in prefix for c in "+#\0") or (prefix and not prefix.endswith("/")):
+        raise ConfigError(key, f"must end with / and hold no + or #, got {prefix!r}")
+    return prefix
 
 
 def _bridge_topics(key: str, value: Any) -> str:
@@ -262,60 +222,6 @@ def _poll_interval(key: str, value: Any) -> float:
     return number
 
 
-def _networks(key: str, value: Any) -> tuple[Network, ...]:
-    """A list of addresses / networks (TOML), or the same comma-separated (command line)."""
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, f"must be a list of addresses or networks, got {value!r}")
-    try:
-        return parse_networks(value)
-    except ValueError as err:
-        raise ConfigError(key, str(err)) from None
-
-
-_CHECKS: dict[str, Any] = {
-    "evse_host": _str,
-    "evse_port": lambda k, v: _int(k, v, 0, 65535),
-    "evse_max_connections": lambda k, v: _int(k, v, 1, 100_000),
-    "evse_max_per_address": lambda k, v: _int(k, v, 1, 100_000),
-    "poll_interval": _poll_interval,
-    "modbus_host": _str,
-    "modbus_port": lambda k, v: _int(k, v, 0, 65535),
-    "unit_id": lambda k, v: _int(k, v, 0, 247),
-    "modbus_max_connections": lambda k, v: _int(k, v, 1, 100_000),
-    "modbus_max_per_address": lambda k, v: _int(k, v, 1, 100_000),
-    "modbus_idle_timeout": _positive,
-    "modbus_allow": _networks,
-    "modbus_write_allow": _networks,
-    "state_db": _str,
-    "heartbeat_timeout": _positive,
-    "stop_timeout": lambda k, v: _number(k, v, 0.5, 60),
-    "phase_switch_pause": lambda k, v: _number(k, v, 0, 600),
-    "phase_switch_timeout": _positive,
-    "stop_charging_on_shutdown": _bool,
-    "energy_save_interval": _positive,
-    "metrics_host": _str,
-    "metrics_port": lambda k, v: _int(k, v, 0, 65535),
-    "admin_token": _admin_token,
-    "supply_max_current": _supply_max_current,
-    "log_level": lambda k, v: _choice(k, _str(k, v).upper(), LOG_LEVELS),
-    "unknown_stations": lambda k, v: _choice(k, v, ("assign", "hold")),
-    "known_stations": _serials,
-    "lp_remember_after": lambda k, v: _number(k, v, 0, 86400),
-    "contactor_min_off": lambda k, v: _number(k, v, 0, 3600),
-    "mqtt_host": _optional_str,
-    "mqtt_port": lambda k, v: _int(k, v, 1, 65535),
-    "mqtt_username": _optional_str,
-    "mqtt_password": _optional_str,
-    "mqtt_ca_file": _readable_file,
-    "mqtt_heartbeat_timeout": _positive,
-    "controller": lambda k, v: _choice(k, v, CONTROLLERS),
-    "bridge_topics": _bridge_topics,
-    "bridge_heartbeat_timeout": _positive,
-}
-
-
 def _calibration(key: str, value: Any) -> StationCalibration:
     if not isinstance(value, Mapping):
         raise ConfigError(key, f"must be a table with keys {', '.join(_CALIBRATION_KEYS)}")
@@ -338,68 +244,486 @@ def _calibration(key: str, value: Any) -> StationCalibration:
     )
 
 
+# --- the table ----------------------------------------------------------------------------------
+
+_INFO = "openwb_modbus_evse.config"  # the metadata entry of a table field
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What the table says about a key besides its field's name, type and default."""
+
+    check: Check
+    #: One line: the ``serve --help`` text of the key, and the start of its comment in the docs.
+    help: str
+    #: The rest of the comment in docs/configuration.md.
+    more: str = ""
+    #: Shown in the docs instead of the default (as written in TOML); the comment must then say
+    #: what the default is.
+    example: Any = None
+    #: Heading of the group of keys that starts here, in the docs.
+    section: str = ""
+    #: The click type of the ``serve`` option; None: the field's type (lists: comma-separated).
+    cli_type: click.ParamType | None = None
+
+
+def key_info(
+    check: Check,
+    help: str,
+    *,
+    more: str = "",
+    example: Any = None,
+    section: str = "",
+    cli_type: click.ParamType | None = None,
+) -> dict[str, KeyInfo]:
+    """A table field's ``metadata``: how its key is checked, explained and given as an option."""
+    return {_INFO: KeyInfo(check, help, more, example, section, cli_type)}
+
+
+class Key(NamedTuple):
+    """One key of a table."""
+
+    name: str
+    type: Any  # the field's type
+    default: Any  # MISSING: required
+    info: KeyInfo
+
+
+def keys(table: type) -> tuple[Key, ...]:
+    """The keys of ``Settings`` or ``StationConfig`` in their order (``station`` is no key)."""
+    types = get_type_hints(table)
+    return tuple(
+        Key(
+            f.name,
+            types[f.name],
+            f.default if f.default_factory is MISSING else f.default_factory(),
+            f.metadata[_INFO],
+        )
+        for f in fields(table)
+        if _INFO in f.metadata
+    )
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """One ``[[station]]`` entry."""
+
+    serial: str = field(
+        metadata=key_info(
+            _serial,
+            "The station's ID: 32 hex digits (the log shows it). Required.",
+            example="10BA23AB50534D53302E3120FF162332",
+        )
+    )
+    lp: int | None = field(
+        default=None,
+        metadata=key_info(
+            _integer(1, MAX_LP),
+            f"1..{MAX_LP}: the charge point (LP) the station is served as.",
+            more="Default: the LP remembered for the station, else the lowest free one.",
+            example=1,
+        ),
+    )
+    controller: str | None = field(
+        default=None,
+        metadata=key_info(
+            _one_of(*CONTROLLERS),
+            "Who drives this station (values as for the global controller).",
+            more="Default: the global controller.",
+            example="modbus",
+        ),
+    )
+    mqtt_prefix: str | None = field(
+        default=None,
+        metadata=key_info(
+            _mqtt_prefix,
+            "Ends with /: the openWB MQTT tree is "
+            "<mqtt_prefix>openWB/internal_chargepoint/<duo_num>.",
+            more='Default: LP1 -> "" 0, LP2 -> "" 1; other LPs need one (see "Use with an openWB '
+            'primary" in the README).',
+            example="",
+        ),
+    )
+    duo_num: int | None = field(
+        default=None,
+        metadata=key_info(
+            _integer(0, 1),
+            "0 or 1: the number in the openWB MQTT tree (see mqtt_prefix).",
+            more="Default: as for mqtt_prefix.",
+            example=0,
+        ),
+    )
+    name: str | None = field(
+        default=None,
+        metadata=key_info(
+            _str, "For logs and metrics.", more='Default: "LP<n>".', example="garage"
+        ),
+    )
+    serial_number: str | None = field(
+        default=None,
+        metadata=key_info(
+            _serial_number,
+            "The serial number controllers read (register serial_number): at most 20 ASCII "
+            "characters.",
+            more="Default: the last 20 hex digits of serial.",
+            example="WB-GARAGE",
+        ),
+    )
+    max_current: float = field(
+        default=32.0,
+        metadata=key_info(_number(6, 32), "A, 6..32: the installation's limit."),
+    )
+    cable: str = field(
+        default="socket",
+        metadata=key_info(
+            _one_of("socket", "tethered"),
+            '"socket": no cable, no current; "tethered": fixed cable, max_current applies.',
+        ),
+    )
+    phases: int = field(
+        default=3,
+        metadata=key_info(_one_of(1, 3), "How the station is wired: 1 or 3 phases."),
+    )
+    phase_switch_command: str | None = field(
+        default=None,
+        metadata=key_info(
+            _str,
+            "External command that switches a phase relay; called with the target (1 or 3) "
+            "appended.",
+            more="Without it, the register phase_target accepts only the wired phase count. "
+            "Default: none.",
+            example="/usr/local/bin/phase-relay --set",
+        ),
+    )
+    calibration: StationCalibration = field(
+        default=NO_CALIBRATION,
+        metadata=key_info(
+            _calibration,
+            "Raw sensor calibration, value = max(0, (raw - offset) * slope / divider), as "
+            "[offset, slope, divider] per value: u1..u3 voltages in mV, i1..i3 currents in mA.",
+            more="Default: identity for each.",
+            example={"u1": [0, 1, 1], "i1": [0, 1, 1]},
+        ),
+    )
+    address: Network | None = field(
+        default=None,
+        metadata=key_info(
+            _network,
+            "The only address or network the station may connect from, e.g. its DHCP reservation.",
+            more="A connection with its serial from elsewhere is refused. Default: any.",
+            example="192.168.1.0/24",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``serve`` runs with."""
+
+    evse_host: str = field(
+        default="::",
+        metadata=key_info(
+            _str,
+            "Address the stations connect to.",
+            more='"::" takes IPv6 and IPv4 stations.',
+            section="Dehne-EVSE stations connect here",
+        ),
+    )
+    evse_port: int = field(
+        default=9091, metadata=key_info(_integer(0, 65535), "Port the stations connect to.")
+    )
+    evse_max_connections: int = field(
+        default=128,
+        metadata=key_info(_integer(1, 100_000), "Station connections open at most."),
+    )
+    evse_max_per_address: int = field(
+        default=8,
+        metadata=key_info(
+            _integer(1, 100_000),
+            "Station connections open at most from one address.",
+            more="For IPv6, one /64 counts as one address.",
+        ),
+    )
+    poll_interval: float = field(
+        default=5.0,
+        metadata=key_info(
+            _poll_interval,
+            f"Seconds between polls of a station, below {STATION_IDLE_TIMEOUT:g}.",
+            more=f"Stations drop the connection after {STATION_IDLE_TIMEOUT:g} s without a "
+            "request.",
+        ),
+    )
+    modbus_host: str = field(
+        default="0.0.0.0",
+        metadata=key_info(
+            _str,
+            "Modbus TCP listen address.",
+            section="Modbus TCP server for controllers (evcc, Home Assistant, mbpoll)",
+        ),
+    )
+    modbus_port: int = field(
+        default=1502, metadata=key_info(_integer(0, 65535), "Modbus TCP port, 0 = off.")
+    )
+    unit_id: int = field(
+        default=1, metadata=key_info(_integer(0, 247), "Modbus unit ID, 0 = answer any.")
+    )
+    modbus_max_connections: int = field(
+        default=64, metadata=key_info(_integer(1, 100_000), "Modbus connections open at most.")
+    )
+    modbus_max_per_address: int = field(
+        default=8,
+        metadata=key_info(
+            _integer(1, 100_000), "Modbus connections open at most from one address."
+        ),
+    )
+    modbus_idle_timeout: float = field(
+        default=300.0,
+        metadata=key_info(
+            _positive,
+            "Seconds before an idle Modbus connection is closed.",
+            more="Clients reconnect on their next poll.",
+        ),
+    )
+    modbus_allow: tuple[Network, ...] = field(
+        default=EVERYONE,
+        metadata=key_info(
+            _networks,
+            "Addresses/networks that may connect to Modbus (a,b,...).",
+            more="IPv4 and IPv6; the default is everyone.",
+        ),
+    )
+    modbus_write_allow: tuple[Network, ...] = field(
+        default=EVERYONE,
+        metadata=key_info(
+            _networks,
+            "Addresses/networks that may write over Modbus (a,b,...).",
+            more="Others read only and get exception 1 for a write.",
+        ),
+    )
+    state_db: str = field(
+        default_factory=default_state_db,
+        metadata=key_info(
+            _str,
+            "SQLite state file (energy, LP numbers).",
+            more="Created if missing. Default: $XDG_STATE_HOME/openwb-modbus-evse/state.sqlite3 "
+            "(~/.local/state/...); the example is the path the systemd unit uses.",
+            example="/var/lib/openwb-modbus-evse/state.sqlite3",
+            section="State",
+        ),
+    )
+    energy_save_interval: float = field(
+        default=5.0,
+        metadata=key_info(
+            _positive,
+            "Seconds between saves of the energy counters.",
+            more="What a crash can lose at most.",
+        ),
+    )
+    heartbeat_timeout: float = field(
+        default=80.0,
+        metadata=key_info(
+            _positive,
+            "Seconds without a Modbus request from a client that may write before charging stops.",
+            section="Charging safety",
+        ),
+    )
+    stop_timeout: float = field(
+        default=6.0,
+        metadata=key_info(
+            _number(0.5, 60), "Seconds to wait for the vehicle before opening under load."
+        ),
+    )
+    phase_switch_pause: float = field(
+        default=5.0,
+        metadata=key_info(_number(0, 600), "Seconds between a phase switch and resuming."),
+    )
+    phase_switch_timeout: float = field(
+        default=30.0,
+        metadata=key_info(_positive, "Seconds the phase-switch command may take."),
+    )
+    stop_charging_on_shutdown: bool = field(
+        default=True,
+        metadata=key_info(_bool, "Stop charging safely on shutdown (true/false)."),
+    )
+    contactor_min_off: float = field(
+        default=60.0,
+        metadata=key_info(
+            _number(0, 3600),
+            "Minimum seconds between contactor opening and closing.",
+            more="0 = off.",
+        ),
+    )
+    supply_max_current: float = field(
+        default=0.0,
+        metadata=key_info(
+            _supply_max_current,
+            "A per phase all stations share; 0 = no limit.",
+            more="What all stations together are offered stays within it (one shared supply).",
+        ),
+    )
+    metrics_host: str = field(
+        default="0.0.0.0",
+        metadata=key_info(
+            _str,
+            "HTTP listen address (/metrics, status page, actions).",
+            section="HTTP server: Prometheus /metrics, the status page, its JSON API and actions",
+        ),
+    )
+    metrics_port: int = field(
+        default=9502,
+        metadata=key_info(
+            _integer(0, 65535), "HTTP port (/metrics, status page, actions), 0 = off."
+        ),
+    )
+    admin_token: str = field(
+        default="",
+        metadata=key_info(
+            _admin_token,
+            "Bearer token for the HTTP actions; empty = actions off.",
+            more=f"At least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. from `openssl rand -hex "
+            "16`. The CLI's move, forget and firmware commands send it (--token).",
+        ),
+    )
+    log_level: str = field(
+        default="INFO",
+        metadata=key_info(_log_level, "DEBUG, INFO, WARNING or ERROR.", section="Logging"),
+    )
+    controller: str = field(
+        default="modbus",
+        metadata=key_info(
+            _one_of(*CONTROLLERS),
+            "Who drives the charge points without their own controller.",
+            more='"modbus", "openwb-mqtt" (an openWB primary over MQTT) or "bridge-mqtt" (the '
+            "Rust bridge's messages, see bridge_topics); both need mqtt_host. Every interface "
+            "reads; writes from the others are refused.",
+            section='Controllers and MQTT (see "Use with an openWB primary" in the README)',
+            cli_type=click.Choice(CONTROLLERS),
+        ),
+    )
+    mqtt_host: str = field(
+        default="",
+        metadata=key_info(_optional_str, "MQTT broker address; empty = MQTT off."),
+    )
+    mqtt_port: int = field(default=1883, metadata=key_info(_integer(1, 65535), "MQTT broker port."))
+    mqtt_username: str = field(
+        default="", metadata=key_info(_optional_str, "MQTT user name; empty = none.")
+    )
+    mqtt_password: str = field(default="", metadata=key_info(_optional_str, "MQTT password."))
+    mqtt_ca_file: str = field(
+        default="",
+        metadata=key_info(
+            _readable_file, "CA certificate file: TLS to the broker; empty = plain TCP."
+        ),
+    )
+    mqtt_heartbeat_timeout: float = field(
+        default=80.0,
+        metadata=key_info(
+            _positive,
+            "Seconds without the openWB primary's heartbeat before charging stops.",
+            more="Its heartbeat is its global_data message.",
+        ),
+    )
+    bridge_topics: str = field(
+        default="",
+        metadata=key_info(
+            _bridge_topics,
+            "Rust-bridge messages: PUBLISH,SUBSCRIBE topics; empty = off.",
+            more='The JSON messages of the Rust dehneevse-mqtt-bridge (see "Migrating from '
+            'dehneevse-mqtt-bridge" in the README); its defaults are '
+            f'"{",".join(RUST_BRIDGE_TOPICS)}".',
+        ),
+    )
+    bridge_heartbeat_timeout: float = field(
+        default=80.0,
+        metadata=key_info(
+            _positive,
+            "Seconds without a Rust-bridge request before its stations stop charging.",
+        ),
+    )
+    unknown_stations: str = field(
+        default="assign",
+        metadata=key_info(
+            _one_of("assign", "hold"),
+            "New stations: assign (the lowest free LP) or hold (not served).",
+            more="A held station is polled and kept safe (PWM 100 %, contactor open). New: "
+            "neither in [[station]] nor in known_stations.",
+            section="Stations without a [[station]] entry",
+        ),
+    )
+    known_stations: tuple[str, ...] = field(
+        default=(),
+        metadata=key_info(
+            _serials,
+            "Comma-separated serials served even with unknown_stations=hold.",
+            more="In this file also a list; a serial is 32 hex digits.",
+        ),
+    )
+    lp_remember_after: float = field(
+        default=60.0,
+        metadata=key_info(
+            _number(0, 86400),
+            "Seconds a new station must stay before its LP is saved.",
+            more="It must send valid data meanwhile; its energy counter is saved with the LP. "
+            "If it leaves sooner, the LP is free again.",
+        ),
+    )
+    station: tuple[StationConfig, ...] = ()  # [[station]] entries (their keys: StationConfig)
+
+    def station_by_serial(self, serial: str) -> StationConfig | None:
+        """The ``[[station]]`` entry of this serial, if any."""
+        return next((s for s in self.station if s.serial == serial), None)
+
+    def controller_of(self, serial: str) -> str:
+        """Which interface drives the station (its own ``controller``, else the global one)."""
+        station = self.station_by_serial(serial)
+        return (station.controller if station else None) or self.controller
+
+    def is_known(self, serial: str) -> bool:
+        """A station the user named: in ``[[station]]`` or in ``known_stations``."""
+        return serial in self.known_stations or self.station_by_serial(serial) is not None
+
+    @property
+    def bridge_topic_pair(self) -> tuple[str, str] | None:
+        """(publish topic, subscribe topic) of the Rust-bridge messages; None when off."""
+        if not self.bridge_topics:
+            return None
+        publish, subscribe = self.bridge_topics.split(",")
+        return publish, subscribe
+
+
 def _station(index: int, raw: Any) -> StationConfig:
     prefix = f"station[{index}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(prefix, "must be a table ([[station]])")
-    known = {f.name for f in fields(StationConfig)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{prefix}.{key}", "unknown key")
-    if "serial" not in raw:
-        raise ConfigError(f"{prefix}.serial", "is required")
-    values: dict[str, Any] = {"serial": _serial(f"{prefix}.serial", raw["serial"])}
-    if "lp" in raw:
-        values["lp"] = _int(f"{prefix}.lp", raw["lp"], 1, MAX_LP)
-    if "controller" in raw:
-        values["controller"] = _choice(f"{prefix}.controller", raw["controller"], CONTROLLERS)
-    if "mqtt_prefix" in raw:
-        mqtt_prefix = _optional_str(f"{prefix}.mqtt_prefix", raw["mqtt_prefix"])
-        if any(c in mqtt_prefix for c in "+#\0") or (mqtt_prefix and not mqtt_prefix.endswith("/")):
-            raise ConfigError(
-                f"{prefix}.mqtt_prefix", f"must end with / and hold no + or #, got {mqtt_prefix!r}"
-            )
-        values["mqtt_prefix"] = mqtt_prefix
-    if "duo_num" in raw:
-        values["duo_num"] = _int(f"{prefix}.duo_num", raw["duo_num"], 0, 1)
-    if "name" in raw:
-        values["name"] = _str(f"{prefix}.name", raw["name"])
-    if "serial_number" in raw:
-        number = _str(f"{prefix}.serial_number", raw["serial_number"])
-        if len(number) > 20 or not number.isascii():
-            raise ConfigError(f"{prefix}.serial_number", "must be at most 20 ASCII characters")
-        values["serial_number"] = number
-    if "max_current" in raw:
-        values["max_current"] = _number(f"{prefix}.max_current", raw["max_current"], 6, 32)
-    if "cable" in raw:
-        values["cable"] = _choice(f"{prefix}.cable", raw["cable"], ("socket", "tethered"))
-    if "phases" in raw:
-        values["phases"] = _choice(f"{prefix}.phases", raw["phases"], (1, 3))
-    if "phase_switch_command" in raw:
-        values["phase_switch_command"] = _str(
-            f"{prefix}.phase_switch_command", raw["phase_switch_command"]
-        )
-    if "calibration" in raw:
-        values["calibration"] = _calibration(f"{prefix}.calibration", raw["calibration"])
-    if "address" in raw:
-        values["address"] = _network(f"{prefix}.address", raw["address"])
+    table = keys(StationConfig)
+    known = {key.name for key in table}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{prefix}.{name}", "unknown key")
+    values: dict[str, Any] = {}
+    for key in table:
+        if key.name in raw:
+            values[key.name] = key.info.check(f"{prefix}.{key.name}", raw[key.name])
+        elif key.default is MISSING:
+            raise ConfigError(f"{prefix}.{key.name}", "is required")
     return StationConfig(**values)
 
 
 def build(values: Mapping[str, Any]) -> Settings:
     """Validated settings from a mapping shaped like the TOML file."""
+    checks = {key.name: key.info.check for key in keys(Settings)}
     settings: dict[str, Any] = {}
-    for key, value in values.items():
-        if key == "station":
+    for name, value in values.items():
+        if name == "station":
             if not isinstance(value, list):
                 raise ConfigError("station", "must be an array of tables ([[station]])")
             stations = tuple(_station(i, raw) for i, raw in enumerate(value))
             _check_unique(stations)
             settings["station"] = stations
-        elif key in _CHECKS:
-            settings[key] = _CHECKS[key](key, value)
+        elif name in checks:
+            settings[name] = checks[name](name, value)
         else:
-            raise ConfigError(key, "unknown key")
+            raise ConfigError(name, "unknown key")
     result = Settings(**settings)
     _check_mqtt(result)
     return result
