@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import MISSING, fields
 from typing import Any
 
 import click
@@ -64,78 +63,25 @@ def main() -> None:
     """Serve Dehne-EVSE charging stations as openWB series2 charge points over Modbus TCP."""
 
 
-_DEFAULTS = {f.name: f.default for f in fields(config_mod.Settings) if f.default is not MISSING}
-
-
-def _setting(key: str, kind: Any, text: str) -> Callable[[Any], Any]:
-    """A ``serve`` option for a config key; its default is shown from the settings."""
-    default = _DEFAULTS.get(key) if key != "state_db" else config_mod.default_state_db()
-    shown = str(default).lower() if isinstance(default, bool) else default
-    if isinstance(default, tuple):  # address lists: as typed on the command line
-        shown = ",".join(map(str, default))
-    return click.option(
-        f"--{key.replace('_', '-')}", key, type=kind, help=f"{text}  [default: {shown}]"
-    )
+def _setting_options(command: Callable[..., None]) -> Callable[..., None]:
+    """One option per key of the settings table (``config.Settings``), with its default shown."""
+    for key in reversed(config_mod.keys(config_mod.Settings)):
+        shown = str(key.default).lower() if isinstance(key.default, bool) else key.default
+        if isinstance(key.default, tuple):  # lists: as typed on the command line
+            shown = ",".join(map(str, key.default))
+        kind = key.info.cli_type or (key.type if key.type in (str, int, float, bool) else str)
+        command = click.option(
+            f"--{key.name.replace('_', '-')}",
+            key.name,
+            type=kind,
+            help=f"{key.info.help}  [default: {shown}]",
+        )(command)
+    return command
 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-@_setting("evse_host", str, "Address the stations connect to.")
-@_setting("evse_port", int, "Port the stations connect to.")
-@_setting("evse_max_connections", int, "Station connections open at most.")
-@_setting("evse_max_per_address", int, "Station connections open at most from one address.")
-@_setting("poll_interval", float, "Seconds between polls of a station, below 10.")
-@_setting("modbus_host", str, "Modbus TCP listen address.")
-@_setting("modbus_port", int, "Modbus TCP port, 0 = off.")
-@_setting("unit_id", int, "Modbus unit ID, 0 = answer any.")
-@_setting("modbus_max_connections", int, "Modbus connections open at most.")
-@_setting("modbus_max_per_address", int, "Modbus connections open at most from one address.")
-@_setting("modbus_idle_timeout", float, "Seconds before an idle Modbus connection is closed.")
-@_setting("modbus_allow", str, "Addresses/networks that may connect to Modbus (a,b,...).")
-@_setting("modbus_write_allow", str, "Addresses/networks that may write over Modbus (a,b,...).")
-@_setting("state_db", str, "SQLite state file (energy, LP numbers).")
-@_setting(
-    "heartbeat_timeout",
-    float,
-    "Seconds without a Modbus request from a client that may write before charging stops.",
-)
-@_setting("stop_timeout", float, "Seconds to wait for the vehicle before opening under load.")
-@_setting("phase_switch_pause", float, "Seconds between a phase switch and resuming.")
-@_setting("phase_switch_timeout", float, "Seconds the phase-switch command may take.")
-@_setting("stop_charging_on_shutdown", bool, "Stop charging safely on shutdown (true/false).")
-@_setting("energy_save_interval", float, "Seconds between saves of the energy counters.")
-@_setting("metrics_host", str, "HTTP listen address (/metrics, status page, actions).")
-@_setting("metrics_port", int, "HTTP port (/metrics, status page, actions), 0 = off.")
-@_setting("admin_token", str, "Bearer token for the HTTP actions; empty = actions off.")
-@_setting("supply_max_current", float, "A per phase all stations share; 0 = no limit.")
-@_setting("log_level", str, "DEBUG, INFO, WARNING or ERROR.")
-@_setting("mqtt_host", str, "MQTT broker address; empty = MQTT off.")
-@_setting("mqtt_port", int, "MQTT broker port.")
-@_setting("mqtt_username", str, "MQTT user name; empty = none.")
-@_setting("mqtt_password", str, "MQTT password.")
-@_setting("mqtt_ca_file", str, "CA certificate file: TLS to the broker; empty = plain TCP.")
-@_setting(
-    "mqtt_heartbeat_timeout",
-    float,
-    "Seconds without the openWB primary's heartbeat before charging stops.",
-)
-@_setting(
-    "controller",
-    click.Choice(config_mod.CONTROLLERS),
-    "Who drives the charge points without their own controller.",
-)
-@_setting(
-    "unknown_stations", str, "New stations: assign (the lowest free LP) or hold (not served)."
-)
-@_setting("known_stations", str, "Comma-separated serials served even with unknown_stations=hold.")
-@_setting("lp_remember_after", float, "Seconds a new station must stay before its LP is saved.")
-@_setting("contactor_min_off", float, "Minimum seconds between contactor opening and closing.")
-@_setting("bridge_topics", str, "Rust-bridge messages: PUBLISH,SUBSCRIBE topics; empty = off.")
-@_setting(
-    "bridge_heartbeat_timeout",
-    float,
-    "Seconds without a Rust-bridge request before its stations stop charging.",
-)
+@_setting_options
 @click.option(
     "--bridge-publish-topic",
     help="Rust-bridge messages: the publish topic (other half of --bridge-topics).",
@@ -351,7 +297,7 @@ def mosquitto_config(config_path: str | None, addresses: tuple[str, ...], port: 
     "--lp",
     default=1,
     show_default=True,
-    type=click.IntRange(1, 9),
+    type=click.IntRange(1, config_mod.MAX_LP),
     help="Show addresses of this LP.",
 )
 def registers(markdown: bool, lp: int) -> None:
@@ -440,7 +386,7 @@ def stations(url: str, token: str, as_json: bool) -> None:
 @main.command()
 @_admin
 @click.argument("serial")
-@click.argument("lp", type=click.IntRange(1, 9))
+@click.argument("lp", type=click.IntRange(1, config_mod.MAX_LP))
 def move(url: str, token: str, serial: str, lp: int) -> None:
     """Serve station SERIAL as LP (a free one) from now on."""
     body = json.dumps({"lp": lp}).encode()

@@ -6,8 +6,12 @@ import signal
 import subprocess
 import sys
 
+import click
+from click.testing import CliRunner
 from conftest import eventually
 
+from openwb_modbus_evse import config
+from openwb_modbus_evse.cli import main, serve
 from openwb_modbus_evse.evse.link import StationLink
 from openwb_modbus_evse.tools.simulator import virtual_serial
 
@@ -81,3 +85,24 @@ def test_serve_runs_on_uvloop_when_installed_else_on_asyncio(monkeypatch):
     cli._run_service(probe())
     assert loops[0].startswith("uvloop" if installed else "asyncio")
     assert loops[1].startswith("asyncio")
+
+
+def test_serve_options_are_typed_and_explained_by_the_settings_table():
+    options = {param.name: param for param in serve.params}
+    assert tuple(options["controller"].type.choices) == config.CONTROLLERS
+    assert options["unit_id"].type is click.INT and options["poll_interval"].type is click.FLOAT
+    assert options["stop_charging_on_shutdown"].type is click.BOOL
+    assert options["stop_charging_on_shutdown"].help.endswith("(true/false).  [default: true]")
+    # address lists and serials are typed comma-separated, their defaults shown so
+    assert options["modbus_allow"].type is click.STRING
+    assert options["modbus_allow"].help.endswith("[default: 0.0.0.0/0,::/0]")
+    assert options["known_stations"].type is click.STRING
+    assert options["state_db"].help.endswith(f"[default: {config.default_state_db()}]")
+
+
+def test_lp_arguments_stop_at_max_lp():
+    beyond = str(config.MAX_LP + 1)
+    for args in (["registers", "--lp", beyond], ["move", "AB" * 16, beyond]):
+        done = CliRunner().invoke(main, args)
+        assert done.exit_code == 2 and f"1<=x<={config.MAX_LP}" in done.output, args
+    assert CliRunner().invoke(main, ["registers", "--lp", str(config.MAX_LP)]).exit_code == 0
