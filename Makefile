@@ -14,7 +14,7 @@ PYTHON3 ?= python3
 DEB_PACKAGES := mbpoll prometheus mosquitto chromium
 CONFIG ?=
 
-.PHONY: install install-test run demo test lint format bench screenshot system-packages clean
+.PHONY: install install-test run demo test lint format docs bench screenshot system-packages clean
 
 install: $(STAMP)
 
@@ -70,6 +70,11 @@ lint: install-test
 format: install-test
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Renews docs/configuration.md from the settings table in openwb_modbus_evse/config.py (a test
+# fails while the committed file differs).
+docs: install
+	$(BIN) config-reference > docs/configuration.md
 
 # The bench's load generator and reference server are C programs on libmodbus (Debian
 # libmodbus-dev), so that the load generator is not what limits the measured rates.

@@ -1,4 +1,4 @@
-"""Command line: serve, simulate, status, registers, mosquitto-config, demo."""
+"""Command line: serve, simulate, status, registers, mosquitto-config, demo, config-reference."""
 
 from __future__ import annotations
 
@@ -305,6 +305,12 @@ def registers(markdown: bool, lp: int) -> None:
     from .interfaces.modbus.registers import REGISTER_MAP, format_table
 
     click.echo(format_table(REGISTER_MAP, lp, markdown=markdown))
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference: docs/configuration.md (`make docs` writes it)."""
+    click.echo(config_mod.reference_markdown(), nl=False)
 
 
 @main.command()

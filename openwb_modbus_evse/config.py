@@ -1,8 +1,8 @@
 """Configuration: TOML file + command-line overrides -> validated, frozen settings.
 
 One table is the source of truth: the fields of :class:`Settings` (and of :class:`StationConfig`
-for ``[[station]]`` entries), each with a :class:`KeyInfo` in its metadata. The checks and the
-options of ``serve`` derive from it.
+for ``[[station]]`` entries), each with a :class:`KeyInfo` in its metadata. The checks, the
+options of ``serve`` and docs/configuration.md (:func:`reference_markdown`) derive from it.
 
 Every problem raises :class:`ConfigError` with one line that names the key, so start-up can stop
 with that line and no traceback.
@@ -10,10 +10,12 @@ with that line and no traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -827,3 +829,68 @@ def warnings(settings: Settings) -> list[str]:
         elif os.path.isdir(path) or not os.access(path, os.X_OK):
             found.append(f"{key}: {program} is not executable")
     return found
+
+
+# --- docs/configuration.md ----------------------------------------------------------------------
+
+_REFERENCE_INTRO = """\
+# Configuration reference
+
+<!-- Generated from the settings table in openwb_modbus_evse/config.py by `make docs`
+     (openwb-modbus-evse config-reference); edit the table, not this file. -->
+
+`openwb-modbus-evse serve --config FILE` reads a TOML file. Every key outside `[[station]]` is
+also a `serve` option (`poll_interval` is `--poll-interval`); the command line wins.
+`serve --check-config` validates a file and exits; it also warns (and `serve` logs at start-up)
+when a station's `phase_switch_command` does not exist or is not executable.
+
+The example below has every key. A key shows its default, unless its comment says what the
+default is: then the value is an example. No station is configured by default: the
+`[[station]]` entry is an example of one. A station without an entry gets the lowest free LP
+and the defaults of the station keys.
+"""
+
+
+def _toml(value: Any) -> str:
+    """``value`` as written in a TOML file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, Network):
+        return _toml(str(value))
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(map(_toml, value))}]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{name} = {_toml(v)}" for name, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _annotated(table: type) -> list[str]:
+    """Every key of the table with its comment and its default (or example)."""
+    lines = []
+    for key in keys(table):
+        if key.info.section:
+            lines += ["", f"# --- {key.info.section} ---"]
+        comment = f"{key.info.help} {key.info.more}".strip()
+        lines += textwrap.wrap(
+            comment, 100, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False
+        )
+        shown = key.default if key.info.example is None else key.info.example
+        lines.append(f"{key.name} = {_toml(shown)}")
+    return lines
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: an example file with every key, its comment and its default."""
+    lines = [
+        "# /etc/openwb-modbus-evse.toml",
+        *_annotated(Settings),
+        "",
+        "# --- One entry per station to pin to an LP or to describe ---",
+        "[[station]]",
+        *_annotated(StationConfig),
+    ]
+    return _REFERENCE_INTRO + "\n```toml\n" + "\n".join(lines) + "\n```\n"

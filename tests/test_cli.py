@@ -64,7 +64,7 @@ def test_simulate_refuses_a_serial_with_a_count():
 
 
 def test_every_command_has_help_and_the_version_is_printed():
-    for command in ("serve", "simulate", "status", "registers", "demo"):
+    for command in ("serve", "simulate", "status", "registers", "demo", "config-reference"):
         done = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True, timeout=20)
         assert done.returncode == 0 and "Usage:" in done.stdout, command
     done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=20)
@@ -106,3 +106,8 @@ def test_lp_arguments_stop_at_max_lp():
         done = CliRunner().invoke(main, args)
         assert done.exit_code == 2 and f"1<=x<={config.MAX_LP}" in done.output, args
     assert CliRunner().invoke(main, ["registers", "--lp", str(config.MAX_LP)]).exit_code == 0
+
+
+def test_config_reference_prints_docs_configuration_md():
+    done = CliRunner().invoke(main, ["config-reference"])
+    assert done.exit_code == 0 and done.output == config.reference_markdown()

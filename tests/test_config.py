@@ -1,8 +1,11 @@
 """Configuration: every key validated, every problem one line naming the key."""
 
+import re
 import subprocess
 import sys
+import tomllib
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,7 @@ from openwb_modbus_evse.evse.protocol import Calibration
 
 SERIAL = "10BA23AB50534D53302E3120FF162332"
 SERVE = [sys.executable, "-m", "openwb_modbus_evse", "serve"]
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = f"""
 evse_host = "0.0.0.0"
@@ -213,24 +217,30 @@ def test_check_config_validates_and_exits(tmp_path):
     assert done.returncode == 0 and "1 station(s)" in done.stdout
 
 
-def test_readme_example_file_is_valid_and_shows_the_defaults():
-    from pathlib import Path
+def test_configuration_md_is_the_generated_reference():
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed == config.reference_markdown(), "run `make docs` and commit the result"
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    # The complete example: the toml block under "Configuration" (others show snippets).
-    configuration = readme.split("\n## Configuration\n", 1)[1]
-    block = configuration.split("```toml\n", 1)[1].split("```", 1)[0]
-    import tomllib
 
+def test_reference_example_file_loads_and_shows_every_key_at_its_default(tmp_path):
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", reference, re.DOTALL)
+    path = tmp_path / "c.toml"
+    path.write_text(block)
+    settings = config.load(path)
     values = tomllib.loads(block)
-    settings = config.build(values)
-    defaults = config.Settings()
-    for key, value in values.items():
-        if key not in ("station", "state_db"):
-            shown = getattr(config.build({key: value}), key)  # e.g. address lists, parsed
-            assert getattr(defaults, key) == shown, f"README shows {key} = {value!r}"
-    missing = {f.name for f in fields(config.Settings)} - set(values)
-    assert not missing, f"README config example lacks {missing}"
+    (station_values,) = values["station"]
+    for table, shown, built in (
+        (config.Settings, values, settings),
+        (config.StationConfig, station_values, settings.station[0]),
+    ):
+        missing = {f.name for f in fields(table)} - {"station"} - set(shown)
+        assert not missing, f"the example of {table.__name__} lacks {missing}"
+        for key in config.keys(table):
+            if key.info.example is None:
+                assert getattr(built, key.name) == key.default, f"it shows {key.name} wrongly"
+    # an example is there to show something other than the default
+    assert settings.state_db != config.default_state_db()
     assert settings.station[0].phase_switch_command is not None
 
 
