@@ -341,8 +341,8 @@ class StationConfig:
             _mqtt_prefix,
             "Ends with /: the openWB MQTT tree is "
             "<mqtt_prefix>openWB/internal_chargepoint/<duo_num>.",
-            more='Default: LP1 -> "" 0, LP2 -> "" 1; other LPs need one (see "Use with an openWB '
-            'primary" in the README).',
+            more='Default: LP1 -> "" 0, LP2 -> "" 1; other LPs need one (see '
+            "docs/openwb-primary.md).",
             example="",
         ),
     )
@@ -598,7 +598,7 @@ class Settings:
             more='"modbus", "openwb-mqtt" (an openWB primary over MQTT) or "bridge-mqtt" (the '
             "Rust bridge's messages, see bridge_topics); both need mqtt_host. Every interface "
             "reads; writes from the others are refused.",
-            section='Controllers and MQTT (see "Use with an openWB primary" in the README)',
+            section="Controllers and MQTT (see docs/openwb-primary.md)",
             cli_type=click.Choice(CONTROLLERS),
         ),
     )
@@ -630,9 +630,8 @@ class Settings:
         metadata=key_info(
             _bridge_topics,
             "Rust-bridge messages: PUBLISH,SUBSCRIBE topics; empty = off.",
-            more='The JSON messages of the Rust dehneevse-mqtt-bridge (see "Migrating from '
-            'dehneevse-mqtt-bridge" in the README); its defaults are '
-            f'"{",".join(RUST_BRIDGE_TOPICS)}".',
+            more="The JSON messages of the Rust dehneevse-mqtt-bridge (see docs/migration.md); "
+            f'its defaults are "{",".join(RUST_BRIDGE_TOPICS)}".',
         ),
     )
     bridge_heartbeat_timeout: float = field(

@@ -21,15 +21,16 @@ from enum import StrEnum
 from typing import Protocol
 
 from . import chargepoint as cp
+from .config import CONTROLLERS
 from .evse.link import printable
 from .heartbeat import Heartbeat
 from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
-#: The controller kinds (``controller`` of a station): every interface reads, only this one
-#: writes. The MQTT ones need ``mqtt_host``.
-MODBUS, OPENWB_MQTT, BRIDGE_MQTT = "modbus", "openwb-mqtt", "bridge-mqtt"
+#: The controller kinds (``controller`` of a station, config.CONTROLLERS): every interface
+#: reads, only the station's own controller writes.
+MODBUS, OPENWB_MQTT, BRIDGE_MQTT = CONTROLLERS
 
 # Log lines a peer can cause (one per command): a burst, then one per second, per kind; what is
 # left out is counted and said with the next line.
