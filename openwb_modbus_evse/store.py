@@ -1,4 +1,6 @@
-"""SQLite state: which LP each station was given, and each station's imported-energy counter.
+"""SQLite state: which LP each station was given, each station's imported-energy counter, and
+named JSON records for everything else a feature must keep across a restart (a station's last
+plug state, an OCPP queue, the power history, ...).
 
 One connection, used from one thread. Every write is its own small transaction; WAL journal mode
 with synchronous=NORMAL means a committed transaction survives the process being killed.
@@ -6,6 +8,7 @@ with synchronous=NORMAL means a committed transaction survives the process being
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,10 +43,15 @@ _ACCESS_HINT = (
 )
 
 # Statements, not one script: executescript() would commit on its own, outside our transaction.
-_SCHEMA_V1 = (
-    "CREATE TABLE lp_assignment (serial TEXT PRIMARY KEY, lp INTEGER NOT NULL UNIQUE)",
-    "CREATE TABLE energy (serial TEXT PRIMARY KEY, imported_wh REAL NOT NULL)",
+# _SCHEMA[n] takes a file from version n to n + 1.
+_SCHEMA = (
+    (
+        "CREATE TABLE lp_assignment (serial TEXT PRIMARY KEY, lp INTEGER NOT NULL UNIQUE)",
+        "CREATE TABLE energy (serial TEXT PRIMARY KEY, imported_wh REAL NOT NULL)",
+    ),
+    ("CREATE TABLE record (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
 )
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # one record's JSON: a bug cannot fill the disk through it
 
 
 class StoreError(Exception):
@@ -53,7 +61,7 @@ class StoreError(Exception):
 class Store:
     """Energy counters and station -> LP assignments, kept in one SQLite file."""
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = len(_SCHEMA)
 
     def __init__(self, path: str | Path) -> None:
         """Open the state file at ``path``, creating it (and its directory) if missing.
@@ -154,14 +162,20 @@ class Store:
                     "state file %s: WAL not available, using journal mode %s", self.path, mode
                 )
             conn.execute("PRAGMA synchronous=NORMAL")
-            if is_new:
+            if version < self.SCHEMA_VERSION:
                 with _transaction(conn):
-                    # Another process may have created the schema since we looked.
-                    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                        for statement in _SCHEMA_V1:
+                    # Another process may have created or upgraded the schema since we looked.
+                    now = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if (
+                        now == 0
+                        and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                    ):
+                        return  # someone else's tables appeared meanwhile: leave them alone
+                    for statements in _SCHEMA[now:]:
+                        for statement in statements:
                             conn.execute(statement)
-                        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                        conn.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {self.SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             access = _access_problem(exc)
             why = f"{access}: {exc}" if access else str(exc)
@@ -249,8 +263,11 @@ class Store:
         return self._conn
 
     def _read(self, sql: str, what: str) -> list[Any]:
+        return self._read_args(sql, (), what)
+
+    def _read_args(self, sql: str, args: tuple[Any, ...], what: str) -> list[Any]:
         try:
-            return self._connection().execute(sql).fetchall()
+            return self._connection().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"state file {self.path}: cannot {what} ({exc})") from exc
 
@@ -316,6 +333,47 @@ class Store:
                     "ON CONFLICT (serial) DO UPDATE SET imported_wh = excluded.imported_wh",
                     (serial, wh),
                 )
+
+    # named JSON records
+
+    def records(self, prefix: str) -> dict[str, Any]:
+        """Every record whose key starts with ``prefix``, decoded; a record that does not decode
+        is skipped with a warning (it is replaced on its next save)."""
+        rows = self._read_args(
+            "SELECT key, value FROM record WHERE key >= ? AND key < ?",
+            (prefix, prefix + "\uffff"),
+            "read records",
+        )
+        found = {}
+        for key, value in rows:
+            try:
+                found[key] = json.loads(value)
+            except ValueError:
+                log.warning("state file %s: record %s is not JSON; ignored", self.path, key)
+        return found
+
+    def save_records(self, records: dict[str, Any]) -> None:
+        """Write records in one transaction; a value of None deletes the record."""
+        encoded = {}
+        for key, value in records.items():
+            if value is not None:
+                text = json.dumps(value, separators=(",", ":"))
+                if len(text) > MAX_RECORD_BYTES:
+                    raise StoreError(
+                        f"state file {self.path}: record {key} has {len(text)} bytes, "
+                        f"limit {MAX_RECORD_BYTES}"
+                    )
+                encoded[key] = text
+        with self._write("save records") as conn:
+            for key in records:
+                if key in encoded:
+                    conn.execute(
+                        "INSERT INTO record (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (key, encoded[key]),
+                    )
+                else:
+                    conn.execute("DELETE FROM record WHERE key = ?", (key,))
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from openwb_modbus_evse.store import Store, StoreError
+from openwb_modbus_evse.store import APPLICATION_ID, MAX_RECORD_BYTES, Store, StoreError
 
 SERIAL_A = "0123456789abcdef0123456789abcdef"
 SERIAL_B = "fedcba9876543210fedcba9876543210"
@@ -342,3 +342,44 @@ def test_only_the_main_file_deleted_while_running(tmp_path: Path) -> None:
     with Store(path) as store:
         assert store.energy_wh() == {SERIAL_A: 150.0}
         assert _pragma(path, "journal_mode") == "wal"
+
+
+# --- named JSON records (schema 2) --------------------------------------------------------------
+
+
+def test_records_round_trip_delete_and_survive_reopening(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    with Store(path) as store:
+        store.save_records({"plug/A": {"plugged": True, "at": 1.5}, "plug/B": [1, 2], "x/C": 3})
+        store.save_records({"plug/B": None})  # None deletes
+    with Store(path) as store:
+        assert store.records("plug/") == {"plug/A": {"plugged": True, "at": 1.5}}
+        assert store.records("x/") == {"x/C": 3}
+        assert store.records("") == {"plug/A": {"plugged": True, "at": 1.5}, "x/C": 3}
+
+
+def test_a_version_1_file_is_upgraded_and_keeps_its_counters(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE lp_assignment (serial TEXT PRIMARY KEY, lp INTEGER NOT NULL UNIQUE)")
+    conn.execute("CREATE TABLE energy (serial TEXT PRIMARY KEY, imported_wh REAL NOT NULL)")
+    conn.execute("INSERT INTO energy VALUES ('A', 12.5)")
+    conn.execute("INSERT INTO lp_assignment VALUES ('A', 3)")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        assert store.energy_wh() == {"A": 12.5} and store.lp_assignments() == {"A": 3}
+        store.save_records({"k": "v"})
+        assert store.records("k") == {"k": "v"}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == Store.SCHEMA_VERSION == 2
+    conn.close()
+
+
+def test_an_oversized_record_is_refused_and_nothing_is_written(tmp_path):
+    with Store(tmp_path / "s.sqlite3") as store:
+        with pytest.raises(StoreError, match="limit"):
+            store.save_records({"ok": 1, "big": "x" * (MAX_RECORD_BYTES + 1)})
+        assert store.records("") == {}
