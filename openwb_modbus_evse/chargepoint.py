@@ -62,6 +62,7 @@ class ChargePointConfig:
     contactor_min_off: float = 0.0  # least time between the contactor opening and closing again
     # The controller switches the contactor (bridge-mqtt): it stays open until allowed.
     contactor_by_request: bool = False
+    failsafe_ca: int = 0  # offered while the controller's heartbeat is lapsed (0: stop)
 
 
 class Stage(StrEnum):
@@ -170,7 +171,8 @@ def allowed_ca(state: State) -> int:
     if state.sequence is not None or state.switch_failed:
         return 0
     if state.enforce_heartbeat and state.heartbeat_lapsed:
-        return 0
+        # Never more than the controller last asked for: a pause stays a pause.
+        return min(state.config.failsafe_ca, state.requested_ca)
     return state.requested_ca
 
 

@@ -162,6 +162,7 @@ class Registry:
             supply_limited=bool(self.settings.supply_max_current),
             contactor_min_off=self.settings.contactor_min_off,
             contactor_by_request=controller == BRIDGE_MQTT,
+            failsafe_ca=round(station.failsafe_current * 100),
         )
         point = cp.ChargePoint(
             identity,
