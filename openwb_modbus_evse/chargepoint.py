@@ -380,6 +380,16 @@ def observe(state: State, data: StationData, now: float) -> State:
     )
 
 
+def restore(
+    state: State, data: StationData, data_at: float, closed_not_before: float | None
+) -> State:
+    """After a restart: the station's last report (from ``data_at``, in the past) and the
+    contactor's rest, as they were kept. The station is not connected: nothing is commanded
+    from this, but its last plug state is shown and its last PWM counted as possibly offered
+    until its own safety timeout."""
+    return replace(state, data=data, data_at=data_at, closed_not_before=closed_not_before)
+
+
 def disconnect(state: State, now: float) -> State:
     """The station's session ended; its last data stays for display only."""
     return settle(replace(state, connected=False), now)

@@ -218,7 +218,7 @@ class Service:
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()
-        self.registry.save_energy()
+        self.registry.save_energy(final=True)
         if self.registry.store is not None:
             self.registry.store.close()
         if self._running:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from conftest import eventually, metric, station_config
 from pymodbus.client import AsyncModbusTcpClient
@@ -82,3 +83,35 @@ async def test_a_heartbeat_that_drives_no_station_says_nothing(make_rig, setting
     await eventually(lambda: station.serial in rig.bridge.link.sessions)
     await eventually(lambda: rig.bridge.modbus_heartbeat.lapsed, timeout=2)
     assert not any("no Modbus request" in r.getMessage() for r in caplog.records)
+
+
+# --- what a restart keeps --------------------------------------------------------------------
+
+
+async def test_a_restart_keeps_the_plug_state_the_contactor_rest_and_a_new_stations_energy(
+    make_rig, settings
+):
+    settings = replace(settings, contactor_min_off=30.0, lp_remember_after=60.0)
+    rig = await make_rig(settings)
+    client = await rig.client()
+    station = await start_charging(rig, client)  # a new station, not remembered yet
+    point = rig.point(station.serial)
+    await eventually(lambda: point.energy_wh > 0)
+    assert await write(client, 1, "set_current", 0) is None  # stop: the contactor opens
+    await eventually(lambda: point.state.closed_not_before is not None)
+    energy = point.energy_wh
+    await rig.close()
+
+    rig = await make_rig(settings)
+    client = await rig.client()
+    again = rig.bridge.registry.get(station.serial)
+    assert again is not None and again.energy_wh >= energy  # energy is never lost
+    block = await read(client)
+    assert block["plugged"] == 1 and block["energy_imported"] == int(again.energy_wh)
+    # The contactor's rest goes on across the restart: a new current does not close it yet.
+    station = await rig.station(1, FAST_VEHICLE)
+    assert await write(client, 1, "set_current", 1600) is None
+    await station.wait_for(lambda s: s.pwm == 26, timeout=3)
+    await asyncio.sleep(1.0)
+    assert not station.contactor
+    assert rig.point(station.serial).state.closed_not_before is not None
