@@ -138,6 +138,9 @@ class State:
     # report shows otherwise (the first report after a change reflects every command before it).
     supply_cap_ca: int | None = None
     supply_exposure_ca: int = 0
+    # A pilot interruption has ended but the station still reports state F (PWM 0): whether a
+    # vehicle was plugged in before it (None: no interruption is ending).
+    resume_plugged: bool | None = None
 
 
 def initial_state(config: ChargePointConfig) -> State:
@@ -351,7 +354,8 @@ def settle(state: State, now: float) -> State:
         return replace(state, sequence=hold)
     if seq.stage in (Stage.HOLD, Stage.PAUSE) and seq.until is not None and now >= seq.until:
         phases = seq.phases if seq.phases is not None else state.phases
-        return settle(replace(state, sequence=None, phases=phases), now)
+        resume = seq.plugged if seq.stage is Stage.HOLD else None
+        return settle(replace(state, sequence=None, phases=phases, resume_plugged=resume), now)
     return state
 
 
@@ -375,6 +379,7 @@ def observe(state: State, data: StationData, now: float) -> State:
             connected=True,
             supply_exposure_ca=state.supply_cap_ca or 0,
             closed_not_before=closed_not_before,
+            resume_plugged=state.resume_plugged if data.pwm == PWM_STATE_F else None,
         ),
         now,
     )
