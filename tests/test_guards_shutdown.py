@@ -83,7 +83,7 @@ async def test_shutdown_does_not_wait_for_a_station_that_is_gone(
     started = loop.time()
     with caplog.at_level(logging.WARNING):
         await rig.bridge.stop()
-    assert loop.time() - started < 1.5
+    assert loop.time() - started < 3.0  # not stop_timeout + 2 s = 4 s
     assert not [r for r in caplog.records if "shutdown" in r.getMessage()]
 
 
@@ -101,7 +101,7 @@ async def test_shutdown_that_leaves_charging_does_not_wait_for_a_stop(make_rig, 
     started = loop.time()
     with caplog.at_level(logging.WARNING):
         await rig.bridge.stop()
-    assert loop.time() - started < 1.5
+    assert loop.time() - started < 3.0  # not stop_timeout + 2 s = 4 s
     assert not [r for r in caplog.records if "shutdown" in r.getMessage()]
     assert station.pwm == 26 and station.contactor
 
