@@ -16,7 +16,7 @@ import pytest
 from conftest import eventually, station_config
 from test_control import write
 
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 # A vehicle that takes 1.2 s to follow a PWM change: it keeps drawing that long after PWM 100 %.
 SLOW_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=1.2, max_current_a=32)

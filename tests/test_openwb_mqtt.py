@@ -512,5 +512,5 @@ async def test_a_requested_pilot_interruption_keeps_the_vehicle_plugged_and_no_f
         seen = await watching
     plug = [v for name, v in seen if name == "plug_state"]
     faults = [v for name, v in seen if name == "fault_state"]
-    assert False not in plug, "\n".join(str(s) for s in seen if s[0] in ("plug_state", "fault_state", "evse_current", "charge_state"))
+    assert False not in plug, seen  # the session goes on
     assert 2 not in faults, seen  # no "control-pilot fault" flash
