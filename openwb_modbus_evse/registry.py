@@ -98,6 +98,11 @@ class Registry:
         session = self._sessions.get(serial)
         return session if session is not None and not session.closed else None
 
+    def unconfirmed(self, point: cp.ChargePoint) -> bool:
+        """Its station has been sent a command that no report has shown yet."""
+        session = self.session(point.identity.serial)
+        return session is not None and session.unconfirmed
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
         order of subscription; before the stations' sessions are woken)."""

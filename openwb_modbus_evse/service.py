@@ -207,12 +207,21 @@ class Service:
             self.bridge_mqtt.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
+        # A station counts as settled only once a report after our last command shows it: one
+        # that applied a current a moment ago may still report PWM 100 % from before.
+        unconfirmed = self.registry.unconfirmed
         if self.settings.stop_charging_on_shutdown:
             await self._settle(
-                cp.shut_down, lambda state, _: cp.not_stopped(state), "confirm the stop"
+                cp.shut_down,
+                lambda p, _: cp.not_stopped(p.state) or unconfirmed(p),
+                "confirm the stop",
             )
         else:
-            await self._settle(cp.leave_charging, cp.pwm_not_applied, "apply its PWM")
+            await self._settle(
+                cp.leave_charging,
+                lambda p, now: cp.pwm_not_applied(p.state, now) or unconfirmed(p),
+                "apply its PWM",
+            )
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.mqtt is not None:
@@ -227,7 +236,7 @@ class Service:
     async def _settle(
         self,
         change: Callable[[cp.State, float], cp.State],
-        busy: Callable[[cp.State, float], bool],
+        busy: Callable[[cp.ChargePoint, float], bool],
         what: str,
     ) -> None:
         """Apply ``change`` to every charge point, then wait until no station is ``busy``."""
@@ -235,7 +244,7 @@ class Service:
         limit = self.clock() + self.settings.stop_timeout + SHUTDOWN_GRACE
         while True:
             now = self.clock()
-            waiting = [p.name for p in self.registry.points() if busy(p.state, now)]
+            waiting = [p.name for p in self.registry.points() if busy(p, now)]
             if not waiting:
                 return
             if now >= limit:

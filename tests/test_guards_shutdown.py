@@ -122,12 +122,6 @@ async def test_shutdown_that_leaves_charging_waits_until_the_interruption_has_en
     assert station.pwm == 26
 
 
-@pytest.mark.xfail(
-    reason="finding: a stop that comes while a PWM command is acknowledged but not yet reported "
-    "counts the station as stopped (its last report shows PWM 100 %), so the connection closes "
-    "and the station keeps offering the current until its own safety timeout",
-    strict=False,
-)
 async def test_shutdown_right_after_a_current_was_offered_still_sends_pwm_100(make_rig, settings):
     """As above, but the stop comes as soon as the station applied the PWM, before its report
     showing it has reached the service."""
