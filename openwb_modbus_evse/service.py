@@ -24,6 +24,7 @@ from .heartbeat import Heartbeat
 from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
 from .interfaces.http.actions import AdminApi
+from .interfaces.http.origin import own_names
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
@@ -156,7 +157,8 @@ class Service:
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if s.metrics_port:
             admin = AdminApi(self.registry, self.firmware, s.admin_token)
-            self.web = WebServer(self.snapshot, self.metrics, admin)
+            hosts = own_names(s.http_hosts)
+            self.web = WebServer(self.snapshot, self.metrics, admin, hosts)
             self.metrics_port = await self.web.start(s.metrics_host, s.metrics_port)
         self._tasks = [
             asyncio.create_task(self.control.watch()),
