@@ -74,7 +74,7 @@ class Registry:
         self._released_energy: OrderedDict[str, float] = OrderedDict()
         # Lines about stations that are not (yet) remembered: a peer that connects with a new
         # serial every few milliseconds must not write two log lines each time.
-        self._newcomer_log = RateLimit(per_second=0.1, burst=20)
+        self._newcomer_log = RateLimit(per_second=0.1, burst=20, kind="new_station")
         self._listeners: list[Listener] = []
         self._dirty: dict[str, cp.ChargePoint] = {}
         self._flush_pending = False

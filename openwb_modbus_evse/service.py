@@ -33,6 +33,7 @@ from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
+from .ratelimit import left_out_totals
 from .registry import Registry
 from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot
 from .store import Store
@@ -335,4 +336,5 @@ class Service:
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
             history_interval_s=self.history.interval,
+            log_lines_left_out=tuple(sorted(left_out_totals().items())),
         )

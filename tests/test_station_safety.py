@@ -200,3 +200,18 @@ async def test_a_moved_station_keeps_its_configured_name(make_rig, settings):
     assert point.identity.lp == 1 and point.name == "Garage"
     rig.bridge.registry.move(station.serial, 4)
     assert point.identity.lp == 4 and point.name == "Garage"
+
+
+async def test_stations_that_connect_and_close_in_a_loop_cost_a_few_log_lines(
+    make_rig, settings, caplog
+):
+    caplog.set_level(logging.INFO)
+    rig = await make_rig(settings)
+    serial = random_serial()
+    for _ in range(60):
+        await one_shot(rig, serial)
+    lines = [r for r in caplog.records if "connected from" in r.getMessage()]
+    lines += [r for r in caplog.records if "session closed" in r.getMessage()]
+    assert len(lines) <= 20 + 2  # a burst, then one a second
+    left_out = "openwb_modbus_evse_log_lines_left_out_total"
+    assert metric(rig.bridge, left_out, kind="station_session") >= 100

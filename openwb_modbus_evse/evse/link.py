@@ -44,6 +44,7 @@ READ_SIZE = 64 * 1024
 # A station that sends a notify after every report must not drive a poll loop: a notify brings at
 # most one extra poll per this many seconds (the regular polls go on).
 NOTIFY_POLL_INTERVAL = 1.0
+SESSION_LOG_BURST = 20
 # A vehicle sees at most a few PWM changes per second: a lower current is sent at once, a higher
 # one at most this long after the previous PWM change (a write flood is coalesced).
 PWM_RAISE_INTERVAL = 0.5
@@ -171,7 +172,7 @@ class Session:
         self._sent_at: float | None = None  # when the latest command went out
         self._retry_at: float | None = None
         self._loop = asyncio.get_running_loop()
-        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
+        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST, kind="station_log")
 
     @property
     def name(self) -> str:
@@ -314,7 +315,8 @@ class Session:
             first = await self._collect_data()
             self.serial = handshake.serial
             await self.link._register(self)
-            log.info(
+            self.link.log_session(
+                logging.INFO,
                 "station %s (%s, firmware %d) connected from %s",
                 self.name,
                 self.serial,
@@ -490,6 +492,9 @@ class StationLink:
         self._all: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        # Connect and close lines: a peer that connects and closes in a loop must not fill the
+        # log (a burst, then one a second, saying how many were left out).
+        self._session_log = RateLimit(1.0, SESSION_LOG_BURST, kind="station_session")
 
     async def start(self) -> None:
         """Listen; ``port`` 0 picks a free port (read it back from ``self.port``)."""
@@ -574,9 +579,14 @@ class StationLink:
             session.hooks = _PassiveHooks(session.serial)
         self.observer.session_opened(session.serial)
 
+    def log_session(self, level: int, message: str, *args: object) -> None:
+        """A line about a session starting or ending, rate-limited."""
+        if self._session_log.allow(asyncio.get_running_loop().time()):
+            log.log(level, message + "%s", *args, self._session_log.left_out())
+
     def _session_ended(self, session: Session, reason: str) -> None:
         level = logging.INFO if reason.startswith(("replaced", "the bridge")) else logging.WARNING
-        log.log(level, "station %s: session closed: %s", session.name, reason)
+        self.log_session(level, "station %s: session closed: %s", session.name, reason)
         self.observer.session_closed(session.serial, reason)
         if session.serial is not None and self.sessions.get(session.serial) is session:
             del self.sessions[session.serial]

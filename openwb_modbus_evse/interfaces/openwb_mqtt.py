@@ -278,7 +278,7 @@ class OpenWbSecondary:
         self._closing = False
         self._timers: dict[Tree, asyncio.TimerHandle] = {}
         self._warned_no_tree: set[str] = set()
-        self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
+        self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST, kind="openwb_mqtt")
         for tree in self.trees:
             # If the service dies (or loses the broker), the primary must read an error with a
             # text and no stale power or charging; a broker keeps one will per client, so each

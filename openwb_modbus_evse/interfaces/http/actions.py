@@ -55,7 +55,7 @@ class AdminApi:
         self._registry = registry
         self._updater = firmware
         self._token = admin_token.encode()
-        self._failed_log = RateLimit(per_second=1 / 10, burst=5)
+        self._failed_log = RateLimit(per_second=1 / 10, burst=5, kind="admin_token")
         self._guesses: dict[str, RateLimit] = {}  # addresses that sent a wrong token
 
     def add_routes(self, app: web.Application) -> None:

@@ -371,7 +371,7 @@ class _Server(ModbusTcpServer):
         self.write_allow = write_allow
         self.idle_timeout = idle_timeout
         self.observer = observer
-        self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1)
+        self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1, kind="modbus_bad_frame")
 
     def callback_new_connection(self) -> _Connection:
         return _Connection(self)
