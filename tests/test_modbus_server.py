@@ -222,9 +222,12 @@ async def test_configured_lp_and_remembered_lp_across_restarts(make_rig, setting
     configured = station_config(5, lp=3, name="garage", serial_number="WB-GARAGE")
     rig = await make_rig(settings, station=(configured,))
     await rig.station(5)
-    await rig.station(6)  # not configured: lowest free LP, remembered after lp_remember_after
-    await eventually(lambda: virtual_serial(6) in rig.bridge.registry.store.lp_assignments())
+    six = await rig.station(6)  # not configured: lowest free LP, remembered once it charged
     client = await rig.client()
+    await six.wait_for(lambda s: s.plugged)
+    assert not (await client.write_register(ADDR(1, "set_current"), 1600, device_id=1)).isError()
+    await six.wait_for(lambda s: s.contactor)
+    await eventually(lambda: virtual_serial(6) in rig.bridge.registry.store.lp_assignments())
     assert value(await read_block(client, 3), "serial_number") == "WB-GARAGE"
     assert value(await read_block(client, 1), "serial_number") == virtual_serial(6)[-20:]
     await rig.close()
