@@ -28,6 +28,7 @@ from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
 from .interfaces.modbus.server import ChargePointServer, ModbusObserver
+from .interfaces.ocpp import OcppInterface
 from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
@@ -108,6 +109,10 @@ class Service:
                     s, self.registry, self.control, self.mqtt, self.clock
                 )
                 self.link.listeners.append(self.bridge_mqtt)
+        # --- OCPP: every station with an ocpp_url is a charge point of a central system ---
+        self.ocpp: OcppInterface | None = None
+        if s.ocpp_url or any(st.ocpp_url for st in s.station):
+            self.ocpp = OcppInterface(s, self.registry, self.control, self.clock)
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
@@ -145,6 +150,8 @@ class Service:
             assert self.openwb is not None
             self.openwb.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
+        if self.ocpp is not None:
+            self.ocpp.start()  # connects in the background: a central system away is no error
         if s.metrics_port:
             admin = AdminApi(self.registry, self.firmware, s.admin_token)
             self.web = WebServer(self.snapshot, self.metrics, admin)
@@ -196,6 +203,8 @@ class Service:
             self.openwb.close()
         if self.bridge_mqtt is not None:
             self.bridge_mqtt.close()
+        if self.ocpp is not None:
+            self.ocpp.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
         if self.settings.stop_charging_on_shutdown:
@@ -208,6 +217,8 @@ class Service:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.mqtt is not None:
             await self.mqtt.stop()
+        if self.ocpp is not None:
+            await self.ocpp.stop()  # its queue stays in the state file
         await self.link.close()
         self.registry.save_energy()
         if self.registry.store is not None:
