@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import eventually, station_config
 from ocpp.v16 import call
@@ -83,3 +85,146 @@ async def test_report_only_transaction(make_rig, settings, csms):
     assert stop["transaction_id"] == 1001
     assert stop["reason"] == "EVDisconnected"
     assert stop["meter_stop"] >= start["meter_start"]
+
+
+def tx_default(limit: float, *, profile_id: int = 1, unit: str = "A", level: int = 0, **extra):
+    return {
+        "chargingProfileId": profile_id,
+        "stackLevel": level,
+        "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Relative",
+        "chargingSchedule": {
+            "chargingRateUnit": unit,
+            "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit, **extra}],
+        },
+    }
+
+
+def offers(station, amps: float) -> bool:
+    """The station's PWM offers ``amps`` (to its 1 % duty-cycle steps)."""
+    return abs(offered(station) - amps) < 0.7
+
+
+def offered(station) -> float:
+    from openwb_modbus_evse import chargepoint as cp
+
+    return cp.offered_amps(station.pwm)
+
+
+async def test_evcc_sequence(make_rig, settings, csms):
+    """What evcc's OCPP charger does after the boot, then its pause with a 0 A profile."""
+    rig = await make_rig(
+        settings,
+        ocpp_url=csms.url(),
+        station=(ocpp_station(1, 1, controller="ocpp", max_current=16.0),),
+    )
+    station = await rig.station(1, UNPLUGGED)
+    cs = await csms.charge_point("cp1")
+    result = await cs.call(call.ChangeAvailability(connector_id=0, type="Operative"))
+    assert result.status == "Accepted"
+    result = await cs.call(call.GetConfiguration())
+    keys = {k["key"]: k for k in result.configuration_key}
+    assert keys["NumberOfConnectors"] == {
+        "key": "NumberOfConnectors",
+        "readonly": True,
+        "value": "1",
+    }
+    assert "SmartCharging" in keys["SupportedFeatureProfiles"]["value"]
+    measurands = [
+        "Power.Active.Import",
+        "Energy.Active.Import.Register",
+        "Current.Import",
+        "Voltage",
+        "Current.Offered",
+    ]
+    for n in range(1, len(measurands) + 1):  # evcc tries the list, then shorter ones
+        value = ",".join(measurands[:n])
+        result = await cs.call(call.ChangeConfiguration(key="MeterValuesSampledData", value=value))
+        assert result.status == "Accepted", value
+    result = await cs.call(call.ChangeConfiguration(key="MeterValuesSampledData", value="Bogus"))
+    assert result.status == "Rejected"
+    result = await cs.call(call.ChangeConfiguration(key="NumberOfConnectors", value="2"))
+    assert result.status == "Rejected"  # read-only
+    result = await cs.call(call.ChangeConfiguration(key="NoSuchKey", value="2"))
+    assert result.status == "NotSupported"
+    result = await cs.call(call.ChangeConfiguration(key="MeterValueSampleInterval", value="1"))
+    assert result.status == "Accepted"
+    result = await cs.call(call.TriggerMessage(requested_message="MeterValues", connector_id=1))
+    assert result.status == "Accepted"
+    values = (await csms.wait("MeterValues", 1, "cp1"))[0]
+    sampled = {(v["measurand"], v.get("phase")) for v in values["meter_value"][0]["sampled_value"]}
+    assert ("Current.Import", "L1") in sampled and ("Current.Offered", None) in sampled
+    assert ("Voltage", "L3-N") in sampled
+    result = await cs.call(call.TriggerMessage(requested_message="StatusNotification"))
+    assert result.status == "Accepted"
+    result = await cs.call(
+        call.SetChargingProfile(connector_id=1, cs_charging_profiles=tx_default(0))
+    )
+    assert result.status == "Accepted"
+    station.plug_in()
+    await csms.wait("StartTransaction", 1, "cp1")
+    await asyncio.sleep(0.5)
+    assert not station.contactor and offered(station) == 0  # paused: nothing offered
+    await eventually(lambda: csms.of("StatusNotification", "cp1")[-1]["status"] == "SuspendedEVSE")
+    result = await cs.call(
+        call.SetChargingProfile(connector_id=1, cs_charging_profiles=tx_default(10))
+    )
+    assert result.status == "Accepted"
+    await eventually(lambda: offers(station, 10) and station.contactor)
+    await eventually(lambda: csms.of("StatusNotification", "cp1")[-1]["status"] == "Charging")
+    result = await cs.call(
+        call.SetChargingProfile(connector_id=1, cs_charging_profiles=tx_default(40))
+    )
+    assert result.status == "Accepted"
+    await eventually(lambda: offers(station, 16))  # never above the station's max_current
+    tx = csms.of("StartTransaction", "cp1")
+    assert len(tx) == 1
+    periodic = await csms.wait("MeterValues", 3, "cp1")
+    assert any(m.get("transaction_id") == 1001 for m in periodic)
+    result = await cs.call(call.RemoteStopTransaction(transaction_id=1001))
+    assert result.status == "Accepted"
+    stop = (await csms.wait("StopTransaction", 1, "cp1"))[0]
+    assert stop["reason"] == "Remote"
+    await eventually(lambda: offered(station) == 0 and not station.contactor)
+    await eventually(lambda: csms.of("StatusNotification", "cp1")[-1]["status"] == "Finishing")
+
+
+async def test_home_assistant_sequence(make_rig, settings, csms):
+    """Home Assistant's ocpp integration: ChargePointMaxProfile on connector 0, then
+    TxDefaultProfile; W units convert with the phases and 230 V."""
+    rig = await make_rig(
+        settings, ocpp_url=csms.url(), station=(ocpp_station(1, 1, controller="ocpp"),)
+    )
+    station = await rig.station(1)  # plugged in at once
+    cs = await csms.charge_point("cp1")
+    await csms.wait("StartTransaction", 1, "cp1")
+    await eventually(lambda: offers(station, 32) or station.contactor)
+    cp_max = {
+        "chargingProfileId": 8,
+        "stackLevel": 2,
+        "chargingProfilePurpose": "ChargePointMaxProfile",
+        "chargingProfileKind": "Relative",
+        "chargingSchedule": {
+            "chargingRateUnit": "A",
+            "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 13.0}],
+        },
+    }
+    result = await cs.call(call.SetChargingProfile(connector_id=0, cs_charging_profiles=cp_max))
+    assert result.status == "Accepted"
+    await eventually(lambda: offers(station, 13))
+    # 3 phases * 230 V * 8 A = 5520 W: below the ChargePointMaxProfile's 13 A
+    result = await cs.call(
+        call.SetChargingProfile(
+            connector_id=0, cs_charging_profiles=tx_default(5520, profile_id=9, unit="W")
+        )
+    )
+    assert result.status == "Accepted"
+    await eventually(lambda: offers(station, 8))
+    composite = await cs.call(call.GetCompositeSchedule(connector_id=1, duration=3600))
+    assert composite.status == "Accepted"
+    assert composite.charging_schedule["charging_schedule_period"][0]["limit"] == 8.0
+    result = await cs.call(call.ClearChargingProfile(id=9))
+    assert result.status == "Accepted"
+    await eventually(lambda: offers(station, 13))
+    result = await cs.call(call.ClearChargingProfile(id=99))
+    assert result.status == "Unknown"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import random
 import ssl
@@ -199,7 +200,8 @@ class _Peer(LibraryChargePoint):
     @on(Action.set_charging_profile)
     def on_set_profile(self, connector_id: int, cs_charging_profiles: dict[str, Any]) -> Any:
         """SetChargingProfile."""
-        raw = snake_to_camel_case(cs_charging_profiles)
+        # The library decodes numbers as Decimal; the state file takes JSON numbers.
+        raw = json.loads(json.dumps(snake_to_camel_case(cs_charging_profiles), default=float))
         return call_result.SetChargingProfile(self.link.set_profile(connector_id, raw))
 
     @on(Action.clear_charging_profile)
@@ -299,8 +301,6 @@ class _Peer(LibraryChargePoint):
 
 def _unique_id(raw: str) -> str | None:
     """The message id of a frame that did not parse, if it has one to answer."""
-    import json
-
     try:
         frame = json.loads(raw)
     except (ValueError, RecursionError):
@@ -340,6 +340,7 @@ class StationLink:
         self.sent_status: dict[int, tuple[str, str]] = {}
         self.triggers: set[str] = set()
         self.wake = asyncio.Event()
+        self._interval_changed = asyncio.Event()
         self._peer: _Peer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -842,6 +843,8 @@ class StationLink:
         if key.readonly or (key.check is not None and not key.check(value)):
             return "Rejected"
         key.value = value
+        if name == "MeterValueSampleInterval":
+            self._interval_changed.set()
         self._save_state()
         self.wake.set()
         return "Accepted"
@@ -945,8 +948,10 @@ class StationLink:
     async def _sample(self) -> None:
         while True:
             interval = int(self.keys["MeterValueSampleInterval"].value)
-            await asyncio.sleep(interval or 60)
-            if not interval:
+            self._interval_changed.clear()
+            # A new interval applies at once, not after the old one has run out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interval_changed.wait(), interval or None)
                 continue
             sample = self._sample_now("Sample.Periodic")
             if self.tx is not None:

@@ -9,7 +9,8 @@ limit at a time (:func:`limit_at`) follows OCPP 1.6 section 3.13:
 - the ChargePointMaxProfile caps the result.
 
 Absolute schedules start at ``startSchedule`` (or when the profile was set), Recurring ones at
-``startSchedule`` repeated daily or weekly, Relative ones at the start of the transaction. Limits
+``startSchedule`` repeated daily or weekly, Relative ones at the start of the transaction (without one: now, so its first period applies;
+Home Assistant's ocpp integration sends its ChargePointMaxProfile so). Limits
 in W are converted to A with the period's ``numberPhases`` (else the station's phases) and
 230 V per phase: stations report no power factor, so this is the nominal conversion.
 
@@ -135,8 +136,6 @@ def _check(p: Profile) -> None:
         raise ProfileError("a Recurring profile needs recurrencyKind Daily or Weekly")
     if p.kind == "Recurring" and p.start is None:
         raise ProfileError("a Recurring profile needs startSchedule")
-    if p.kind == "Relative" and p.purpose == CP_MAX:
-        raise ProfileError("a ChargePointMaxProfile cannot be Relative")
     if p.unit not in ("A", "W"):
         raise ProfileError(f"unknown chargingRateUnit {p.unit}")
     if not p.periods or len(p.periods) > MAX_PERIODS:
