@@ -9,10 +9,11 @@ limit at a time (:func:`limit_at`) follows OCPP 1.6 section 3.13:
 - the ChargePointMaxProfile caps the result.
 
 Absolute schedules start at ``startSchedule`` (or when the profile was set), Recurring ones at
-``startSchedule`` repeated daily or weekly, Relative ones at the start of the transaction (without one: now, so its first period applies;
-Home Assistant's ocpp integration sends its ChargePointMaxProfile so). Limits
-in W are converted to A with the period's ``numberPhases`` (else the station's phases) and
-230 V per phase: stations report no power factor, so this is the nominal conversion.
+``startSchedule`` repeated daily or weekly, Relative ones at the start of the transaction
+(without one: now, so the first period applies; Home Assistant's ocpp integration sends its
+ChargePointMaxProfile so). Limits in W are converted to A with the period's ``numberPhases``
+(else the station's phases) and 230 V per phase: stations report no power factor, so this is
+the nominal conversion.
 
 Times are wall-clock seconds (epoch). :func:`next_change` says when the limit may change by
 time alone, so a caller evaluates again at that boundary instead of polling.
