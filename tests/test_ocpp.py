@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
-from conftest import eventually, station_config
+from conftest import eventually, free_port, station_config
 from ocpp.v16 import call
 from ocpp_csms import Csms
 
@@ -228,3 +229,77 @@ async def test_home_assistant_sequence(make_rig, settings, csms):
     await eventually(lambda: offers(station, 13))
     result = await cs.call(call.ClearChargingProfile(id=99))
     assert result.status == "Unknown"
+
+
+async def test_transactions_survive_outage_and_restart(make_rig, settings, csms):
+    """The central system dies mid-transaction; the service restarts meanwhile; when the central
+    system is back every transaction message arrives once, in order, with the right ids and
+    meter values (the second transaction was started and queued while it was away)."""
+    settings = replace(
+        settings,
+        evse_port=free_port(),  # the station reconnects to the restarted service
+        ocpp_url=csms.url(),
+        ocpp_offline_start=True,
+        station=(ocpp_station(1, 1, controller="ocpp", max_current=16.0),),
+    )
+    rig = await make_rig(settings)
+    station = await rig.station(1, UNPLUGGED)
+    cs = await csms.charge_point("cp1")
+    result = await cs.call(call.ChangeConfiguration(key="MeterValueSampleInterval", value="1"))
+    assert result.status == "Accepted"
+    station.plug_in()
+    first = (await csms.wait("StartTransaction", 1, "cp1"))[0]
+    await eventually(lambda: station.contactor)
+    await csms.wait("MeterValues", 1, "cp1")
+    await csms.stop()  # killed mid-transaction
+    await asyncio.sleep(1.5)
+    await rig.bridge.stop()  # the service restarts while the central system is away
+    rig = await make_rig(settings)
+    rig.stations.append(station)  # stopped with this rig
+    await eventually(lambda: station.serial in rig.bridge.link.sessions)
+    await asyncio.sleep(1.5)
+    station.unplug()
+    await asyncio.sleep(0.6)
+    station.plug_in()  # a new transaction, started offline (ocpp_offline_start)
+    await eventually(lambda: station.contactor)
+    await asyncio.sleep(1.5)
+    link = rig.bridge.ocpp.links[station.serial]
+    assert len(link.queue) >= 4  # Stop, Start, MeterValues of both
+    await csms.start()  # back on the same port
+    await csms.wait("StartTransaction", 2, "cp1", timeout=15)
+    await csms.wait("StopTransaction", 1, "cp1")
+    await eventually(lambda: not link.queue, timeout=10)
+    tx_messages = [
+        r
+        for r in csms.received
+        if r.action in ("StartTransaction", "StopTransaction", "MeterValues")
+        and (r.action != "MeterValues" or r.payload.get("transaction_id") is not None)
+    ]
+    starts = [r.payload for r in tx_messages if r.action == "StartTransaction"]
+    stops = [r.payload for r in tx_messages if r.action == "StopTransaction"]
+    assert len(starts) == 2 and len(stops) == 1
+    assert starts[0] == first
+    assert stops[0]["transaction_id"] == 1001 and stops[0]["reason"] == "EVDisconnected"
+    # In order: tx 1001's start, its meter values, its stop; then tx 1002's.
+    order = [(r.action, r.payload.get("transaction_id")) for r in tx_messages]
+    stop_at = order.index(("StopTransaction", 1001))
+    assert all(tx == 1001 for action, tx in order[1:stop_at])
+    assert order[stop_at + 1] == ("StartTransaction", None)
+    assert all(tx == 1002 for _, tx in order[stop_at + 2 :])
+    assert order.count(("StopTransaction", 1001)) == 1
+    # Meter values of tx 1001 rise and end at its meterStop; tx 1002 starts there.
+    energy = [
+        float(v["value"])
+        for r in tx_messages
+        if r.action == "MeterValues" and r.payload["transaction_id"] == 1001
+        for mv in r.payload["meter_value"]
+        for v in mv["sampled_value"]
+        if v.get("measurand", "Energy.Active.Import.Register") == "Energy.Active.Import.Register"
+    ]
+    assert len(energy) >= 3 and energy == sorted(energy)
+    assert first["meter_start"] <= energy[0] and energy[-1] <= stops[0]["meter_stop"] + 1
+    assert starts[1]["meter_start"] >= stops[0]["meter_stop"]
+    timestamps = [
+        r.payload.get("timestamp") or r.payload["meter_value"][0]["timestamp"] for r in tx_messages
+    ]
+    assert timestamps == sorted(timestamps)

@@ -48,7 +48,7 @@ from ..config import Settings
 from ..control import OCPP, Command, Control, Kind
 from ..registry import Registry
 from ..store import Store, StoreError
-from ..view import FAULT_ERROR, Freshness, show
+from ..view import FAULT_ERROR, Freshness, next_change, show
 from . import ocpp_profiles as prof
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,7 @@ class StationLink:
         self._interval_changed = asyncio.Event()
         self._peer: _Peer | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._view_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: str = ""
         self._load()
@@ -421,8 +422,9 @@ class StationLink:
 
     async def stop(self) -> None:
         """Close the connection; the queue stays in the state file."""
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._view_timer):
+            if timer is not None:
+                timer.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -700,8 +702,16 @@ class StationLink:
 
     def changed(self) -> None:
         """The charge point changed (or time passed): transactions, the current, the status."""
-        shown = show(self.point, self.iface.clock())
+        if self.iface.closing:
+            return
+        now = self.iface.clock()
+        shown = show(self.point, now)
         plugged = shown.plugged
+        self._watch_view(now)
+        if self.point.state.data_at is None:
+            # Just started: no word from the station yet. A transaction from before the restart
+            # stays open until the station says whether the vehicle is still there.
+            plugged = self.plugged
         if plugged != self.plugged:
             self.plugged = plugged
             if not plugged:
@@ -718,6 +728,16 @@ class StationLink:
             self.remote_tag = None
         self.apply()
         self.wake.set()
+
+    def _watch_view(self, now: float) -> None:
+        """Look again when the view changes by time alone (the plug hold runs out)."""
+        if self._view_timer is not None:
+            self._view_timer.cancel()
+            self._view_timer = None
+        when = next_change(self.point)
+        if when is not None and when > now:
+            loop = asyncio.get_running_loop()
+            self._view_timer = loop.call_later(when - now + 0.001, self.changed)
 
     def apply(self) -> None:
         """Set the current the profiles allow now (``ocpp`` stations), and the next check."""
