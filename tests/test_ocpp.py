@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import pytest
+import websockets
 from conftest import eventually, free_port, station_config
 from ocpp.v16 import call
 from ocpp_csms import Csms
@@ -303,3 +305,120 @@ async def test_transactions_survive_outage_and_restart(make_rig, settings, csms)
         r.payload.get("timestamp") or r.payload["meter_value"][0]["timestamp"] for r in tx_messages
     ]
     assert timestamps == sorted(timestamps)
+
+
+class RawCsms:
+    """A central system that speaks raw frames: accepts the boot, then a test sends anything."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, asyncio.Queue] = {}
+        self.sockets: dict[str, object] = {}
+        self.connections: dict[str, int] = {}
+        self.server = None
+
+    async def start(self) -> None:
+        self.server = await websockets.serve(
+            self._handler,
+            "127.0.0.1",
+            0,
+            subprotocols=[websockets.Subprotocol("ocpp1.6")],
+            max_size=None,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handler(self, ws) -> None:
+        ident = ws.request.path.rsplit("/", 1)[-1]
+        self.connections[ident] = self.connections.get(ident, 0) + 1
+        queue = self.frames.setdefault(ident, asyncio.Queue())
+        self.sockets[ident] = ws
+        try:
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame[0] == 2:  # the charge point's calls: accepted
+                    payload = {}
+                    if frame[2] == "BootNotification":
+                        payload = {
+                            "currentTime": "2026-01-01T00:00:00Z",
+                            "interval": 300,
+                            "status": "Accepted",
+                        }
+                    elif frame[2] == "Heartbeat":
+                        payload = {"currentTime": "2026-01-01T00:00:00Z"}
+                    await ws.send(json.dumps([3, frame[1], payload]))
+                else:
+                    queue.put_nowait(frame)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def ask(self, ident: str, raw: str, timeout: float = 5.0):
+        await self.sockets[ident].send(raw)
+        return await asyncio.wait_for(self.frames[ident].get(), timeout)
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_bad_input_from_the_central_system(make_rig, settings):
+    raw = RawCsms()
+    await raw.start()
+    try:
+        rig = await make_rig(
+            settings,
+            ocpp_url=f"ws://127.0.0.1:{raw.port}/ocpp",
+            station=(
+                ocpp_station(1, 1, controller="ocpp"),
+                ocpp_station(2, 2, controller="ocpp"),
+            ),
+        )
+        await rig.station(1, UNPLUGGED)
+        await rig.station(2, UNPLUGGED)
+        await eventually(lambda: "cp1" in raw.sockets and "cp2" in raw.sockets)
+        ok = json.dumps([2, "ok", "GetConfiguration", {"key": ["NumberOfConnectors"]}])
+        assert (await raw.ask("cp1", ok))[0] == 3
+        # Not JSON: nothing to answer to; the connection carries on.
+        await raw.sockets["cp1"].send("{{{ not json")
+        assert (await raw.ask("cp1", ok))[0] == 3
+        # Unknown actions, a known one not supported, schema-invalid payloads: CallErrors.
+        reply = await raw.ask("cp1", json.dumps([2, "u1", "NoSuchAction", {}]))
+        assert reply[:3] == [4, "u1", "NotSupported"]
+        reply = await raw.ask("cp1", json.dumps([2, "u2", "GetDiagnostics", {"location": "x"}]))
+        assert reply[:3] == [4, "u2", "NotImplemented"]
+        bad = [2, "u3", "SetChargingProfile", {"connectorId": "one", "csChargingProfiles": {}}]
+        reply = await raw.ask("cp1", json.dumps(bad))
+        assert reply[0] == 4 and reply[1] == "u3"
+        assert reply[2] in (
+            "TypeConstraintViolation",
+            "FormationViolation",
+            "OccurenceConstraintViolation",
+        )
+        reply = await raw.ask(
+            "cp1", json.dumps([2, "u4", "ChangeAvailability", {"connectorId": 1}])
+        )
+        assert reply[:2] == [4, "u4"]
+        reply = await raw.ask("cp1", json.dumps([7, "u5", "Heartbeat", {}]))
+        assert reply[:2] == [4, "u5"]
+        # A flood of calls: every one answered in turn, nothing piles up.
+        ws = raw.sockets["cp1"]
+        for n in range(300):
+            await ws.send(
+                json.dumps([2, f"f{n}", "GetConfiguration", {"key": ["HeartbeatInterval"]}])
+            )
+        answers = [await asyncio.wait_for(raw.frames["cp1"].get(), 10) for _ in range(300)]
+        assert [a[1] for a in answers] == [f"f{n}" for n in range(300)]
+        # Results nobody asked for are dropped.
+        for n in range(100):
+            await ws.send(json.dumps([3, f"r{n}", {}]))
+        link = rig.bridge.ocpp.links[rig.stations[0].serial]
+        assert (await raw.ask("cp1", ok))[0] == 3
+        assert link._peer is not None and link._peer._response_queue.qsize() == 0
+        # 1 MB: the connection is closed (message too big); the station reconnects; the other
+        # station's connection is untouched.
+        await ws.send(
+            json.dumps([2, "big", "DataTransfer", {"vendorId": "x", "data": "x" * 1_000_000}])
+        )
+        await eventually(lambda: raw.connections["cp1"] == 2, timeout=10)
+        assert raw.connections["cp2"] == 1
+        assert (await raw.ask("cp2", ok))[0] == 3
+    finally:
+        await raw.stop()

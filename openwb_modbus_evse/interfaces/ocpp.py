@@ -45,7 +45,9 @@ from ocpp.v16.enums import Action
 
 from .. import chargepoint as cp
 from ..config import Settings
-from ..control import OCPP, Command, Control, Kind
+from ..control import LOG_BURST, LOG_PER_SECOND, OCPP, Command, Control, Kind
+from ..evse.link import printable
+from ..ratelimit import RateLimit
 from ..registry import Registry
 from ..store import Store, StoreError
 from ..view import FAULT_ERROR, Freshness, next_change, show
@@ -305,7 +307,12 @@ def _unique_id(raw: str) -> str | None:
         frame = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if isinstance(frame, list) and len(frame) >= 2 and frame[0] == MessageType.Call:
+    # A broken result or error is not answered (that could ping-pong); anything else is.
+    if (
+        isinstance(frame, list)
+        and len(frame) >= 2
+        and frame[0] not in (MessageType.CallResult, MessageType.CallError)
+    ):
         unique_id = frame[1]
         if isinstance(unique_id, str) and len(unique_id) <= 36:
             return unique_id
@@ -346,6 +353,7 @@ class StationLink:
         self._view_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._warned: str = ""
+        self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
         self._load()
 
     # --- state file ---------------------------------------------------------------------
@@ -430,10 +438,13 @@ class StationLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def warn(self, text: str) -> None:
-        """A peer-caused warning, once until it changes."""
-        if text != self._warned:
-            self._warned = text
-            log.warning("%s: %s", self.ident, text)
+        """A peer-caused warning: once until it changes, and at most a burst, then one per
+        second (a central system sending garbage must not flood the log)."""
+        if text == self._warned:
+            return
+        self._warned = text
+        if self._log_limit.allow(self.iface.clock()):
+            log.warning("%s: %s%s", self.ident, printable(text[:300]), self._log_limit.left_out())
 
     def reconnect_now(self) -> None:
         """Close the websocket; the connection loop reconnects (Reset)."""
