@@ -60,6 +60,7 @@ class _Cs(ChargePoint):
     def start_tx(self, **kw: Any) -> Any:
         self._record("StartTransaction", **kw)
         tx = next(self.csms.tx_ids)
+        self.csms.tx_given.append(tx)
         return call_result.StartTransaction(tx, {"status": self.csms.id_tag_status})
 
     @on(Action.stop_transaction)
@@ -89,6 +90,7 @@ class Csms:
     received: list[Received] = field(default_factory=list)
     connected: dict[str, _Cs] = field(default_factory=dict)
     connections: int = 0
+    tx_given: list[int] = field(default_factory=list)  # transaction ids, in order
     tx_ids: itertools.count = field(default_factory=lambda: itertools.count(1001))
     _server: Any = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,7 @@ import websockets
 from conftest import eventually, free_port, station_config
 from ocpp.v16 import call
 from ocpp_csms import Csms
+from test_mqtt_connection import _tls_files
 
 from openwb_modbus_evse.tools.simulator import VehicleConfig
 
@@ -422,3 +424,103 @@ async def test_bad_input_from_the_central_system(make_rig, settings):
         assert (await raw.ask("cp2", ok))[0] == 3
     finally:
         await raw.stop()
+
+
+async def test_security_profiles_1_and_2(make_rig, settings, tmp_path):
+    """Basic auth with a per-station password, over TLS with the CA file."""
+    ca, cert, key = _tls_files(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = Csms(passwords={"cp1": "right-password", "cp2": "right-password"})
+    await server.start(ssl=context)
+    try:
+        rig = await make_rig(
+            settings,
+            ocpp_url=server.url("wss"),
+            ocpp_ca_file=str(ca),
+            station=(
+                ocpp_station(1, 1, ocpp_password="right-password"),
+                ocpp_station(2, 2, ocpp_password="wrong-password"),
+            ),
+        )
+        await rig.station(1, UNPLUGGED)
+        await rig.station(2, UNPLUGGED)
+        await server.charge_point("cp1")
+        await asyncio.sleep(1.0)
+        assert "cp2" not in server.connected and not server.of("BootNotification", "cp2")
+        assert rig.bridge.ocpp.links[rig.stations[1].serial].reconnects >= 1
+    finally:
+        await server.stop()
+
+
+async def test_availability_stays_across_a_restart(make_rig, settings, csms):
+    settings = replace(
+        settings,
+        evse_port=free_port(),
+        ocpp_url=csms.url(),
+        station=(ocpp_station(1, 1, controller="ocpp"),),
+    )
+    rig = await make_rig(settings)
+    station = await rig.station(1)
+    cs = await csms.charge_point("cp1")
+    await eventually(lambda: station.contactor)
+    result = await cs.call(call.ChangeAvailability(connector_id=0, type="Inoperative"))
+    assert result.status == "Accepted"
+    await eventually(lambda: not station.contactor and offered(station) == 0)
+    stop = (await csms.wait("StopTransaction", 1, "cp1"))[0]
+    assert stop["reason"] == "Other"
+    await eventually(lambda: csms.of("StatusNotification", "cp1")[-1]["status"] == "Unavailable")
+    result = await cs.call(call.RemoteStartTransaction(id_tag="someone"))
+    assert result.status == "Rejected"
+    await rig.bridge.stop()
+    rig = await make_rig(settings)
+    rig.stations.append(station)
+    cs = await csms.charge_point("cp1")
+    await eventually(lambda: station.serial in rig.bridge.link.sessions)
+    await asyncio.sleep(1.0)
+    assert not station.contactor and offered(station) == 0  # still inoperative
+    assert len(csms.of("StartTransaction", "cp1")) == 1
+    result = await cs.call(call.ChangeAvailability(connector_id=1, type="Operative"))
+    assert result.status == "Accepted"
+    await csms.wait("StartTransaction", 2, "cp1")  # still plugged in: a new transaction
+    await eventually(lambda: station.contactor)
+
+
+async def test_remote_start_reset_unlock_and_offline_plug(make_rig, settings, csms):
+    """Without ocpp_offline_start a plug-in while the central system is away starts nothing;
+    the transaction starts when it is back. RemoteStart takes its id tag; Reset ends the
+    transaction and boots again; UnlockConnector is NotSupported."""
+    await csms.stop()
+    rig = await make_rig(
+        settings, ocpp_url=csms.url(), station=(ocpp_station(1, 1, controller="ocpp"),)
+    )
+    station = await rig.station(1)  # plugged in, central system away
+    await asyncio.sleep(1.0)
+    assert not station.contactor and offered(station) == 0
+    link = rig.bridge.ocpp.links[station.serial]
+    assert link.tx is None and not link.queue
+    await csms.start()
+    cs = await csms.charge_point("cp1", timeout=15)
+    start = (await csms.wait("StartTransaction", 1, "cp1"))[0]
+    assert start["id_tag"] == "openwb-modbus-evse"
+    await eventually(lambda: station.contactor)
+    result = await cs.call(call.UnlockConnector(connector_id=1))
+    assert result.status == "NotSupported"
+    result = await cs.call(call.RemoteStartTransaction(id_tag="busy"))
+    assert result.status == "Rejected"  # a transaction runs
+    result = await cs.call(call.Reset(type="Soft"))
+    assert result.status == "Accepted"
+    stop = (await csms.wait("StopTransaction", 1, "cp1"))[0]
+    assert stop["reason"] == "SoftReset"
+    await csms.wait("BootNotification", 2, "cp1")
+    # Booted again with the vehicle still plugged in: a new transaction (plugged = start).
+    again = (await csms.wait("StartTransaction", 2, "cp1"))[1]
+    cs = csms.connected["cp1"]
+    result = await cs.call(call.RemoteStopTransaction(transaction_id=csms.tx_given[-1]))
+    assert result.status == "Accepted"
+    await eventually(lambda: not station.contactor)
+    result = await cs.call(call.RemoteStartTransaction(id_tag="remote-tag", connector_id=1))
+    assert result.status == "Accepted"
+    third = (await csms.wait("StartTransaction", 3, "cp1"))[2]
+    assert third["id_tag"] == "remote-tag" and again["id_tag"] == "openwb-modbus-evse"
+    await eventually(lambda: station.contactor)

@@ -105,9 +105,7 @@ def test_watts_with_the_phases_and_number_phases():
 
 
 def test_valid_from_and_to():
-    p = profile(
-        validFrom=prof.format_time(T0 + 100), validTo=prof.format_time(T0 + 200), start=T0
-    )
+    p = profile(validFrom=prof.format_time(T0 + 100), validTo=prof.format_time(T0 + 200), start=T0)
     assert amps([p], T0 + 50) is None
     assert amps([p], T0 + 150) == 16
     assert amps([p], T0 + 250) is None
