@@ -297,6 +297,7 @@ class Service:
                     firmware=session.firmware if session else None,
                     heartbeat_age_s=heartbeat.age() if heartbeat else None,
                     history=tuple(self.history.series(point.identity.serial)),
+                    ocpp=self.ocpp.snapshot(point) if self.ocpp is not None else None,
                 )
             )
         mqtt = self.mqtt
@@ -325,4 +326,5 @@ class Service:
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
             history_interval_s=self.history.interval,
+            ocpp_messages=self.ocpp.messages() if self.ocpp is not None else (),
         )

@@ -10,11 +10,12 @@ from dataclasses import replace
 
 import pytest
 import websockets
-from conftest import eventually, free_port, station_config
+from conftest import eventually, free_port, metric, station_config
 from ocpp.v16 import call
 from ocpp_csms import Csms
 from test_mqtt_connection import _tls_files
 
+from openwb_modbus_evse.interfaces.http.status import status_json
 from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,25 @@ async def test_boot_status_heartbeat(make_rig, settings, csms):
             s["connector_id"] == 1 and s["status"] == "Available"
             for s in csms.of("StatusNotification", "cp1")
         )
+    )
+    service = rig.bridge
+    assert metric(service, "openwb_modbus_evse_ocpp_up", name="cp1") == 1
+    assert metric(service, "openwb_modbus_evse_ocpp_queue_length", name="cp1") == 0
+    sent = metric(
+        service,
+        "openwb_modbus_evse_ocpp_messages_total",
+        direction="out",
+        action="BootNotification",
+        result="ok",
+    )
+    assert sent == 1
+    card = status_json(service.snapshot())["charge_points"][0]
+    assert card["ocpp"]["id"] == "cp1" and card["ocpp"]["connected"]
+    assert card["ocpp"]["status"] == "Available"
+    await csms.stop()
+    await eventually(lambda: metric(service, "openwb_modbus_evse_ocpp_up", name="cp1") == 0)
+    await eventually(
+        lambda: (metric(service, "openwb_modbus_evse_ocpp_reconnects_total", name="cp1") or 0) >= 1
     )
 
 

@@ -49,6 +49,7 @@ from ..control import LOG_BURST, LOG_PER_SECOND, OCPP, Command, Control, Kind
 from ..evse.link import printable
 from ..ratelimit import RateLimit
 from ..registry import Registry
+from ..snapshot import OcppSnapshot
 from ..store import Store, StoreError
 from ..view import FAULT_ERROR, Freshness, next_change, show
 from . import ocpp_profiles as prof
@@ -1086,6 +1087,26 @@ class OcppInterface:
                 link.start()
             else:
                 link.changed()
+
+    def snapshot(self, point: cp.ChargePoint) -> OcppSnapshot | None:
+        """The OCPP connection of ``point`` (None: it has none)."""
+        link = self.links.get(point.identity.serial)
+        if link is None:
+            return None
+        tx = link.tx
+        return OcppSnapshot(
+            ident=link.ident,
+            url=link.url,
+            up=link.up,
+            reconnects=link.reconnects,
+            queued=len(link.queue),
+            status=link.status()[0],
+            transaction=None if tx is None else str(tx.get("id") or tx["local"]),
+        )
+
+    def messages(self) -> tuple[tuple[str, str, str, int], ...]:
+        """The message counters, frozen."""
+        return tuple((*key, n) for key, n in sorted(self.counters.messages.items()))
 
     def queued(self) -> int:
         """Messages waiting for the central systems."""
