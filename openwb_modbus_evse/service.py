@@ -112,7 +112,7 @@ class Service:
         # --- OCPP: every station with an ocpp_url is a charge point of a central system ---
         self.ocpp: OcppInterface | None = None
         if s.ocpp_url or any(st.ocpp_url for st in s.station):
-            self.ocpp = OcppInterface(s, self.registry, self.control, self.clock)
+            self.ocpp = OcppInterface(s, self.registry, self.control, self.clock, self.firmware)
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off

@@ -7,9 +7,11 @@ import asyncio
 import json
 import ssl
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 import websockets
+from aiohttp import web
 from conftest import eventually, free_port, metric, station_config
 from ocpp.v16 import call
 from ocpp_csms import Csms
@@ -544,3 +546,48 @@ async def test_remote_start_reset_unlock_and_offline_plug(make_rig, settings, cs
     third = (await csms.wait("StartTransaction", 3, "cp1"))[2]
     assert third["id_tag"] == "remote-tag" and again["id_tag"] == "openwb-modbus-evse"
     await eventually(lambda: station.contactor)
+
+
+async def test_update_firmware(make_rig, settings, csms):
+    """UpdateFirmware: downloaded from the location, sent with the existing firmware update,
+    each step a FirmwareStatusNotification; a location that fails is DownloadFailed."""
+    image = bytes(range(256)) * 100
+    app = web.Application()
+    app.router.add_get("/fw.bin", lambda _: web.Response(body=image))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        rig = await make_rig(
+            settings, ocpp_url=csms.url(), station=(ocpp_station(1, 1, controller="ocpp"),)
+        )
+        station = await rig.station(1, UNPLUGGED, firmware_after_update=5)
+        cs = await csms.charge_point("cp1")
+        now = datetime.now(UTC).isoformat()
+        await cs.call(
+            call.UpdateFirmware(location=f"http://127.0.0.1:{port}/fw.bin", retrieve_date=now)
+        )
+        await eventually(
+            lambda: (
+                [s["status"] for s in csms.of("FirmwareStatusNotification", "cp1")]
+                == ["Downloading", "Downloaded", "Installing", "Installed"]
+            ),
+            timeout=20,
+        )
+        assert station.uploads == [image] and station.firmware == 5
+        await cs.call(
+            call.UpdateFirmware(
+                location=f"http://127.0.0.1:{port}/missing.bin", retrieve_date=now, retries=1
+            )
+        )
+        await eventually(
+            lambda: csms.of("FirmwareStatusNotification", "cp1")[-1]["status"] == "DownloadFailed"
+        )
+        result = await cs.call(call.TriggerMessage(requested_message="FirmwareStatusNotification"))
+        assert result.status == "Accepted"
+        await csms.wait("FirmwareStatusNotification", 7, "cp1")
+        assert csms.of("FirmwareStatusNotification", "cp1")[-1]["status"] == "DownloadFailed"
+    finally:
+        await runner.cleanup()

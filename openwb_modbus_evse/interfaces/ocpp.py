@@ -32,6 +32,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import websockets
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
 from ocpp.exceptions import (
@@ -44,9 +45,12 @@ from ocpp.v16 import call, call_result
 from ocpp.v16.enums import Action
 
 from .. import chargepoint as cp
+from ..actions import ActionError
 from ..config import Settings
 from ..control import LOG_BURST, LOG_PER_SECOND, OCPP, Command, Control, Kind
 from ..evse.link import printable
+from ..evse.protocol import MAX_FIRMWARE_SIZE
+from ..firmware import FirmwareUpdater
 from ..ratelimit import RateLimit
 from ..registry import Registry
 from ..snapshot import OcppSnapshot
@@ -65,6 +69,9 @@ RESPONSE_TIMEOUT = 30.0
 NEVER = 10 * 365 * 86400.0  # the "ocpp" controller's heartbeat: its decisions are local
 BACKOFF_FIRST = 1.0
 CONNECTOR = 1
+DOWNLOAD_TIMEOUT = 120.0
+FIRMWARE_TIMEOUT = 120.0  # for the station to come back with the new firmware
+FIRMWARE_WAIT = 5.0  # how often a downloaded image checks whether charging has ended
 MEASURANDS = (
     "Energy.Active.Import.Register",
     "Power.Active.Import",
@@ -266,6 +273,19 @@ class _Peer(LibraryChargePoint):
         """Close the connection once the answer is out: the link reconnects and boots."""
         self.link.reconnect_now()
 
+    @on(Action.update_firmware)
+    def on_update_firmware(
+        self,
+        location: str,
+        retrieve_date: str,
+        retries: int | None = None,
+        retry_interval: int | None = None,
+    ) -> Any:
+        """UpdateFirmware: answered at once; download and update follow, reported with
+        FirmwareStatusNotification."""
+        self.link.update_firmware(location, retrieve_date, retries or 1, retry_interval or 30)
+        return call_result.UpdateFirmware()
+
     @on(Action.unlock_connector)
     def on_unlock(self, connector_id: int) -> Any:
         """UnlockConnector: a Dehne-EVSE has no lock actuator."""
@@ -349,6 +369,8 @@ class StationLink:
         self.triggers: set[str] = set()
         self.wake = asyncio.Event()
         self._interval_changed = asyncio.Event()
+        self.firmware_status = "Idle"
+        self._firmware_task: asyncio.Task[None] | None = None
         self._peer: _Peer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._view_timer: asyncio.TimerHandle | None = None
@@ -434,9 +456,10 @@ class StationLink:
         for timer in (self._timer, self._view_timer):
             if timer is not None:
                 timer.cancel()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._firmware_task] if self._firmware_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def warn(self, text: str) -> None:
         """A peer-caused warning: once until it changes, and at most a burst, then one per
@@ -915,7 +938,7 @@ class StationLink:
                 ),
             )
         elif message == "FirmwareStatusNotification":
-            await self._call(peer, call.FirmwareStatusNotification(status="Idle"))
+            await self._call(peer, call.FirmwareStatusNotification(status=self.firmware_status))
 
     def change_availability(self, connector: int, kind: str) -> str:
         """ChangeAvailability: Inoperative stops charging the safe way and stays, also across
@@ -939,6 +962,60 @@ class StationLink:
         self._end("HardReset" if kind == "Hard" else "SoftReset")
         self.apply()
         return True
+
+    # --- firmware -----------------------------------------------------------------------
+
+    def _firmware_status(self, status: str) -> None:
+        self.firmware_status = status
+        log.info("%s: firmware %s", self.ident, status)
+        self._enqueue("FirmwareStatusNotification", {"status": status}, tx=None, keep=False)
+
+    def update_firmware(self, location: str, retrieve: str, retries: int, interval: int) -> None:
+        """Download the image at ``location`` (from ``retrieve`` on), then update the station
+        with the operator's firmware update (it waits until the station is not charging)."""
+        if self._firmware_task is not None and not self._firmware_task.done():
+            self.warn("UpdateFirmware while an update runs: ignored")
+            return
+        if not self.controls:
+            # Only the controller may take a station out of service for an update.
+            self._firmware_status("InstallationFailed")
+            return
+        self._firmware_task = asyncio.create_task(
+            self._update_firmware(location, retrieve, min(retries, 5), min(interval, 3600))
+        )
+
+    async def _update_firmware(
+        self, location: str, retrieve: str, retries: int, interval: int
+    ) -> None:
+        try:
+            when = prof.parse_time(retrieve)
+        except prof.ProfileError:
+            when = self.iface.wall()
+        await asyncio.sleep(max(0.0, when - self.iface.wall()))
+        image = None
+        for attempt in range(retries):
+            if attempt:
+                await asyncio.sleep(interval)
+            self._firmware_status("Downloading")
+            try:
+                image = await download(location, MAX_FIRMWARE_SIZE)
+                break
+            except DownloadError as err:
+                self.warn(f"firmware download from {location} failed: {err}")
+        if image is None:
+            self._firmware_status("DownloadFailed")
+            return
+        self._firmware_status("Downloaded")
+        while cp.busy(self.point.state):  # never while charging
+            await asyncio.sleep(FIRMWARE_WAIT)
+        self._firmware_status("Installing")
+        try:
+            await self.iface.firmware.update(self.serial, image, FIRMWARE_TIMEOUT)
+        except ActionError as err:
+            self.warn(f"firmware update failed: {err}")
+            self._firmware_status("InstallationFailed")
+            return
+        self._firmware_status("Installed")
 
     # --- meter values -------------------------------------------------------------------
 
@@ -1002,6 +1079,32 @@ class StationLink:
                 )
 
 
+class DownloadError(Exception):
+    """A firmware image could not be fetched."""
+
+
+async def download(location: str, limit: int) -> bytes:
+    """The image at ``location`` (http or https), at most ``limit`` bytes."""
+    if not location.startswith(("http://", "https://")):
+        raise DownloadError("only http:// and https:// locations are supported")
+    timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.get(location) as response,
+        ):
+            if response.status != 200:
+                raise DownloadError(f"HTTP {response.status}")
+            image = await response.content.read(limit + 1)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+        raise DownloadError(str(err) or type(err).__name__) from None
+    if len(image) > limit:
+        raise DownloadError(f"the image is larger than {limit} bytes")
+    if not image:
+        raise DownloadError("the image is empty")
+    return image
+
+
 class OcppInterface:
     """The OCPP links of every station with an ``ocpp_url``."""
 
@@ -1011,11 +1114,13 @@ class OcppInterface:
         registry: Registry,
         control: Control,
         clock: Callable[[], float],
+        firmware: FirmwareUpdater,
         wall: Callable[[], float] = time.time,
         response_timeout: float = RESPONSE_TIMEOUT,
     ) -> None:
         self.settings, self.registry, self.control = settings, registry, control
         self.clock, self.wall = clock, wall
+        self.firmware = firmware
         self.response_timeout = response_timeout
         self.counters = OcppCounters()
         self.links: dict[str, StationLink] = {}
