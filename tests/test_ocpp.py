@@ -553,7 +553,11 @@ async def test_update_firmware(make_rig, settings, csms):
     each step a FirmwareStatusNotification; a location that fails is DownloadFailed."""
     image = bytes(range(256)) * 100
     app = web.Application()
-    app.router.add_get("/fw.bin", lambda _: web.Response(body=image))
+
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=image)
+
+    app.router.add_get("/fw.bin", serve)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
