@@ -7,6 +7,7 @@ a test send calls to a connected charge point.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 from dataclasses import dataclass, field
@@ -14,10 +15,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import websockets
-from conftest import eventually
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> None:
+    """Wait until ``check()`` is true (this module is also used by the bench, without pytest)."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
 
 
 def _now() -> str:

@@ -1186,7 +1186,9 @@ class OcppInterface:
                 continue
             if link is None:
                 url = self.settings.ocpp_url_of(serial)
-                if not url or point.identity.lp is None:
+                configured = self.settings.station_by_serial(serial) is not None
+                # A station nobody named and nobody serves (held, or no LP left) stays unknown.
+                if not url or (point.identity.lp is None and not configured):
                     continue
                 link = self.links[serial] = StationLink(self, point, url)
                 link.start()
