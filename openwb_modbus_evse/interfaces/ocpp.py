@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import websockets
+from ocpp import messages as ocpp_messages
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
 from ocpp.exceptions import (
     OCPPError,
@@ -1131,6 +1132,10 @@ class OcppInterface:
         # The "ocpp" controller's decisions are the stored profiles, which OCPP keeps executing
         # while the central system is away: its heartbeat never lapses.
         self.heartbeat = control.add_heartbeat(OCPP, NEVER, what="OCPP")
+        # The library validates each message in a worker thread: for frames of at most
+        # MAX_MESSAGE bytes the thread hop costs more than the check (SetChargingProfile ->
+        # PWM p99 9.5 -> see make bench), and a thread pool adds no bound of its own.
+        ocpp_messages.ASYNC_VALIDATION = False
         self._running = False
         self.closing = False
         self._background: set[asyncio.Future[Any]] = set()
