@@ -595,3 +595,52 @@ async def test_update_firmware(make_rig, settings, csms):
         assert csms.of("FirmwareStatusNotification", "cp1")[-1]["status"] == "DownloadFailed"
     finally:
         await runner.cleanup()
+
+
+async def test_profiles_run_on_time_and_survive_a_restart_without_the_central_system(
+    make_rig, settings, csms
+):
+    """A schedule changes the current at its period boundary by itself; after a restart with
+    the central system away the stored profiles still apply (ocpp_offline_start)."""
+    settings = replace(
+        settings,
+        evse_port=free_port(),
+        ocpp_url=csms.url(),
+        ocpp_offline_start=True,
+        station=(ocpp_station(1, 1, controller="ocpp"),),
+    )
+    rig = await make_rig(settings)
+    station = await rig.station(1)
+    cs = await csms.charge_point("cp1")
+    await csms.wait("StartTransaction", 1, "cp1")
+    now = datetime.now(UTC)
+    absolute = {
+        "chargingProfileId": 3,
+        "stackLevel": 1,
+        "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Absolute",
+        "chargingSchedule": {
+            "chargingRateUnit": "A",
+            "startSchedule": now.isoformat(),
+            "chargingSchedulePeriod": [
+                {"startPeriod": 0, "limit": 0},
+                {"startPeriod": 2, "limit": 10},
+            ],
+        },
+    }
+    result = await cs.call(call.SetChargingProfile(connector_id=1, cs_charging_profiles=absolute))
+    assert result.status == "Accepted"
+    await eventually(lambda: offered(station) == 0 and not station.contactor)
+    # The next evaluation is scheduled at the period boundary (polls would only catch it late
+    # on a station polled every few seconds).
+    timer = rig.bridge.ocpp.links[station.serial]._timer
+    assert timer is not None
+    assert 0 < timer.when() - asyncio.get_running_loop().time() <= 2.1
+    await eventually(lambda: offers(station, 10) and station.contactor, timeout=5)
+    await csms.stop()
+    await rig.bridge.stop()
+    rig = await make_rig(settings)
+    rig.stations.append(station)
+    await eventually(lambda: station.serial in rig.bridge.link.sessions)
+    await eventually(lambda: offers(station, 10) and station.contactor, timeout=5)
+    assert not rig.bridge.ocpp.links[station.serial].up
