@@ -16,7 +16,7 @@ from bench.report import BenchError, ms, percentile, say, section, table
 from bench.station import CONNECT_BATCH, MiniStation, chunks, close_stations, is_pwm
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
 from openwb_modbus_evse.tools.simulator import virtual_serial
-from tests.ocpp_csms import Csms
+from tests.ocpp_central import Csms
 
 STEADY_S = 20.0  # seconds of steady state measured
 
@@ -118,7 +118,7 @@ async def bench_ocpp(args: argparse.Namespace, workdir: Path) -> None:
         ),
         [
             f"bridge: {bridge.options}",
-            "central system: tests/ocpp_csms.py (the ocpp library's server side, schema "
+            "central system: tests/ocpp_central.py (the ocpp library's server side, schema "
             "validation on, on its loop) in the bench process; stations: minimal, plugged in, "
             "controller ocpp",
             "latency: from sending the call to the set-PWM frame at the station (includes the "

@@ -1,5 +1,6 @@
 """OCPP 1.6J: the service's stations as charge points of a central system written with the same
-``ocpp`` library (tests/ocpp_csms.py), over real websockets on loopback."""
+``ocpp`` library (tests/ocpp_central.py), and of one from PyPI (ocpp-csms), over real websockets
+on loopback."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import websockets
 from aiohttp import web
 from conftest import eventually, free_port, metric, station_config
 from ocpp.v16 import call
-from ocpp_csms import Csms
+from ocpp_central import Csms
 from test_mqtt_connection import _tls_files
 
 from openwb_modbus_evse.interfaces.http.status import status_json
@@ -644,3 +645,43 @@ async def test_profiles_run_on_time_and_survive_a_restart_without_the_central_sy
     await eventually(lambda: station.serial in rig.bridge.link.sessions)
     await eventually(lambda: offers(station, 10) and station.contactor, timeout=5)
     assert not rig.bridge.ocpp.links[station.serial].up
+
+
+async def test_against_the_published_ocpp_csms(make_rig, settings):
+    """The same station against ocpp-csms from PyPI (a central system for Home Assistant
+    integrations): boot, status, a transaction with meter values, a profile, remote stop."""
+    from ocpp_csms import AvailabilityType, CentralSystem, TransactionStoppedEvent
+
+    events = []
+    async with CentralSystem(host="127.0.0.1", port=0, ping_interval=None) as central:
+        central.add_listener(events.append)
+        rig = await make_rig(
+            settings,
+            ocpp_url=f"ws://127.0.0.1:{central.port}/ocpp",
+            station=(ocpp_station(1, 1, controller="ocpp", max_current=16.0),),
+        )
+        station = await rig.station(1)  # plugged in at once
+        await eventually(lambda: "cp1" in central.charge_points)
+        point = central.charge_points["cp1"]
+        await eventually(lambda: point.boot is not None and point.get_transaction(1) is not None)
+        assert point.boot.vendor == "Dehne" and point.boot.model == "Dehne-EVSE"
+        await eventually(lambda: point.connectors[1].status in ("Charging", "SuspendedEV"))
+        result = await point.async_change_configuration("MeterValueSampleInterval", "1")
+        assert result == "Accepted"
+        await eventually(lambda: point.get_meter_reading(1, "Energy.Active.Import.Register"))
+        result = await point.async_call(
+            call.SetChargingProfile(connector_id=1, cs_charging_profiles=tx_default(8))
+        )
+        assert result.status == "Accepted"
+        await eventually(lambda: offers(station, 8))
+        tx = point.get_transaction(1)
+        result = await point.async_remote_stop_transaction(tx.transaction_id)
+        assert result == "Accepted"
+        await eventually(lambda: any(isinstance(e, TransactionStoppedEvent) for e in events))
+        stopped = next(e for e in events if isinstance(e, TransactionStoppedEvent))
+        assert stopped.transaction.stop_reason == "Remote"
+        assert stopped.transaction.meter_stop >= stopped.transaction.meter_start
+        await eventually(lambda: offered(station) == 0)
+        result = await point.async_change_availability(0, AvailabilityType.INOPERATIVE)
+        assert result == "Accepted"
+        await eventually(lambda: point.connectors[1].status == "Unavailable")

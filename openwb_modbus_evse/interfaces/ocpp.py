@@ -1028,12 +1028,12 @@ class StationLink:
         values: list[dict[str, Any]] = []
 
         def add(measurand: str, value: float, unit: str, phase: str | None = None) -> None:
+            # No location: Outlet is the spec's default, and central systems key by it so.
             item = {
                 "value": f"{value:.1f}",
                 "context": context,
                 "measurand": measurand,
                 "unit": unit,
-                "location": "Outlet",
             }
             if phase:
                 item["phase"] = phase
