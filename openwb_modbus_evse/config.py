@@ -723,7 +723,7 @@ class Settings:
         metadata=key_info(
             _number(1, 3600),
             "Seconds: the longest wait before reconnecting to the central system.",
-            more="The wait doubles from 1 s up to this, each a random part of it (jitter), "
+            more="The wait doubles from 4 s up to this, each a random part of it (jitter), "
             "so a restarted central system is not hit by every station at once.",
         ),
     )

@@ -26,6 +26,12 @@ UNPLUGGED = VehicleConfig(plug_in_after=None, reaction_s=0.05)
 
 
 @pytest.fixture
+def settings(settings):
+    """Reconnects within a second: the tests kill and restart central systems."""
+    return replace(settings, ocpp_reconnect_max=1.0)
+
+
+@pytest.fixture
 async def csms():
     server = Csms()
     await server.start()
@@ -539,6 +545,8 @@ async def test_remote_start_reset_unlock_and_offline_plug(make_rig, settings, cs
     # Booted again with the vehicle still plugged in: a new transaction (plugged = start).
     again = (await csms.wait("StartTransaction", 2, "cp1"))[1]
     cs = csms.connected["cp1"]
+    # The station has the central system's answer (the transaction id) before it is stopped.
+    await eventually(lambda: (link.tx or {}).get("id") == csms.tx_given[-1])
     result = await cs.call(call.RemoteStopTransaction(transaction_id=csms.tx_given[-1]))
     assert result.status == "Accepted"
     await eventually(lambda: not station.contactor)

@@ -162,3 +162,17 @@ def test_composite_schedule():
     assert [(q.start, q.limit) for q in periods] == [(0, 13), (600, 6), (1200, 13)]
     watts = prof.composite([p], T0, 900, phases=3, unit="W")
     assert [(q.start, q.limit) for q in watts] == [(0, 11040), (600, 4140)]
+
+
+def test_reconnect_backoff_spreads_and_is_capped():
+    import random
+
+    from openwb_modbus_evse.interfaces.ocpp import backoff
+
+    rng = random.Random(7)
+    first = sorted(backoff(0, 60, rng) for _ in range(200))
+    assert first[0] >= 0.4 and first[-1] <= 4.0
+    # 200 stations after a central-system restart: never more than ~15 within 100 ms.
+    assert max(sum(1 for t in first if a <= t < a + 0.1) for a in first) <= 15
+    assert all(6 <= backoff(n, 60, rng) <= 60 for n in range(5, 40))
+    assert max(backoff(3, 10, rng) for _ in range(50)) <= 10

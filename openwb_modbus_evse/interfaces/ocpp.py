@@ -68,7 +68,7 @@ MAX_MESSAGE = 64 * 1024  # larger frames close the connection (1009): no OCPP 1.
 MAX_QUEUE = 2000  # queued messages per station; the oldest MeterValues give way first
 RESPONSE_TIMEOUT = 30.0
 NEVER = 10 * 365 * 86400.0  # the "ocpp" controller's heartbeat: its decisions are local
-BACKOFF_FIRST = 1.0
+BACKOFF_FIRST = 4.0  # seconds: the first reconnect step (see backoff())
 CONNECTOR = 1
 DOWNLOAD_TIMEOUT = 120.0
 FIRMWARE_TIMEOUT = 120.0  # for the station to come back with the new firmware
@@ -153,6 +153,17 @@ class OcppCounters:
 
 def _iso(epoch: float) -> str:
     return prof.format_time(epoch)
+
+
+def backoff(attempt: int, cap: float, rng: random.Random) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0: the first after a connection ended).
+
+    The step doubles from :data:`BACKOFF_FIRST` up to ``cap``; the wait is a random part of it
+    (jitter), so stations that lost a restarted central system together come back spread over
+    the step instead of all at once.
+    """
+    step = min(cap, BACKOFF_FIRST * 2 ** min(attempt, 30))
+    return rng.uniform(0.1 * step, step)
 
 
 class _Peer(LibraryChargePoint):
@@ -478,7 +489,7 @@ class StationLink:
             self.iface.background(peer._connection.close())
 
     async def _run(self) -> None:
-        delay = BACKOFF_FIRST
+        attempt = 0
         while True:
             try:
                 async with websockets.connect(
@@ -492,7 +503,7 @@ class StationLink:
                     ping_interval=None,
                     compression=None,
                 ) as ws:
-                    delay = BACKOFF_FIRST
+                    attempt = 0
                     await self._session(ws)
             except asyncio.CancelledError:
                 raise
@@ -504,9 +515,10 @@ class StationLink:
                 self.up = False
                 self._peer = None
             self.reconnects += 1
-            # Full jitter: after a central-system restart the stations come back spread out.
-            await asyncio.sleep(random.uniform(0.1, 1.0) * delay)
-            delay = min(delay * 2, self.iface.settings.ocpp_reconnect_max)
+            await asyncio.sleep(
+                backoff(attempt, self.iface.settings.ocpp_reconnect_max, self.iface.random)
+            )
+            attempt += 1
 
     def _headers(self) -> dict[str, str]:
         if not self.password:
@@ -1124,6 +1136,7 @@ class OcppInterface:
         self.firmware = firmware
         self.response_timeout = response_timeout
         self.counters = OcppCounters()
+        self.random = random.Random()  # the reconnect jitter
         self.links: dict[str, StationLink] = {}
         self.store: Store | None = None
         self.ssl_context: ssl.SSLContext | None = None
