@@ -819,7 +819,24 @@ def build(values: Mapping[str, Any]) -> Settings:
             raise ConfigError(name, "unknown key")
     result = Settings(**settings)
     _check_mqtt(result)
+    _check_ocpp_ids(result)
     return result
+
+
+def _check_ocpp_ids(settings: Settings) -> None:
+    """Two stations cannot be one charge point of the same central system."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, st in enumerate(settings.station):
+        url = settings.ocpp_url_of(st.serial)
+        ident = st.ocpp_id or st.name
+        if not url or ident is None:
+            continue
+        if (url, ident) in seen:
+            raise ConfigError(
+                f"station[{i}].ocpp_id",
+                f"{ident!r} at {url} is already station[{seen[url, ident]}] (set ocpp_id)",
+            )
+        seen[url, ident] = i
 
 
 def _check_mqtt(settings: Settings) -> None:

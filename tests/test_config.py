@@ -127,6 +127,12 @@ def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
             "station[0].ocpp_id",
             "letters, digits",
         ),
+        (
+            f'ocpp_url = "ws://cs/ocpp"\n[[station]]\nserial = "{SERIAL}"\nname = "a"\n'
+            f'[[station]]\nserial = "{SERIAL[:-1]}3"\nocpp_id = "a"',
+            "station[1].ocpp_id",
+            "already station[0]",
+        ),
         ('controller = "openwb-mqtt"', "controller", "needs mqtt_host"),
         (
             f'[[station]]\nserial = "{SERIAL}"\ncontroller = "openwb-mqtt"',

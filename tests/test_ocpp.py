@@ -411,8 +411,12 @@ async def test_bad_input_from_the_central_system(make_rig, settings):
         await raw.sockets["cp1"].send("{{{ not json")
         assert (await raw.ask("cp1", ok))[0] == 3
         # Unknown actions, a known one not supported, schema-invalid payloads: CallErrors.
-        reply = await raw.ask("cp1", json.dumps([2, "u1", "NoSuchAction", {}]))
-        assert reply[:3] == [4, "u1", "NotSupported"]
+        for n in range(20):  # invented actions: one label, not one each
+            reply = await raw.ask("cp1", json.dumps([2, f"u{n}", f"NoSuchAction{n}", {}]))
+            assert reply[:3] == [4, f"u{n}", "NotSupported"]
+        messages = rig.bridge.ocpp.counters.messages
+        assert messages[("in", "unknown", "NotSupported")] == 20
+        assert not any(action.startswith("NoSuch") for _, action, _ in messages)
         reply = await raw.ask("cp1", json.dumps([2, "u2", "GetDiagnostics", {"location": "x"}]))
         assert reply[:3] == [4, "u2", "NotImplemented"]
         bad = [2, "u3", "SetChargingProfile", {"connectorId": "one", "csChargingProfiles": {}}]

@@ -155,6 +155,9 @@ def _iso(epoch: float) -> str:
     return prof.format_time(epoch)
 
 
+_ACTIONS = frozenset(a.value for a in Action)
+
+
 def backoff(attempt: int, cap: float, rng: random.Random) -> float:
     """Seconds to wait before reconnect ``attempt`` (0: the first after a connection ended).
 
@@ -190,7 +193,8 @@ class _Peer(LibraryChargePoint):
             return
         if msg.message_type_id == MessageType.Call:
             assert isinstance(msg, Call)
-            action = msg.action if isinstance(msg.action, str) else "?"
+            # Only OCPP 1.6's names become labels: a peer's invented ones would grow the metrics.
+            action = msg.action if msg.action in _ACTIONS else "unknown"
             try:
                 await self._handle_call(msg)
                 link.iface.counters.count("in", action, "ok")
