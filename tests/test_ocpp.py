@@ -346,6 +346,7 @@ class RawCsms:
         self.sockets: dict[str, object] = {}
         self.connections: dict[str, int] = {}
         self.server = None
+        self.bad_boot = False
 
     async def start(self) -> None:
         self.server = await websockets.serve(
@@ -367,7 +368,9 @@ class RawCsms:
                 frame = json.loads(raw)
                 if frame[0] == 2:  # the charge point's calls: accepted
                     payload = {}
-                    if frame[2] == "BootNotification":
+                    if frame[2] == "BootNotification" and ident == "cp2" and self.bad_boot:
+                        payload = {"status": "Sure", "interval": "soon"}  # breaks the schema
+                    elif frame[2] == "BootNotification":
                         payload = {
                             "currentTime": "2026-01-01T00:00:00Z",
                             "interval": 300,
@@ -390,7 +393,7 @@ class RawCsms:
         await self.server.wait_closed()
 
 
-async def test_bad_input_from_the_central_system(make_rig, settings):
+async def test_bad_input_from_the_central_system(make_rig, settings, caplog):
     raw = RawCsms()
     await raw.start()
     try:
@@ -447,13 +450,23 @@ async def test_bad_input_from_the_central_system(make_rig, settings):
         link = rig.bridge.ocpp.links[rig.stations[0].serial]
         assert (await raw.ask("cp1", ok))[0] == 3
         assert link._peer is not None and link._peer._response_queue.qsize() == 0
+        # An answer that breaks the schema: logged (no traceback), the connection starts anew.
+        raw.bad_boot = True
+        await raw.sockets["cp2"].close()
+        await eventually(lambda: raw.connections["cp2"] >= 3, timeout=10)
+        assert "Traceback" not in caplog.text
+        assert "TypeConstraintViolation" in caplog.text or "FormationViolation" in caplog.text
+        raw.bad_boot = False
+        await eventually(lambda: raw.connections["cp2"] >= 4, timeout=10)
+        await asyncio.sleep(0.3)
+        cp2_connections = raw.connections["cp2"]
         # 1 MB: the connection is closed (message too big); the station reconnects; the other
         # station's connection is untouched.
         await ws.send(
             json.dumps([2, "big", "DataTransfer", {"vendorId": "x", "data": "x" * 1_000_000}])
         )
         await eventually(lambda: raw.connections["cp1"] == 2, timeout=10)
-        assert raw.connections["cp2"] == 1
+        assert raw.connections["cp2"] == cp2_connections
         assert (await raw.ask("cp2", ok))[0] == 3
     finally:
         await raw.stop()

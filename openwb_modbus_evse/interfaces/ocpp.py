@@ -70,6 +70,7 @@ RESPONSE_TIMEOUT = 30.0
 NEVER = 10 * 365 * 86400.0  # the "ocpp" controller's heartbeat: its decisions are local
 BACKOFF_FIRST = 4.0  # seconds: the first reconnect step (see backoff())
 CONNECTOR = 1
+MIN_INTERVAL = 5  # seconds: the shortest heartbeat or boot retry interval taken
 DOWNLOAD_TIMEOUT = 120.0
 FIRMWARE_TIMEOUT = 120.0  # for the station to come back with the new firmware
 FIRMWARE_WAIT = 5.0  # how often a downloaded image checks whether charging has ended
@@ -513,6 +514,8 @@ class StationLink:
                 raise
             except (OSError, websockets.WebSocketException, TimeoutError) as err:
                 self.warn(f"central system at {self.url}: {err or type(err).__name__}")
+            except OCPPError as err:  # e.g. an answer that breaks the schema: start anew
+                self.warn(f"central system at {self.url}: {err.code}: {err.description}")
             except Exception:  # a bug must not end the station's OCPP connection for good
                 log.exception("%s: OCPP connection failed", self.ident)
             finally:
@@ -568,7 +571,7 @@ class StationLink:
             for trigger in sorted(self.triggers):
                 self.triggers.discard(trigger)
                 await self._triggered(peer, trigger)
-            interval = int(self.keys["HeartbeatInterval"].value) or interval
+            interval = max(MIN_INTERVAL, int(self.keys["HeartbeatInterval"].value) or interval)
             if time.monotonic() >= beat_at:
                 await self._call(peer, call.Heartbeat())
                 beat_at = time.monotonic() + interval
@@ -589,7 +592,9 @@ class StationLink:
                     firmware_version=str(firmware) if firmware is not None else None,
                 ),
             )
-            interval = int(result.interval) or 300
+            # 0 or less: the charge point chooses; a tiny one must not make a heartbeat flood.
+            interval = int(result.interval)
+            interval = max(MIN_INTERVAL, interval if interval > 0 else 300)
             if result.status == "Accepted":
                 self.keys["HeartbeatInterval"].value = str(interval)
                 return interval
