@@ -1,8 +1,8 @@
 """The composition root: builds every part of the service, starts and stops them in one order.
 
 The data flow: stations (evse/link) -> charge points (registry, chargepoint) -> control path and
-view -> interfaces (Modbus, openWB MQTT, Rust-bridge MQTT, HTTP). Start-up: state file, charge
-points, station link, Modbus, MQTT, HTTP, timers. Shutdown: no more commands from anyone, stop
+view -> interfaces (Modbus, openWB MQTT, Rust-bridge MQTT, OCPP, HTTP). Start-up: state file, charge
+points, station link, Modbus, MQTT, OCPP, HTTP, timers. Shutdown: no more commands from anyone, stop
 charging on every station the safe way (if configured), tell the MQTT controllers, close the
 stations' sessions, save energy.
 """
