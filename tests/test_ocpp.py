@@ -370,6 +370,9 @@ class RawCsms:
                     payload = {}
                     if frame[2] == "BootNotification" and ident == "cp2" and self.bad_boot:
                         payload = {"status": "Sure", "interval": "soon"}  # breaks the schema
+                        if self.connections[ident] % 2:  # and an error code nobody knows
+                            await ws.send(json.dumps([4, frame[1], "Oops", "?", {}]))
+                            continue
                     elif frame[2] == "BootNotification":
                         payload = {
                             "currentTime": "2026-01-01T00:00:00Z",
@@ -434,6 +437,17 @@ async def test_bad_input_from_the_central_system(make_rig, settings, caplog):
             "cp1", json.dumps([2, "u4", "ChangeAvailability", {"connectorId": 1}])
         )
         assert reply[:2] == [4, "u4"]
+        for n, frame in enumerate(
+            [
+                [2, "t1", ["GetConfiguration"], {}],
+                [2, "t2", 5, {}],
+                [2, "t3", "GetConfiguration", []],
+            ]
+        ):
+            reply = await raw.ask("cp1", json.dumps(frame))
+            assert reply[:3] == [4, f"t{n + 1}", "FormationViolation"], reply
+        await raw.sockets["cp1"].send(json.dumps([2, {"id": 1}, "Heartbeat", {}]))  # no answer
+        assert (await raw.ask("cp1", ok))[:2] == [3, "ok"]
         reply = await raw.ask("cp1", json.dumps([7, "u5", "Heartbeat", {}]))
         assert reply[:2] == [4, "u5"]
         # A flood of calls: every one answered in turn, nothing piles up.
@@ -453,11 +467,11 @@ async def test_bad_input_from_the_central_system(make_rig, settings, caplog):
         # An answer that breaks the schema: logged (no traceback), the connection starts anew.
         raw.bad_boot = True
         await raw.sockets["cp2"].close()
-        await eventually(lambda: raw.connections["cp2"] >= 3, timeout=10)
+        await eventually(lambda: raw.connections["cp2"] >= 4, timeout=10)
         assert "Traceback" not in caplog.text
         assert "TypeConstraintViolation" in caplog.text or "FormationViolation" in caplog.text
         raw.bad_boot = False
-        await eventually(lambda: raw.connections["cp2"] >= 4, timeout=10)
+        await eventually(lambda: raw.connections["cp2"] >= 5, timeout=10)
         await asyncio.sleep(0.3)
         cp2_connections = raw.connections["cp2"]
         # 1 MB: the connection is closed (message too big); the station reconnects; the other

@@ -176,3 +176,14 @@ def test_reconnect_backoff_spreads_and_is_capped():
     assert max(sum(1 for t in first if a <= t < a + 0.1) for a in first) <= 15
     assert all(6 <= backoff(n, 60, rng) <= 60 for n in range(5, 40))
     assert max(backoff(3, 10, rng) for _ in range(50)) <= 10
+
+
+def test_absolute_without_start_schedule_starts_when_set_and_keeps_that_start():
+    """evcc sends Absolute TxDefaultProfiles without startSchedule: they start when set, also
+    after a restart (the state file keeps when)."""
+    p = profile(start=None, periods=((0, 0), (600, 16)))
+    assert amps([p], T0 + 1) == 0 and amps([p], T0 + 601) == 16
+    raw = {**p.raw, "_installedAt": p.installed_at}
+    again = prof.parse(1, raw, T0 + 10_000)  # loaded later
+    assert again.installed_at == T0
+    assert amps([again], T0 + 601) == 16

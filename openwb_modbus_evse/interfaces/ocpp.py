@@ -37,7 +37,10 @@ import websockets
 from ocpp import messages as ocpp_messages
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
 from ocpp.exceptions import (
+    FormationViolationError,
+    GenericError,
     OCPPError,
+    UnknownCallErrorCodeError,
 )
 from ocpp.messages import Call, CallError, MessageType, unpack
 from ocpp.routing import after, on
@@ -194,6 +197,20 @@ class _Peer(LibraryChargePoint):
             return
         if msg.message_type_id == MessageType.Call:
             assert isinstance(msg, Call)
+            if not (
+                isinstance(msg.unique_id, str)
+                and isinstance(msg.action, str)
+                and isinstance(msg.payload, dict)
+            ):
+                # The library takes any JSON there; a list as action would not even hash.
+                link.iface.counters.count("in", "unknown", "FormationViolation")
+                link.warn("malformed call from the central system: wrong field types")
+                if isinstance(msg.unique_id, str) and len(msg.unique_id) <= 36:
+                    error = FormationViolationError(description="wrong field types in the call")
+                    await self._send(
+                        CallError(msg.unique_id, error.code, error.description, {}).to_json()
+                    )
+                return
             # Only OCPP 1.6's names become labels: a peer's invented ones would grow the metrics.
             action = msg.action if msg.action in _ACTIONS else "unknown"
             try:
@@ -550,6 +567,9 @@ class StationLink:
         action = type(payload).__name__
         try:
             result = await peer.call(payload, suppress=False)
+        except UnknownCallErrorCodeError as err:  # a plain Exception in the library
+            self.iface.counters.count("out", action, "unknown_error_code")
+            raise GenericError(description=str(err)) from None
         except OCPPError as err:
             self.iface.counters.count("out", action, err.code)
             raise
