@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -98,6 +99,7 @@ class Csms:
     connected: dict[str, _Cs] = field(default_factory=dict)
     connections: int = 0
     tx_given: list[int] = field(default_factory=list)  # transaction ids, in order
+    connect_times: list[float] = field(default_factory=list)  # time.monotonic() of each
     tx_ids: itertools.count = field(default_factory=lambda: itertools.count(1001))
     _server: Any = None
 
@@ -130,6 +132,7 @@ class Csms:
         cs = _Cs(ident, ws, self)
         self.connected[ident] = cs
         self.connections += 1
+        self.connect_times.append(time.monotonic())
         try:
             await cs.start()
         except websockets.ConnectionClosed:
