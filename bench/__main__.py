@@ -21,12 +21,23 @@ from bench.capacity import bench_capacity
 from bench.heartbeat import bench_heartbeat
 from bench.idle import bench_idle
 from bench.latency import bench_bridge, bench_latency, bench_mqtt
+from bench.ocpp import bench_ocpp
 from bench.processes import Child
 from bench.report import BenchError, say
 from bench.scrape import bench_scrape, run_scrapers
 from bench.throughput import bench_modbus, run_plain_server
 
-PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape", "idle")
+PARTS = (
+    "modbus",
+    "latency",
+    "mqtt",
+    "bridge",
+    "capacity",
+    "heartbeat",
+    "scrape",
+    "idle",
+    "ocpp",
+)
 
 
 def conditions(args: argparse.Namespace, parts: Sequence[str]) -> str:
@@ -55,7 +66,8 @@ def conditions(args: argparse.Namespace, parts: Sequence[str]) -> str:
             f"--stations {','.join(map(str, args.stations))} "
             f"--capacity-duration {args.capacity_duration:g} "
             f"--heartbeat-rounds {args.heartbeat_rounds} "
-            f"--heartbeat-timeout {args.heartbeat_timeout:g}",
+            f"--heartbeat-timeout {args.heartbeat_timeout:g} "
+            f"--ocpp-stations {args.ocpp_stations}",
         ),
     ]
     width = max(len(k) for k, _ in rows)
@@ -118,6 +130,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--heartbeat-timeout", type=float, default=2.0, help="the bridge's --heartbeat-timeout"
     )
     parser.add_argument(
+        "--ocpp-stations",
+        type=int,
+        default=200,
+        help="stations, each with its own OCPP connection, in the ocpp part",
+    )
+    parser.add_argument(
         "--plain-server",
         type=int,
         metavar="PORT",
@@ -147,6 +165,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,
         "idle": bench_idle,
+        "ocpp": bench_ocpp,
     }
     for part in args.only:
         await benches[part](args, workdir)

@@ -38,7 +38,7 @@ ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 #: Who may drive a charge point (``controller``); every interface reads, only this one writes.
-CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt")
+CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "ocpp")
 MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt")  # need mqtt_host
 #: The Rust dehneevse-mqtt-bridge's default topics (publish, subscribe).
 RUST_BRIDGE_TOPICS = ("from_dehneEVSE", "to_dehneEVSE")
@@ -157,6 +157,21 @@ def _failsafe_current(key: str, value: Any) -> float:
     if 0 < amps < 6:
         raise ConfigError(key, f"must be 0 (stop) or 6..32 A, got {amps:g}")
     return amps
+
+
+def _ocpp_url(key: str, value: Any) -> str:
+    url = _optional_str(key, value)
+    if url and not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(key, f"must be ws://host:port/path or wss://..., got {url!r}")
+    return url.rstrip("/")
+
+
+def _ocpp_id(key: str, value: Any) -> str:
+    ident = _str(key, value)
+    # OCPP-J: the identity is the last path segment; CiString48 in the spec.
+    if not re.fullmatch(r"[A-Za-z0-9._:*@+-]{1,48}", ident):
+        raise ConfigError(key, f"must be 1..48 letters, digits or ._:*@+-, got {ident!r}")
+    return ident
 
 
 def _serial(key: str, value: Any) -> str:
@@ -434,6 +449,33 @@ class StationConfig:
             example={"u1": [0, 1, 1], "i1": [0, 1, 1]},
         ),
     )
+    ocpp_url: str | None = field(
+        default=None,
+        metadata=key_info(
+            _ocpp_url,
+            "This station's OCPP central system (as the global ocpp_url); empty = none.",
+            more="Default: the global ocpp_url.",
+            example="ws://csms.example:9000/ocpp",
+        ),
+    )
+    ocpp_id: str | None = field(
+        default=None,
+        metadata=key_info(
+            _ocpp_id,
+            "The station's OCPP identity: it connects to <ocpp_url>/<ocpp_id>.",
+            more="Default: the station's name (LP<n> without one).",
+            example="garage",
+        ),
+    )
+    ocpp_password: str | None = field(
+        default=None,
+        metadata=key_info(
+            _str,
+            "OCPP Security Profile 1/2: the basic-auth password (user: ocpp_id).",
+            more="Default: none (Security Profile 0, or 2 with TLS alone).",
+            example="secret-of-garage",
+        ),
+    )
     address: Network | None = field(
         default=None,
         metadata=key_info(
@@ -634,8 +676,9 @@ class Settings:
             _one_of(*CONTROLLERS),
             "Who drives the charge points without their own controller.",
             more='"modbus", "openwb-mqtt" (an openWB primary over MQTT) or "bridge-mqtt" (the '
-            "Rust bridge's messages, see bridge_topics); both need mqtt_host. Every interface "
-            "reads; writes from the others are refused.",
+            'Rust bridge\'s messages, see bridge_topics); both need mqtt_host; "ocpp" (an OCPP '
+            "central system, needs ocpp_url). Every interface reads; writes from the others are "
+            "refused.",
             section="Controllers and MQTT (see docs/openwb-primary.md)",
             cli_type=click.Choice(CONTROLLERS),
         ),
@@ -679,6 +722,49 @@ class Settings:
             "Seconds without a Rust-bridge request before its stations stop charging.",
         ),
     )
+    ocpp_url: str = field(
+        default="",
+        metadata=key_info(
+            _ocpp_url,
+            "OCPP 1.6J central system, ws://host:port/path or wss://...; empty = OCPP off.",
+            more="Every station with an ocpp_url is a charge point of it, connected to "
+            '<ocpp_url>/<ocpp_id>; only stations with controller "ocpp" take its commands, the '
+            "others only report (see docs/ocpp.md).",
+            section="OCPP 1.6J (see docs/ocpp.md)",
+        ),
+    )
+    ocpp_ca_file: str = field(
+        default="",
+        metadata=key_info(
+            _readable_file,
+            "CA certificate file for wss:// central systems; empty = the system's CAs.",
+        ),
+    )
+    ocpp_id_tag: str = field(
+        default="openwb-modbus-evse",
+        metadata=key_info(
+            _ocpp_id,
+            "The id tag of transactions started by plugging in (the station has no RFID).",
+        ),
+    )
+    ocpp_offline_start: bool = field(
+        default=False,
+        metadata=key_info(
+            _bool,
+            'An "ocpp" station may start charging while the central system is unreachable.',
+            more="Its transaction is queued and sent when the central system is back. Off: "
+            "charging waits for the central system's answer (OCPP's default).",
+        ),
+    )
+    ocpp_reconnect_max: float = field(
+        default=60.0,
+        metadata=key_info(
+            _number(1, 3600),
+            "Seconds: the longest wait before reconnecting to the central system.",
+            more="The wait doubles from 4 s up to this, each a random part of it (jitter), "
+            "so a restarted central system is not hit by every station at once.",
+        ),
+    )
     unknown_stations: str = field(
         default="assign",
         metadata=key_info(
@@ -716,6 +802,12 @@ class Settings:
         """Which interface drives the station (its own ``controller``, else the global one)."""
         station = self.station_by_serial(serial)
         return (station.controller if station else None) or self.controller
+
+    def ocpp_url_of(self, serial: str) -> str:
+        """The station's OCPP central system ("": none)."""
+        station = self.station_by_serial(serial)
+        url = station.ocpp_url if station is not None else None
+        return self.ocpp_url if url is None else url
 
     def is_known(self, serial: str) -> bool:
         """A station the user named: in ``[[station]]`` or in ``known_stations``."""
@@ -765,7 +857,24 @@ def build(values: Mapping[str, Any]) -> Settings:
             raise ConfigError(name, "unknown key")
     result = Settings(**settings)
     _check_mqtt(result)
+    _check_ocpp_ids(result)
     return result
+
+
+def _check_ocpp_ids(settings: Settings) -> None:
+    """Two stations cannot be one charge point of the same central system."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, st in enumerate(settings.station):
+        url = settings.ocpp_url_of(st.serial)
+        ident = st.ocpp_id or st.name
+        if not url or ident is None:
+            continue
+        if (url, ident) in seen:
+            raise ConfigError(
+                f"station[{i}].ocpp_id",
+                f"{ident!r} at {url} is already station[{seen[url, ident]}] (set ocpp_id)",
+            )
+        seen[url, ident] = i
 
 
 def _check_mqtt(settings: Settings) -> None:
@@ -784,6 +893,11 @@ def _check_mqtt(settings: Settings) -> None:
         for i, st in enumerate(settings.station):
             if st.controller == "bridge-mqtt":
                 raise ConfigError(f"station[{i}].controller", "'bridge-mqtt' needs bridge_topics")
+    if settings.controller == "ocpp" and not settings.ocpp_url:
+        raise ConfigError("controller", "'ocpp' needs ocpp_url")
+    for i, st in enumerate(settings.station):
+        if settings.controller_of(st.serial) == "ocpp" and not settings.ocpp_url_of(st.serial):
+            raise ConfigError(f"station[{i}].controller", "'ocpp' needs ocpp_url")
     trees: dict[tuple[str, int], int] = {}
     for i, st in enumerate(settings.station):
         tree = station_tree(st)

@@ -1,8 +1,8 @@
 """The composition root: builds every part of the service, starts and stops them in one order.
 
 The data flow: stations (evse/link) -> charge points (registry, chargepoint) -> control path and
-view -> interfaces (Modbus, openWB MQTT, Rust-bridge MQTT, HTTP). Start-up: state file, charge
-points, station link, Modbus, MQTT, HTTP, timers. Shutdown: no more commands from anyone, stop
+view -> interfaces (Modbus, openWB MQTT, Rust-bridge MQTT, OCPP, HTTP). Start-up: state file, charge
+points, station link, Modbus, MQTT, OCPP, HTTP, timers. Shutdown: no more commands from anyone, stop
 charging on every station the safe way (if configured), tell the MQTT controllers, close the
 stations' sessions, save energy.
 """
@@ -29,6 +29,7 @@ from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
 from .interfaces.modbus.server import WRITE_CODES, ChargePointServer, ModbusObserver
+from .interfaces.ocpp import OcppInterface
 from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
@@ -119,6 +120,10 @@ class Service:
                     s, self.registry, self.control, self.mqtt, self.clock
                 )
                 self.link.listeners.append(self.bridge_mqtt)
+        # --- OCPP: every station with an ocpp_url is a charge point of a central system ---
+        self.ocpp: OcppInterface | None = None
+        if s.ocpp_url or any(st.ocpp_url for st in s.station):
+            self.ocpp = OcppInterface(s, self.registry, self.control, self.clock, self.firmware)
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
@@ -156,6 +161,8 @@ class Service:
             assert self.openwb is not None
             self.openwb.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
+        if self.ocpp is not None:
+            self.ocpp.start()  # connects in the background: a central system away is no error
         if s.metrics_port:
             admin = AdminApi(self.registry, self.firmware, s.admin_token)
             hosts = own_names(s.http_hosts)
@@ -208,6 +215,8 @@ class Service:
             self.openwb.close()
         if self.bridge_mqtt is not None:
             self.bridge_mqtt.close()
+        if self.ocpp is not None:
+            self.ocpp.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
         # A station counts as settled only once a report after our last command shows it: one
@@ -229,6 +238,8 @@ class Service:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.mqtt is not None:
             await self.mqtt.stop()
+        if self.ocpp is not None:
+            await self.ocpp.stop()  # its queue stays in the state file
         await self.link.close()
         self.registry.save_energy(final=True)
         if self.registry.store is not None:
@@ -307,6 +318,7 @@ class Service:
                     firmware=session.firmware if session else None,
                     heartbeat_age_s=heartbeat.age() if heartbeat else None,
                     history=tuple(self.history.series(point.identity.serial)),
+                    ocpp=self.ocpp.snapshot(point) if self.ocpp is not None else None,
                 )
             )
         mqtt = self.mqtt
@@ -337,4 +349,5 @@ class Service:
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
             history_interval_s=self.history.interval,
             log_lines_left_out=tuple(sorted(left_out_totals().items())),
+            ocpp_messages=self.ocpp.messages() if self.ocpp is not None else (),
         )

@@ -13,6 +13,19 @@ from . import chargepoint as cp
 
 
 @dataclass(frozen=True)
+class OcppSnapshot:
+    """A station's OCPP connection."""
+
+    ident: str  # its OCPP identity
+    url: str
+    up: bool  # connected and booted
+    reconnects: int
+    queued: int  # messages waiting for the central system
+    status: str  # the connector's status as sent (or to be sent)
+    transaction: str | None  # the central system's transaction id, or the local one
+
+
+@dataclass(frozen=True)
 class PointSnapshot:
     """One charge point (a :class:`~.view.Viewable`)."""
 
@@ -25,6 +38,7 @@ class PointSnapshot:
     firmware: int | None  # of the connected station
     heartbeat_age_s: float | None  # of its controller's heartbeat (None: it has none)
     history: tuple[tuple[float, float | None], ...]  # power samples for the page
+    ocpp: OcppSnapshot | None = None  # its OCPP connection, if it has one
 
 
 @dataclass(frozen=True)
@@ -63,3 +77,5 @@ class Snapshot:
     connections: tuple[tuple[str, int], ...]  # open connections by listener
     history_interval_s: float
     log_lines_left_out: tuple[tuple[str, int], ...]  # by kind (ratelimit.left_out_totals)
+    # OCPP messages by (direction "in"/"out", action, result), counted since start
+    ocpp_messages: tuple[tuple[str, str, str, int], ...] = ()

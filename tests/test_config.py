@@ -119,7 +119,20 @@ def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
         ),
         (f'[[station]]\nserial = "{SERIAL}"\nlp = 12', "station[0].lp", "1..9"),
         ("[[station]]\nlp = 1", "station[0].serial", "required"),
-        ('controller = "ocpp"', "controller", "modbus, openwb-mqtt"),
+        ('controller = "iec104"', "controller", "modbus, openwb-mqtt"),
+        ('controller = "ocpp"', "controller", "needs ocpp_url"),
+        ('ocpp_url = "http://x/ocpp"', "ocpp_url", "ws://host:port/path"),
+        (
+            f'[[station]]\nserial = "{SERIAL}"\nocpp_id = "a/b"',
+            "station[0].ocpp_id",
+            "letters, digits",
+        ),
+        (
+            f'ocpp_url = "ws://cs/ocpp"\n[[station]]\nserial = "{SERIAL}"\nname = "a"\n'
+            f'[[station]]\nserial = "{SERIAL[:-1]}3"\nocpp_id = "a"',
+            "station[1].ocpp_id",
+            "already station[0]",
+        ),
         ('controller = "openwb-mqtt"', "controller", "needs mqtt_host"),
         (
             f'[[station]]\nserial = "{SERIAL}"\ncontroller = "openwb-mqtt"',

@@ -521,7 +521,7 @@ def test_the_metrics_page_lists_every_metric():
         Path(openwb_modbus_evse.__file__).resolve().parents[1] / "docs" / "metrics.md"
     ).read_text()
 
-    from openwb_modbus_evse.config import Settings
+    from openwb_modbus_evse.config import Settings, StationConfig
     from openwb_modbus_evse.service import Service
 
     async def families() -> set[str]:
@@ -535,6 +535,9 @@ def test_the_metrics_page_lists_every_metric():
                 state_db=":memory:",
                 mqtt_host="127.0.0.1",
                 mqtt_port=free_port(),
+                # OCPP on (a central system that is not there): its metrics exist meanwhile.
+                ocpp_url=f"ws://127.0.0.1:{free_port()}/ocpp",
+                station=(StationConfig(serial="AB" * 16, lp=1),),
             )
         )
         await bridge.start()

@@ -185,6 +185,7 @@ class _SnapshotCollector(Collector):
         for kind, count in snap.log_lines_left_out:
             left_out.add_metric([kind], count)
         yield left_out
+        yield from _ocpp_metrics(snap)
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",
@@ -196,6 +197,39 @@ class _SnapshotCollector(Collector):
         for listener, count in snap.connections:
             connections.add_metric([listener], count)
         yield connections
+
+
+def _ocpp_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """The OCPP connections: up, reconnects, queue length per station; messages."""
+    linked = [p for p in snap.points if p.ocpp is not None]
+    if not linked:
+        return
+    up = GaugeMetricFamily(
+        f"{PREFIX}_ocpp_up", "1 while connected to the OCPP central system.", labels=_CP_LABELS
+    )
+    reconnects = CounterMetricFamily(
+        f"{PREFIX}_ocpp_reconnects", "Reconnects to the OCPP central system.", labels=_CP_LABELS
+    )
+    queued = GaugeMetricFamily(
+        f"{PREFIX}_ocpp_queue_length",
+        "OCPP messages waiting for the central system (transaction messages in the state file).",
+        labels=_CP_LABELS,
+    )
+    for point in linked:
+        assert point.ocpp is not None
+        ident = point.identity
+        labels = [str(ident.lp or ""), short_serial(ident.serial), ident.name]
+        up.add_metric(labels, int(point.ocpp.up))
+        reconnects.add_metric(labels, point.ocpp.reconnects)
+        queued.add_metric(labels, point.ocpp.queued)
+    messages = CounterMetricFamily(
+        f"{PREFIX}_ocpp_messages",
+        "OCPP calls, by direction (in: from the central system), action and result.",
+        labels=["direction", "action", "result"],
+    )
+    for direction, action, result, count in snap.ocpp_messages:
+        messages.add_metric([direction, action, result], count)
+    yield from (up, reconnects, queued, messages)
 
 
 def _add(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:

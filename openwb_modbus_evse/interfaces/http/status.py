@@ -51,6 +51,23 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "data_age_s": round(now - state.data_at, 1) if state.data_at is not None else None,
         "log": list(point.recent_log),
         "history": [list(sample) for sample in point.history],
+        "ocpp": _ocpp_json(point),
+    }
+
+
+def _ocpp_json(point: PointSnapshot) -> dict[str, Any] | None:
+    """The station's OCPP connection (None: it has none)."""
+    link = point.ocpp
+    if link is None:
+        return None
+    return {
+        "id": link.ident,
+        "url": link.url,
+        "connected": link.up,
+        "reconnects": link.reconnects,
+        "queued": link.queued,
+        "status": link.status,
+        "transaction": link.transaction,
     }
 
 

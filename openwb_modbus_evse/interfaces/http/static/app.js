@@ -93,6 +93,13 @@ function card(cp, now) {
   const beat = cp.heartbeat_lapsed ? "heartbeat lapsed"
     : cp.heartbeat_age_s === null ? "no heartbeat yet" : `heartbeat ${fixed(cp.heartbeat_age_s, 0)} s ago`;
   row(dl, "Controller", "controller", `${cp.controller}, ${beat}`);
+  if (cp.ocpp !== null) {
+    const link = cp.ocpp;
+    const state = link.connected ? `connected, ${link.status}` : "not connected";
+    const queued = link.queued ? `, ${link.queued} queued` : "";
+    const tx = link.transaction === null ? "" : `, transaction ${link.transaction}`;
+    row(dl, "OCPP", "ocpp", `${link.id}: ${state}${tx}${queued}`);
+  }
   row(dl, "Station uptime", "uptime_s", duration(cp.uptime_s));
   row(dl, "WiFi", "rssi_dbm", cp.rssi_dbm === null ? "–" : `${cp.rssi_dbm} dBm`);
   row(dl, "Firmware", "firmware", cp.firmware === null ? "–" : String(cp.firmware));
