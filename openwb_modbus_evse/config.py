@@ -487,7 +487,12 @@ class Settings:
         default=1502, metadata=key_info(_integer(0, 65535), "Modbus TCP port, 0 = off.")
     )
     unit_id: int = field(
-        default=1, metadata=key_info(_integer(0, 247), "Modbus unit ID, 0 = answer any.")
+        default=1,
+        metadata=key_info(
+            _integer(0, 247),
+            "Modbus unit ID of LP1..9, 0 = answer any.",
+            more="LP10..18 are served at the next unit ID, and so on; 0 serves LP1..9 only.",
+        ),
     )
     modbus_max_connections: int = field(
         default=64, metadata=key_info(_integer(1, 100_000), "Modbus connections open at most.")
