@@ -7,8 +7,10 @@ pymodbus client, with mbpoll and with the status client, and written through uni
 import asyncio
 import subprocess
 
+from click.testing import CliRunner
 from conftest import eventually, require_tool
 
+from openwb_modbus_evse.cli import main
 from openwb_modbus_evse.config import LPS_PER_UNIT, MAX_LP
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
 from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
@@ -122,3 +124,13 @@ async def test_unit_id_0_keeps_lp1_to_9_on_every_unit_id(make_rig, settings):
         assert (await read(client, unit, 1))["serial_number"] == station.serial[-20:]
     rows = await read_status("127.0.0.1", rig.modbus_port, unit=0)
     assert [r.lp for r in rows] == [1]
+
+
+def test_registers_command_shows_lp10_at_the_next_unit_id():
+    lp10 = CliRunner().invoke(main, ["registers", "--lp", "10"])
+    lp1 = CliRunner().invoke(main, ["registers", "--lp", "1"])
+    assert lp10.exit_code == 0 and lp1.exit_code == 0
+    first, rest = lp10.output.split("\n", 1)
+    assert "unit ID unit_id + 1" in first and "LP1:" in first
+    assert rest == lp1.output  # the same addresses as LP1
+    assert "11071" not in lp10.output and "10171" in lp10.output
