@@ -13,6 +13,7 @@ from conftest import eventually, require_tool
 from openwb_modbus_evse.cli import main
 from openwb_modbus_evse.config import LPS_PER_UNIT, MAX_LP
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
+from openwb_modbus_evse.interfaces.modbus.server import ChargePointServer
 from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 from openwb_modbus_evse.tools.status import read_status
 
@@ -134,3 +135,12 @@ def test_registers_command_shows_lp10_at_the_next_unit_id():
     assert "unit ID unit_id + 1" in first and "LP1:" in first
     assert rest == lp1.output  # the same addresses as LP1
     assert "11071" not in lp10.output and "10171" in lp10.output
+
+
+def test_unit_ids_stop_at_247():
+    def server(unit_id):
+        return ChargePointServer(lambda lp: None, lambda: 0.0, None, unit_id=unit_id)
+
+    assert server(1).units() == range(1, 1 + MAX_LP // LPS_PER_UNIT)
+    assert server(230).units() == range(230, 248)  # Modbus has no unit ID above 247
+    assert server(0).units() == range(0, 1)  # every unit ID: LP1..9 only
