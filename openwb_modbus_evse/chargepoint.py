@@ -283,6 +283,20 @@ def charging(state: State) -> bool:
     return data is not None and data.contactor and data.pilot.requests_power
 
 
+def measured_phases(state: State) -> int:
+    """The phases the vehicle draws current on, per the latest data; 0 unless charging."""
+    data = state.data
+    if data is None or not charging(state):
+        return 0
+    return sum(ma >= STOPPED_MA for ma in data.currents_ma)
+
+
+def phases_in_use(state: State) -> int:
+    """The phases the station really uses: as measured while the vehicle draws current, else
+    those of the last switch (the wiring until the first)."""
+    return measured_phases(state) or state.phases
+
+
 def busy(state: State) -> bool:
     """The station charges, or its contactor is closed (per its latest data): no firmware
     update, LP move or forget now."""
@@ -500,10 +514,20 @@ def _check_can_start_sequence(state: State, what: str) -> None:
 
 
 def trigger_phase_switch(state: State, now: float) -> State:
-    """Start the phase switch to the target; a no-op when the target is already in use."""
+    """Start the phase switch to the target; a no-op when the target is already in use.
+
+    "In use" is what the station really uses (:func:`phases_in_use`): a vehicle that draws on
+    one phase while three were switched last (a relay that did not follow, a restart) gets the
+    switch it asks for, instead of a no-op that would leave it there. After a failed switch
+    every trigger runs the command again, whatever the target. A trigger for the switch that
+    is already running is that same command again: accepted, nothing changes.
+    """
     phases = state.phase_target if state.phase_target is not None else state.phases
-    if phases == state.phases and not state.switch_failed:
+    seq = state.sequence
+    if seq is not None and seq.phases == phases:
         return state
+    if seq is None and phases == phases_in_use(state) and not state.switch_failed:
+        return settle(replace(state, phases=phases), now)
     _check_can_start_sequence(state, "phase switch")
     seq = Sequence(stage=Stage.STOPPING, phases=phases, after_report=state.reports)
     return settle(replace(state, sequence=seq, switch_failed=False), now)

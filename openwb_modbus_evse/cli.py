@@ -298,13 +298,19 @@ def mosquitto_config(config_path: str | None, addresses: tuple[str, ...], port: 
     default=1,
     show_default=True,
     type=click.IntRange(1, config_mod.MAX_LP),
-    help="Show addresses of this LP.",
+    help="Show addresses of this LP (LP10 and up: at the next unit IDs).",
 )
 def registers(markdown: bool, lp: int) -> None:
     """Print the register map (register_map.csv)."""
     from .interfaces.modbus.registers import REGISTER_MAP, format_table
 
-    click.echo(format_table(REGISTER_MAP, lp, markdown=markdown))
+    units, block = divmod(lp - 1, config_mod.LPS_PER_UNIT)
+    if units:
+        click.echo(
+            f"LP{lp} is served at unit ID unit_id + {units} (unit {1 + units} with the default "
+            f"unit_id = 1), in the block of LP{block + 1}:"
+        )
+    click.echo(format_table(REGISTER_MAP, block + 1, markdown=markdown))
 
 
 @main.command("config-reference")

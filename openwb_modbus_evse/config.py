@@ -32,8 +32,12 @@ from .evse.protocol import (
 )
 from .limits import Network, parse_networks
 
-#: How many charge points are served (LP1..LP9, one openWB register block each).
-MAX_LP = 9
+#: How many LPs one Modbus unit ID serves: an openWB has register blocks for LP1..LP9.
+LPS_PER_UNIT = 9
+#: How many charge points are served: nine per unit ID, on 27 unit IDs (LP10 is LP1 of the
+#: second unit ID, ...). 27 unit IDs fit from any unit_id up to 221 within Modbus' 1..247, and
+#: 243 charge points are more than one service's link, supply and controllers are built for.
+MAX_LP = LPS_PER_UNIT * 27
 ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
@@ -536,7 +540,12 @@ class Settings:
         default=1502, metadata=key_info(_integer(0, 65535), "Modbus TCP port, 0 = off.")
     )
     unit_id: int = field(
-        default=1, metadata=key_info(_integer(0, 247), "Modbus unit ID, 0 = answer any.")
+        default=1,
+        metadata=key_info(
+            _integer(0, 247),
+            "Modbus unit ID of LP1..9, 0 = answer any.",
+            more="LP10..18 are served at the next unit ID, and so on; 0 serves LP1..9 only.",
+        ),
     )
     modbus_max_connections: int = field(
         default=64, metadata=key_info(_integer(1, 100_000), "Modbus connections open at most.")

@@ -75,12 +75,16 @@ class PhaseSwitcher:
         station = self._settings.station_by_serial(point.identity.serial)
         seq = point.state.sequence
         assert station is not None and station.phase_switch_command and seq and seq.phases
-        ok = await run_switch_command(
-            station.phase_switch_command,
-            seq.phases,
-            self._settings.phase_switch_timeout,
-            point.name,
-        )
+        try:
+            ok = await run_switch_command(
+                station.phase_switch_command,
+                seq.phases,
+                self._settings.phase_switch_timeout,
+                point.name,
+            )
+        except Exception:  # a bug must not leave the switch running for ever (busy to triggers)
+            log.exception("%s: the phase-switch command could not be run", point.name)
+            ok = False
         self._done(ok)
         point.commit(cp.phase_switch_finished(point.state, ok, self._clock()))
 

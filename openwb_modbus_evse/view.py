@@ -140,7 +140,7 @@ def show(point: Viewable, now: float) -> Shown:
         _plugged(state, data),
         charging,
         cp.offered_amps(data.pwm),
-        sum(ma >= cp.STOPPED_MA for ma in i) if charging else 0,
+        cp.measured_phases(state),
         min(config.max_current_a, cable_a) if cable_a else config.max_current_a,
         point.energy_wh,
         *_fault(state, data),

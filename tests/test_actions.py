@@ -142,7 +142,7 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     assert done.returncode != 0 and "in the config file" in done.stderr
     done = await cli(rig, "move", virtual_serial(9), "6")
     assert done.returncode != 0 and "404" in done.stderr
-    status, _ = await http(rig, "POST", f"/api/stations/{serial}/move", json={"lp": 10})
+    status, _ = await http(rig, "POST", f"/api/stations/{serial}/move", json={"lp": 244})
     assert status == 400
     status, _ = await http(rig, "POST", f"/api/stations/{serial}/move", data=b"{nope")
     assert status == 400

@@ -703,3 +703,37 @@ def test_a_lapsed_heartbeat_offers_the_failsafe_current_never_more_than_requeste
     assert cp.allowed_ca(unenforced) == 1600
     default = cp.set_heartbeat_lapsed(cp.set_current(connected(pilot=Pilot.C_6V), 1600, 0), True, 1)
     assert cp.offered_pwm(default) == cp.PWM_OFF  # failsafe 0 (the default): stop
+
+
+# --- phase switch reliability -------------------------------------------------------------
+
+
+def drawing_on_one_phase(config=SWITCHABLE) -> cp.State:
+    s = cp.set_current(connected(config, pilot=Pilot.B_9V), 1600, 0)
+    data = idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True, currents_ma=(15_600, 0, 0))
+    return cp.observe(s, data, 0)
+
+
+def test_phases_in_use_are_measured_while_charging():
+    s = drawing_on_one_phase()
+    assert s.phases == 3 and cp.measured_phases(s) == 1 and cp.phases_in_use(s) == 1
+    assert cp.measured_phases(connected(SWITCHABLE)) == 0  # not charging: nothing measured
+    assert cp.phases_in_use(connected(SWITCHABLE)) == 3  # the last switch's (the wiring)
+
+
+def test_a_trigger_to_the_assumed_but_not_measured_phases_switches():
+    s = cp.trigger_phase_switch(cp.set_phase_target(drawing_on_one_phase(), 3, 0), 0)
+    assert s.sequence is not None and s.sequence.phases == 3
+    # Asked for the phase the vehicle draws on: a no-op that learns the relay's position.
+    s = cp.trigger_phase_switch(cp.set_phase_target(drawing_on_one_phase(), 1, 0), 0)
+    assert s.sequence is None and s.phases == 1
+    assert cp.target(s, 0) == cp.Target(26, True)  # charging goes on
+
+
+def test_a_repeated_trigger_is_the_running_switch_and_another_target_is_busy():
+    s = replace(charging_state(), config=SWITCHABLE)
+    s = cp.trigger_phase_switch(cp.set_phase_target(s, 1, 0), 0)
+    assert cp.trigger_phase_switch(s, 0.1) is s
+    with pytest.raises(cp.Refused) as err:
+        cp.trigger_phase_switch(cp.set_phase_target(s, 3, 0.1), 0.1)
+    assert err.value.kind is cp.RefusalKind.BUSY

@@ -117,7 +117,7 @@ def test_command_line_overrides_the_file_and_none_means_not_given(tmp_path):
             "station[0].address",
             "IP address or network",
         ),
-        (f'[[station]]\nserial = "{SERIAL}"\nlp = 12', "station[0].lp", "1..9"),
+        (f'[[station]]\nserial = "{SERIAL}"\nlp = 244', "station[0].lp", "1..243"),
         ("[[station]]\nlp = 1", "station[0].serial", "required"),
         ('controller = "iec104"', "controller", "modbus, openwb-mqtt"),
         ('controller = "ocpp"', "controller", "needs ocpp_url"),
@@ -213,7 +213,7 @@ def test_serve_stops_with_one_line_and_no_traceback(tmp_path):
     path.write_text(f'[[station]]\nserial = "{SERIAL}"\nlp = 0\n')
     done = run_serve("--config", str(path))
     assert done.returncode == 2
-    assert done.stderr.strip() == "config error: station[0].lp: must be 1..9, got 0"
+    assert done.stderr.strip() == "config error: station[0].lp: must be 1..243, got 0"
     assert done.stdout == ""
 
 

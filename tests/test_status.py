@@ -14,7 +14,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from openwb_modbus_evse.config import MAX_LP
+from openwb_modbus_evse.config import LPS_PER_UNIT
 from openwb_modbus_evse.interfaces.modbus.registers import LP_STRIDE, REGISTER_MAP, lp_base
 from openwb_modbus_evse.tools.status import (
     LpStatus,
@@ -82,7 +82,7 @@ EXPECTED_LP3 = LpStatus(
 def _registers(blocks: dict[int, dict]) -> list[int]:
     """LP1..LP9 as one register array; LPs not given are all zeros, as a real openWB serves them."""
     registers = []
-    for lp in range(1, MAX_LP + 1):
+    for lp in range(1, LPS_PER_UNIT + 1):
         registers += REGISTER_MAP.encode(blocks[lp]) if lp in blocks else [0] * LP_STRIDE
     return registers
 

@@ -126,8 +126,13 @@ class VirtualStation:
         name: str | None = None,
         firmware_update: str = "reboot",
         firmware_after_update: int | None = None,
+        relay: Callable[[], int] | None = None,
     ) -> None:
         """``vehicle=None`` means a default vehicle that is only plugged in by ``plug_in()``.
+
+        ``relay`` says how many phases (1 or 3) an external phase relay connects right now (it
+        is outside the station, like a real one: e.g. a test reads what its relay command
+        wrote); the vehicle draws on no more. None: all three are connected.
 
         A firmware upload with a good CRC makes the station ``"reboot"`` (drop the connection,
         come back after ``reconnect_delay`` with ``firmware_after_update``, if given),
@@ -153,6 +158,7 @@ class VirtualStation:
         self.name = name or self._serial
         self._firmware_update = firmware_update
         self._firmware_after_update = firmware_after_update
+        self._relay = relay
         self._uploads: list[bytes] = []
         self._rebooting = False
 
@@ -230,7 +236,8 @@ class VirtualStation:
         if not (self._plugged and self._contactor and self._wants_power):
             return (0, 0, 0)
         ma = round(min(self._vehicle_amps, self._vehicle.max_current_a) * 1000)
-        others = ma if self._vehicle.phases == 3 else 0
+        phases = min(self._vehicle.phases, self._relay() if self._relay is not None else 3)
+        others = ma if phases == 3 else 0
         return (ma, others, others)
 
     @property

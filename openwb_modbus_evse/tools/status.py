@@ -28,11 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
-from ..config import MAX_LP
+from ..config import LPS_PER_UNIT, MAX_LP
 from ..interfaces.modbus.registers import LP_STRIDE, REGISTER_MAP, Value, lp_base
 
 _HARDWARE_TYPES = (1, 2)  # series2, Pro; a real openWB serves zeros for LPs it does not have
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, then clear
+_NO_SUCH_UNIT = 0x0B  # gateway target failed to respond: nothing behind this unit ID
+UNIT_GROUPS = -(-MAX_LP // LPS_PER_UNIT)
 
 
 class StatusError(Exception):
@@ -65,7 +67,10 @@ async def read_status(
     timeout: float = 3.0,
     metrics_port: int | None = None,
 ) -> list[LpStatus]:
-    """Read LP1..LP9 and return the charge points that are present, in LP order.
+    """Read every LP and return the charge points that are present, in LP order.
+
+    LP1..9 are read at unit ``unit``, LP10..18 at ``unit + 1``, ... until a unit ID serves
+    nothing; unit 0 reads LP1..9 only.
 
     With ``metrics_port``, each row also says which interface controls it (if that answers).
     Raises StatusError when the host cannot be reached or stops answering.
@@ -83,30 +88,49 @@ async def read_status(
             else:
                 reason = await _connect_error(host, port, timeout)
             raise StatusError(f"cannot reach {_endpoint(host, port)}: {reason}")
-        rows = []
-        for lp in range(1, MAX_LP + 1):
-            try:
-                result = await client.read_input_registers(
-                    lp_base(lp), count=LP_STRIDE, device_id=unit
-                )
-            except ModbusIOException as exc:
-                raise StatusError(
-                    f"cannot reach {_endpoint(host, port)}: "
-                    f"no answer from unit {unit} within {timeout:g} s"
-                ) from exc
-            except ModbusException as exc:
-                raise StatusError(f"cannot reach {_endpoint(host, port)}: {exc}") from exc
-            # An exception response (e.g. illegal address) is how a secondary says "no such LP".
-            if result.isError() or len(result.registers) < LP_STRIDE:
-                continue
-            row = _lp_status(lp, REGISTER_MAP.decode(result.registers))
-            if row is not None:
-                rows.append(row)
+        rows: list[LpStatus] = []
+        # LP10 and up are LP1.. of the next unit IDs: scan them until a unit ID has nothing
+        # (or only charge points already seen: a secondary that ignores the unit ID).
+        for group in range(UNIT_GROUPS if unit else 1):
+            found = await _read_unit(client, host, port, unit + group, group, timeout)
+            if not found or {r.serial for r in found} <= {r.serial for r in rows}:
+                break
+            rows += found
     finally:
         client.close()
     if metrics_port and rows:
         controllers = await asyncio.to_thread(_controllers, host, metrics_port, timeout)
         rows = [dataclasses.replace(row, controller=controllers.get(row.lp)) for row in rows]
+    return rows
+
+
+async def _read_unit(
+    client: AsyncModbusTcpClient, host: str, port: int, unit: int, group: int, timeout: float
+) -> list[LpStatus]:
+    """The charge points unit ``unit`` serves, as LP ``9 * group + 1`` .. ``9 * group + 9``."""
+    rows = []
+    for block in range(1, LPS_PER_UNIT + 1):
+        try:
+            result = await client.read_input_registers(
+                lp_base(block), count=LP_STRIDE, device_id=unit
+            )
+        except ModbusIOException as exc:
+            if group:  # a secondary that does not answer further unit IDs has no more LPs
+                break
+            raise StatusError(
+                f"cannot reach {_endpoint(host, port)}: "
+                f"no answer from unit {unit} within {timeout:g} s"
+            ) from exc
+        except ModbusException as exc:
+            raise StatusError(f"cannot reach {_endpoint(host, port)}: {exc}") from exc
+        if result.isError() and result.exception_code == _NO_SUCH_UNIT:
+            break
+        # An exception response (e.g. illegal address) is how a secondary says "no such LP".
+        if result.isError() or len(result.registers) < LP_STRIDE:
+            continue
+        row = _lp_status(LPS_PER_UNIT * group + block, REGISTER_MAP.decode(result.registers))
+        if row is not None:
+            rows.append(row)
     return rows
 
 

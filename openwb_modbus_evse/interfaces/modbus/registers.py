@@ -208,7 +208,7 @@ class BlockEncoder:
 
     def __init__(self, regmap: RegisterMap = REGISTER_MAP) -> None:
         self._regmap = regmap
-        # By LP, not by station: at most nine entries, however many stations come and go.
+        # By LP, not by station: at most MAX_LP entries, however many stations come and go.
         self._last: dict[int | None, tuple[State, int, Freshness, list[int]]] = {}
 
     def block(self, point: Viewable, now: float) -> list[int]:

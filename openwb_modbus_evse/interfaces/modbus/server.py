@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerSocket
@@ -33,7 +34,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
 from ... import chargepoint as cp
-from ...config import MAX_LP
+from ...config import LPS_PER_UNIT, MAX_LP
 from ...control import MODBUS, Command, Control, Kind
 from ...limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
 from ...ratelimit import RateLimit
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 READ_CODES = (3, 4)  # openWB answers both with the same values
 WRITE_CODES = (6, 16)
 FIRST_ADDRESS = LP_BASE + LP_STRIDE  # LP1
-ADDRESS_COUNT = LP_STRIDE * MAX_LP
+ADDRESS_COUNT = LP_STRIDE * LPS_PER_UNIT  # one unit ID's blocks: LP1..LP9 of its group
+UNIT_GROUPS = -(-MAX_LP // LPS_PER_UNIT)  # unit IDs needed for every LP
+LAST_UNIT_ID = 247  # the highest unit ID Modbus allows
 
 _REFUSAL_CODES = {
     cp.RefusalKind.BAD_VALUE: ExcCodes.ILLEGAL_VALUE,
@@ -405,7 +408,8 @@ class _Server(ModbusTcpServer):
 
 
 class ChargePointServer:
-    """Serves the charge point of LP n at 10000 + 100 n over Modbus TCP."""
+    """Serves the charge point of LP n over Modbus TCP: at unit ``unit_id + (n - 1) // 9``, in
+    the block at 10000 + 100 ((n - 1) % 9 + 1) (LP10 is served as LP1 of the next unit ID)."""
 
     def __init__(
         self,
@@ -433,14 +437,32 @@ class ChargePointServer:
         self._server: _Server | None = None
         self.port = 0
 
-    def devices(self) -> list[SimDevice]:
-        """The pymodbus devices: ours, and (unless unit ID 0 = any) one that answers the rest."""
-        block = SimData(address=FIRST_ADDRESS, count=ADDRESS_COUNT, datatype=DataType.REGISTERS)
-        ours = SimDevice(id=self.unit_id, simdata=[block], action=self.action)
+    def units(self) -> range:
+        """The unit IDs that serve LPs: ``unit_id`` for LP1..9, the next for LP10..18, ...
+
+        With ``unit_id`` 0 only LP1..9 are served, on every unit ID.
+        """
         if self.unit_id == 0:
-            return [ours]
+            return range(0, 1)
+        return range(self.unit_id, min(self.unit_id + UNIT_GROUPS, LAST_UNIT_ID + 1))
+
+    def devices(self) -> list[SimDevice]:
+        """The pymodbus devices: one per unit ID that serves LPs, and (unless unit ID 0 = any)
+        one that answers the rest."""
+        devices = []
+        for group, unit in enumerate(self.units()):
+            block = SimData(address=FIRST_ADDRESS, count=ADDRESS_COUNT, datatype=DataType.REGISTERS)
+            devices.append(SimDevice(id=unit, simdata=[block], action=self._action_for(group)))
+        if self.unit_id == 0:
+            return devices
         everything = SimData(address=0, count=0xFFFF, datatype=DataType.REGISTERS)
-        return [ours, SimDevice(id=0, simdata=[everything], action=_no_such_unit)]
+        return [*devices, SimDevice(id=0, simdata=[everything], action=_no_such_unit)]
+
+    def _action_for(self, group: int) -> Callable[..., Awaitable[ExcCodes | None]]:
+        async def action(*args: Any) -> ExcCodes | None:
+            return await self.action(*args, group=group)
+
+        return action
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0 picks a free one, readable from ``self.port``)."""
@@ -460,7 +482,13 @@ class ChargePointServer:
         self._server = server
         assert server.transport is not None
         self.port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        log.info("Modbus server listening on %s:%d, unit ID %d", host, self.port, self.unit_id)
+        units = self.units()
+        log.info(
+            "Modbus server listening on %s:%d, unit ID %s",
+            host,
+            self.port,
+            units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}",
+        )
 
     async def stop(self) -> None:
         """Stop listening and drop the clients."""
@@ -471,7 +499,8 @@ class ChargePointServer:
 
     def read(self, device_id: int, address: int, count: int) -> list[int] | ExcCodes:
         """Registers ``address`` .. ``address + count - 1`` of unit ``device_id`` (FC 3 and 4)."""
-        if self.unit_id and device_id != self.unit_id:
+        group = self._group(device_id)
+        if group is None:
             return ExcCodes.GATEWAY_NO_RESPONSE
         if address < FIRST_ADDRESS or address + count > FIRST_ADDRESS + ADDRESS_COUNT:
             return ExcCodes.ILLEGAL_ADDRESS
@@ -479,15 +508,30 @@ class ChargePointServer:
         now = self._clock()
         blocks: list[int] = []
         for lp in range(first, last + 1):
-            point = self._charge_point(lp)
+            point = self._charge_point(group * LPS_PER_UNIT + lp)
             if point is None:
-                return ExcCodes.ILLEGAL_ADDRESS
+                return self._missing(group)
             block = self._blocks.block(point, now)
             if first == last and count == LP_STRIDE:
                 return block  # the usual whole-block read: no copy
             blocks += block
         offset = address - lp_base(first)
         return blocks[offset : offset + count]
+
+    def _missing(self, group: int) -> ExcCodes:
+        """The answer for an LP that is not there: exception 2, or 11 if the whole unit ID has
+        none (a unit ID beyond the last station is as absent as any unknown one)."""
+        first = group * LPS_PER_UNIT
+        if group and all(self._charge_point(first + n) is None for n in range(1, LPS_PER_UNIT + 1)):
+            return ExcCodes.GATEWAY_NO_RESPONSE
+        return ExcCodes.ILLEGAL_ADDRESS
+
+    def _group(self, device_id: int) -> int | None:
+        """Which nine LPs unit ``device_id`` serves (0: LP1..9, 1: LP10..18, ...), if any."""
+        if self.unit_id == 0:
+            return 0
+        group = device_id - self.unit_id
+        return group if 0 <= group < len(self.units()) else None
 
     async def action(
         self,
@@ -497,22 +541,27 @@ class ChargePointServer:
         count: int,
         registers: list[int],
         set_values: list[int] | list[bool] | None,
+        *,
+        group: int = 0,
     ) -> ExcCodes | None:
-        """pymodbus calls this before every write to our registers (FC 6 and 16)."""
+        """pymodbus calls this before every write to our registers (FC 6 and 16) of the unit
+        ID that serves LP group ``group`` (0: LP1..9, 1: LP10..18, ...)."""
         if set_values is None:
             return None  # pymodbus reads back a single write for its echo: the written value
+        first = group * LPS_PER_UNIT
         lps = range(
             (address - LP_BASE) // LP_STRIDE, (address + count - 1 - LP_BASE) // LP_STRIDE + 1
         )
-        if any(self._charge_point(lp) is None for lp in lps):
-            return ExcCodes.ILLEGAL_ADDRESS
-        return self._write(address, [int(v) for v in set_values])
+        if any(self._charge_point(first + lp) is None for lp in lps):
+            return self._missing(group)
+        return self._write(first, address, [int(v) for v in set_values])
 
-    def _write(self, address: int, words: list[int]) -> ExcCodes | None:
+    def _write(self, first: int, address: int, words: list[int]) -> ExcCodes | None:
         orders: list[tuple[cp.ChargePoint, Command]] = []
         try:
             for i, word in enumerate(words):
-                lp, offset = divmod(address + i - LP_BASE, LP_STRIDE)
+                block, offset = divmod(address + i - LP_BASE, LP_STRIDE)
+                lp = first + block
                 point = self._charge_point(lp)
                 assert point is not None
                 reg = self._regmap.writable_at(offset)
