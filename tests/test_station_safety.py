@@ -221,11 +221,16 @@ async def test_stations_that_connect_and_close_in_a_loop_cost_a_few_log_lines(
     assert metric(rig.bridge, left_out, kind="station_session") >= 100
 
 
-async def test_stations_that_no_controller_drives_give_way_and_are_not_restored(make_rig, settings):
+async def test_stations_that_no_controller_drives_give_way_and_are_not_restored(
+    make_rig, settings, monkeypatch
+):
     """Eight fake stations that answer polls take LP2..9: a real station still gets an LP, and
     after a restart the fakes hold none (issue 19: LP squatting)."""
     from test_control import FAST_VEHICLE, write
 
+    from openwb_modbus_evse import registry
+
+    monkeypatch.setattr(registry, "MAX_LP", 9)  # nine LPs to take, not 243
     settings = replace(settings, evse_max_per_address=16)  # every station is on 127.0.0.1 here
     rig = await make_rig(settings)
     client = await rig.client()
