@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,9 @@ class Heartbeat:
     ``on_change(lapsed)`` is called on every lapse and recovery. ``what`` names the requests in
     the log. ``lapsed=True`` starts lapsed (no grace period: charging waits for the first
     request), otherwise start-up counts as a request.
+
+    A controller whose presence is told by events, not by time (Home Assistant's status), has a
+    ``timeout`` of ``math.inf`` and is lapsed by :meth:`lapse`.
     """
 
     def __init__(
@@ -71,8 +75,20 @@ class Heartbeat:
         self._on_change(True)
         return True
 
+    def lapse(self, why: str) -> None:
+        """The controller is known to be gone (``why``, for the log): lapse now."""
+        if self.lapsed:
+            return
+        self.lapsed = True
+        self.lapses += 1
+        log.warning("heartbeat: %s; charging stops where it is enforced", why)
+        self._recovered.clear()
+        self._on_change(True)
+
     async def watch(self) -> None:
         """Lapse the heartbeat at its deadline; runs until cancelled."""
+        if math.isinf(self.timeout):
+            return  # no deadline: only lapse() lapses it
         while True:
             if self.lapsed or self.check():
                 await self._recovered.wait()

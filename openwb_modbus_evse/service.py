@@ -23,6 +23,7 @@ from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
 from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
+from .interfaces.homeassistant import HomeAssistantApi
 from .interfaces.http.actions import AdminApi
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
@@ -94,13 +95,15 @@ class Service:
         self.mqtt: MqttConnection | None = None
         self.openwb: OpenWbSecondary | None = None
         self.bridge_mqtt: RustBridgeApi | None = None
+        self.homeassistant: HomeAssistantApi | None = None
+        service_id = f"{socket.gethostname()}-{s.evse_port}"
         if s.mqtt_host:
             self.mqtt = MqttConnection(
                 MqttSettings(
                     s.mqtt_host, s.mqtt_port, s.mqtt_username, s.mqtt_password, s.mqtt_ca_file
                 ),
                 # Two services on one host and broker must not take over each other's session.
-                client_id=f"openwb-modbus-evse-{socket.gethostname()}-{s.evse_port}",
+                client_id=f"openwb-modbus-evse-{service_id}",
             )
             self.openwb = OpenWbSecondary(s, self.registry, self.control, self.mqtt, self.clock)
             if s.bridge_topics:
@@ -108,6 +111,11 @@ class Service:
                     s, self.registry, self.control, self.mqtt, self.clock
                 )
                 self.link.listeners.append(self.bridge_mqtt)
+        # Home Assistant: MQTT discovery of every station, and the "homeassistant" controller.
+        if self.mqtt is not None and s.ha_discovery:
+            self.homeassistant = HomeAssistantApi(
+                s, self.registry, self.control, self.mqtt, self.clock, service_id
+            )
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
@@ -144,6 +152,8 @@ class Service:
         if self.mqtt is not None:
             assert self.openwb is not None
             self.openwb.start()
+            if self.homeassistant is not None:
+                self.homeassistant.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if s.metrics_port:
             admin = AdminApi(self.registry, self.firmware, s.admin_token)
@@ -196,6 +206,8 @@ class Service:
             self.openwb.close()
         if self.bridge_mqtt is not None:
             self.bridge_mqtt.close()
+        if self.homeassistant is not None:
+            self.homeassistant.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
         if self.settings.stop_charging_on_shutdown:
@@ -206,6 +218,8 @@ class Service:
             await self._settle(cp.leave_charging, cp.pwm_not_applied, "apply its PWM")
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()  # its entities become unavailable
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()
