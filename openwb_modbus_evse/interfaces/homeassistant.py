@@ -39,11 +39,14 @@ from . import homeassistant_messages as m
 log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "homeassistant/"
-# Commands per second from Home Assistant (evcc sends a few per minute): a burst, then this rate;
-# what is over it is refused and counted.
-COMMANDS_PER_SECOND, COMMAND_BURST = 20.0, 50
+# Commands per second from Home Assistant (evcc sends a few per minute, a dragged slider a few per
+# second): a burst, then this rate; what is over it is refused and counted.
+COMMANDS_PER_SECOND, COMMAND_BURST = 50.0, 100
 # A status flood (online, online, ...) republishes everything at most this often.
 REPUBLISH_INTERVAL = 1.0
+# The max current is written to the state file at most this often (the latest value wins): a
+# slider dragged in Home Assistant sends a command per step.
+SAVE_DELAY = 1.0
 LOG_BURST, LOG_PER_SECOND = 20, 0.1
 
 
@@ -85,6 +88,10 @@ class HomeAssistantApi:
         self._energy_kwh: dict[str, float] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._republish: asyncio.TimerHandle | None = None
+        self._discovery: dict[m.Station, bytes] = {}  # fixed while the service runs
+        self._pending: set[str] = set()  # serials to publish once the station has its command
+        self._unsaved: dict[str, object] = {}
+        self._save_timer: asyncio.TimerHandle | None = None
         self._last_republish = -math.inf
         self._rate = RateLimit(COMMANDS_PER_SECOND, COMMAND_BURST)
         self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
@@ -136,8 +143,11 @@ class HomeAssistantApi:
             firmware=session.firmware if session is not None else None,
             interrupting=sequence is not None and sequence.stage is cp.Stage.HOLD,
         )
-        config = m.discovery(self._station(point), self.service_id)
-        self.mqtt.publish(m.discovery_topic(self.prefix, serial), m.encode(config), retain=retain)
+        station = self._station(point)
+        config = self._discovery.get(station)
+        if config is None:
+            config = self._discovery[station] = m.encode(m.discovery(station, self.service_id))
+        self.mqtt.publish(m.discovery_topic(self.prefix, serial), config, retain=retain)
         self.mqtt.publish(m.state_topic(serial), m.encode(values), retain=retain)
         self.mqtt.publish(m.availability_topic(serial), m.availability(shown), retain=retain)
         self.announced.add(serial)
@@ -172,7 +182,7 @@ class HomeAssistantApi:
         self.announced.discard(serial)
         self._energy_kwh.pop(serial, None)
         if self.choices.pop(serial, None) is not None:
-            self._save({RECORD_PREFIX + serial: None})
+            self._save_soon(RECORD_PREFIX + serial, None)
         log.info("Home Assistant: station %s withdrawn (discovery config removed)", serial)
 
     def _changed(self, points: list[cp.ChargePoint]) -> None:
@@ -181,9 +191,28 @@ class HomeAssistantApi:
         for point in points:
             serial = point.identity.serial
             if self.registry.get(serial) is not point:  # forgotten or released
+                self._pending.discard(serial)
                 if serial in self.announced:
                     self.withdraw(serial)
             elif point.identity.lp is not None:  # served
+                self._publish_soon(serial)
+
+    def _publish_soon(self, serial: str) -> None:
+        """Publish after the station's session has sent its command: the registry wakes the
+        sessions after its listeners, and their tasks run one loop turn later, so this waits
+        two turns (a command's way to the station is the measured path, see make bench)."""
+        if not self._pending:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._publish_pending)
+        self._pending.add(serial)
+
+    def _publish_pending(self) -> None:
+        pending, self._pending = self._pending, set()
+        if self._closing:
+            return
+        for serial in pending:
+            point = self.registry.get(serial)
+            if point is not None and point.identity.lp is not None:
                 self.publish(point)
 
     def republish(self) -> None:
@@ -296,9 +325,9 @@ class HomeAssistantApi:
         old = self.choice(point)
         self.choices[serial] = choice
         if choice.max_ca != old.max_ca:
-            self._save({RECORD_PREFIX + serial: {"max_current_ca": choice.max_ca}})
+            self._save_soon(RECORD_PREFIX + serial, {"max_current_ca": choice.max_ca})
         if choice != old:
-            self.publish(point)
+            self._publish_soon(serial)
         return True
 
     # --- state file -------------------------------------------------------------------------
@@ -313,9 +342,19 @@ class HomeAssistantApi:
             if isinstance(max_ca, int) and cp.MIN_CURRENT_CA <= max_ca <= cp.MAX_CURRENT_CA:
                 self.choices[serial] = m.Choice(max_ca)
 
-    def _save(self, records: dict[str, object]) -> None:
+    def _save_soon(self, key: str, value: object) -> None:
+        self._unsaved[key] = value
+        if self._save_timer is None:
+            self._save_timer = asyncio.get_running_loop().call_later(SAVE_DELAY, self.save)
+
+    def save(self) -> None:
+        """Write the choices that changed to the state file."""
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        records, self._unsaved = self._unsaved, {}
         store = self.registry.store
-        if store is None:
+        if store is None or not records:
             return
         try:
             store.save_records(records)
@@ -353,4 +392,5 @@ class HomeAssistantApi:
         self._timers.clear()
         if self._republish is not None:
             self._republish.cancel()
+        self.save()
         self.mqtt.publish(self.service_availability, m.OFFLINE, retain=True)
