@@ -201,6 +201,9 @@ def discovery(station: Station, service_id: str) -> dict[str, Any]:
         config: dict[str, Any] = {
             "p": platform,
             "unique_id": f"{device_id(serial)}_{key}",
+            # Home Assistant >= 2025.10 takes the entity id from default_entity_id (and from
+            # 2026.4 on only from there); older ones from object_id.
+            "default_entity_id": f"{platform}.{objects}_{key}",
             "object_id": f"{objects}_{key}",
             **own,
         }
