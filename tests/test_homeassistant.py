@@ -296,3 +296,110 @@ async def test_the_max_current_is_kept_across_a_restart(ha_settings, make_rig, h
     rig = await running(make_rig, ha_settings)
     await eventually(lambda: hass.state().get("max_current") == 16.0)
     assert hass.state()["enable"] == "OFF"  # enable is a live command, not kept
+
+
+async def test_the_first_command_after_start_up_counts_as_home_assistant_being_there(
+    ha_settings, make_rig, hass
+):
+    rig = await running(make_rig, ha_settings)
+    station = await rig.station(1, VEHICLE)
+    assert rig.bridge.homeassistant.heartbeat.lapsed  # nothing heard yet: nothing charges
+    await hass.command(SERIAL, "enable", "ON")  # no status: Home Assistant started earlier
+    await station.wait_for(lambda s: s.pwm == 53 and s.contactor, timeout=3)  # 32 A
+
+
+async def test_commands_are_bounded_in_size_and_rate(ha_settings, make_rig, hass):
+    rig = await running(make_rig, ha_settings)
+    await rig.station(1, VEHICLE)
+    await hass.status("online")
+    await hass.command(SERIAL, "max_current", "1" * 100)
+    await eventually(lambda: refusals(rig, "bad_value") == 1)
+    for _ in range(300):  # far beyond the burst: the rest is refused, counted, not queued
+        await hass.command(SERIAL, "max_current", "16")
+    await eventually(lambda: refusals(rig, "rate") > 0)
+    await eventually(lambda: hass.state().get("max_current") == 16.0)
+    assert rig.bridge.homeassistant.heartbeat.lapsed is False
+
+
+# --- the messages (pure) -----------------------------------------------------------------------
+
+
+def shown_with(pilot, **changes):
+    from dataclasses import replace
+
+    from conftest import idle_data
+
+    from openwb_modbus_evse.view import FAULT_OK, Freshness, Shown
+
+    data = idle_data(pilot=pilot)
+    shown = Shown(
+        Freshness.FRESH,
+        data,
+        0.0,
+        (0.0, 0.0, 0.0),
+        (0.0, 0.0, 0.0),
+        (230.0, 230.0, 230.0),
+        pilot.plugged,
+        False,
+        0.0,
+        0,
+        32.0,
+        0.0,
+        FAULT_OK,
+        "",
+    )
+    return replace(shown, **changes)
+
+
+def test_the_charge_status_is_the_iec_61851_state_evcc_understands():
+    from openwb_modbus_evse.evse.protocol import Pilot
+
+    cases = {
+        Pilot.A_12V: "A",
+        Pilot.B_9V: "B",
+        Pilot.C_6V: "C",
+        Pilot.D_3V: "C",
+        Pilot.FAULT: "E",
+        Pilot.MINUS_12V: "F",
+        Pilot.UNKNOWN: "F",
+    }
+    for pilot, status in cases.items():
+        assert m.charge_status(shown_with(pilot), interrupting=False) == status, pilot
+    # a pilot interruption holds -12 V on purpose: the plug state from before, no fault
+    assert m.charge_status(shown_with(Pilot.MINUS_12V, plugged=True), interrupting=True) == "B"
+    assert m.charge_status(shown_with(Pilot.A_12V, data=None), interrupting=False) == "F"
+    assert set(m.STATUSES) == {"A", "B", "C", "E", "F"}
+
+
+def test_unknown_voltages_are_null_and_the_choice_is_shown():
+    from openwb_modbus_evse.evse.protocol import Pilot
+
+    shown = shown_with(Pilot.B_9V, voltages_v=(None, None, None))
+    values = m.state(
+        shown,
+        choice=m.Choice(1600, True),
+        energy_kwh=1.23456,
+        phases=3,
+        firmware=None,
+        interrupting=False,
+    )
+    assert values["voltage_l1"] is None and values["firmware"] is None
+    assert values["energy"] == 1.235 and values["max_current"] == 16.0
+    assert values["enable"] == "ON" and values["phases"] == "3"
+
+
+def test_commands_parse_strictly():
+    assert m.parse_max_current(b"16") == 1600 and m.parse_max_current(b"6.5") == 650
+    for bad in (b"5.9", b"32.5", b"nan", b"inf", b"", b"sixteen", "16\u00a0".encode()):
+        with pytest.raises(m.cp.Refused):
+            m.parse_max_current(bad)
+    assert m.parse_switch(b"ON") is True and m.parse_switch(b"OFF") is False
+    with pytest.raises(m.cp.Refused):
+        m.parse_switch(b"on ")
+    assert m.parse_phases(b"1") == 1
+    with pytest.raises(m.cp.Refused):
+        m.parse_phases(b"2")
+    with pytest.raises(m.cp.Refused):
+        m.parse_press(b"PRESSED")
+    assert m.parse_command_topic(m.command_topic(SERIAL, "enable")) == (SERIAL, "enable")
+    assert m.parse_command_topic(f"{m.TOPIC_ROOT}/{SERIAL}/set/other") is None
