@@ -56,7 +56,7 @@ run: install
 	$(BIN) serve $(if $(CONFIG),--config $(CONFIG))
 
 demo: install
-	$(BIN) demo
+	$(BIN) demo $(DEMO_OPTIONS)
 
 # Most tests wait on sockets, timers and subprocesses rather than the CPU: four workers cut the
 # run from ~3 min to ~1 min even on two cores.

@@ -403,3 +403,33 @@ def test_commands_parse_strictly():
         m.parse_press(b"PRESSED")
     assert m.parse_command_topic(m.command_topic(SERIAL, "enable")) == (SERIAL, "enable")
     assert m.parse_command_topic(f"{m.TOPIC_ROOT}/{SERIAL}/set/other") is None
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_of_home_assistant():
+    from openwb_modbus_evse import config
+
+    broker = {"mqtt_host": "127.0.0.1"}
+    assert config.build(broker).ha_discovery is True
+    assert config.build(broker).ha_discovery_prefix == "homeassistant"
+    assert config.build({**broker, "controller": "homeassistant"}).controller == "homeassistant"
+    with pytest.raises(config.ConfigError, match="'homeassistant' needs mqtt_host"):
+        config.build({"controller": "homeassistant"})
+    with pytest.raises(config.ConfigError, match="needs ha_discovery"):
+        config.build({**broker, "controller": "homeassistant", "ha_discovery": False})
+    station = {"serial": SERIAL, "controller": "homeassistant"}
+    with pytest.raises(config.ConfigError, match=r"station\[0\].controller"):
+        config.build({**broker, "ha_discovery": False, "station": [station]})
+    for bad in ("", "home/", "/home", "ha/#", 5):
+        with pytest.raises(config.ConfigError, match="ha_discovery_prefix"):
+            config.build({**broker, "ha_discovery_prefix": bad})
+    assert config.build({**broker, "ha_discovery_prefix": "ha/one"}).ha_discovery_prefix == "ha/one"
+
+
+async def test_without_ha_discovery_nothing_is_announced(ha_settings, make_rig, hass, broker):
+    rig = await running(make_rig, broker.settings(ha_settings, station=(), ha_discovery=False))
+    await rig.station(1, VEHICLE)
+    await asyncio.sleep(0.5)
+    assert rig.bridge.homeassistant is None and hass.config() is None
