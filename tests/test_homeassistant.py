@@ -433,3 +433,15 @@ async def test_without_ha_discovery_nothing_is_announced(ha_settings, make_rig, 
     await rig.station(1, VEHICLE)
     await asyncio.sleep(0.5)
     assert rig.bridge.homeassistant is None and hass.config() is None
+
+
+async def test_commands_for_made_up_stations_are_refused_and_kept_nowhere(
+    ha_settings, make_rig, hass
+):
+    rig = await running(make_rig, ha_settings)
+    await hass.status("online")
+    for index in range(100, 140):
+        await hass.command(virtual_serial(index), "enable", "ON")
+    await eventually(lambda: refusals(rig, "offline") == 40)
+    assert not any(virtual_serial(100) in key for key in rig.bridge.control._last_refusal)
+    assert len(rig.bridge.homeassistant.choices) <= 2

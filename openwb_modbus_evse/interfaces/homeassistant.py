@@ -88,7 +88,7 @@ class HomeAssistantApi:
         self._energy_kwh: dict[str, float] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._republish: asyncio.TimerHandle | None = None
-        self._discovery: dict[m.Station, bytes] = {}  # fixed while the service runs
+        self._discovery: dict[str, tuple[m.Station, bytes]] = {}  # by serial, until withdrawn
         self._pending: set[str] = set()  # serials to publish once the station has its command
         self._unsaved: dict[str, object] = {}
         self._save_timer: asyncio.TimerHandle | None = None
@@ -144,9 +144,13 @@ class HomeAssistantApi:
             interrupting=sequence is not None and sequence.stage is cp.Stage.HOLD,
         )
         station = self._station(point)
-        config = self._discovery.get(station)
-        if config is None:
-            config = self._discovery[station] = m.encode(m.discovery(station, self.service_id))
+        known = self._discovery.get(serial)
+        if known is None or known[0] != station:
+            known = self._discovery[serial] = (
+                station,
+                m.encode(m.discovery(station, self.service_id)),
+            )
+        config = known[1]
         self.mqtt.publish(m.discovery_topic(self.prefix, serial), config, retain=retain)
         self.mqtt.publish(m.state_topic(serial), m.encode(values), retain=retain)
         self.mqtt.publish(m.availability_topic(serial), m.availability(shown), retain=retain)
@@ -180,6 +184,7 @@ class HomeAssistantApi:
         ):
             self.mqtt.publish(topic, b"", retain=True)  # empty retained: deleted
         self.announced.discard(serial)
+        self._discovery.pop(serial, None)
         self._energy_kwh.pop(serial, None)
         if self.choices.pop(serial, None) is not None:
             self._save_soon(RECORD_PREFIX + serial, None)
@@ -260,8 +265,11 @@ class HomeAssistantApi:
 
     # --- commands ---------------------------------------------------------------------------
 
-    def _refused(self, topic: str, text: str, reason: str) -> None:
-        self.control.refused(HOMEASSISTANT, reason, f"MQTT {topic} ignored: {text}", key=topic)
+    def _refused(self, topic: str, text: str, reason: str, *, served: bool = True) -> None:
+        # Logged once per topic until it changes; but only for served stations' topics, so that
+        # made-up serials cannot grow that memory (their lines are rate-limited all the same).
+        key = f"MQTT {topic}" if served else None
+        self.control.refused(HOMEASSISTANT, reason, f"MQTT {topic} ignored: {text}", key=key)
 
     def _command(self, message: Message) -> None:
         topic = message.topic
@@ -271,29 +279,32 @@ class HomeAssistantApi:
         serial, control = where
         if not message.payload:
             return  # a retained command deleted
+        point = self.registry.get(serial)
+        served = point is not None and point.identity.lp is not None
         if message.retain:
-            self._refused(topic, "a retained command is an old one: not carried out", "replay")
+            text = "a retained command is an old one: not carried out"
+            self._refused(topic, text, "replay", served=served)
             return
         if not self._rate.allow(self.clock()):
-            self._refused(topic, "too many commands", "rate")
+            self._refused(topic, "too many commands", "rate", served=served)
             return
         if self.presence is Presence.OFFLINE:
-            self._refused(topic, "Home Assistant said it is offline: not carried out", "offline")
+            text = "Home Assistant said it is offline: not carried out"
+            self._refused(topic, text, "offline", served=served)
             return
-        point = self.registry.get(serial)
         try:
             if point is None or point.identity.lp is None:
                 raise cp.Refused(cp.RefusalKind.OFFLINE, f"no station {serial} is served")
             choice, extra = self._parse(point, control, message.payload)
         except cp.Refused as refusal:
-            self._refused(topic, str(refusal), refusal.kind.value)
+            self._refused(topic, str(refusal), refusal.kind.value, served=served)
             return
         if self.presence is Presence.UNKNOWN and point.state.config.controller == HOMEASSISTANT:
             # Its first command since start-up (or since the broker came back): it is there.
             self.presence = Presence.ONLINE
             self.heartbeat.refresh()
         if self._carry_out(point, choice, extra, f"MQTT {topic}"):
-            self.control.accepted(topic)
+            self.control.accepted(f"MQTT {topic}")
 
     def _parse(
         self, point: cp.ChargePoint, control: str, payload: bytes
