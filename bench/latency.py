@@ -168,7 +168,7 @@ async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
         await station.connect(bridge.evse_port)
         await registered(station)
         async with aiomqtt.Client(HOST, mqtt_port) as client:
-            await client.subscribe(ha.availability_topic(serial))
+            await client.subscribe(f"{ha.TOPIC_ROOT}/service/+/station/{serial}/availability")
             async with asyncio.timeout(15):  # ready: connected and the station seen
                 async for message in client.messages:
                     if message.payload == ha.ONLINE.encode():

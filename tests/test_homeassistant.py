@@ -45,7 +45,8 @@ class FakeHomeAssistant:
         return json.loads(self.retained.get(m.state_topic(serial), b"{}"))
 
     def available(self, serial: str = SERIAL) -> bool:
-        return self.retained.get(m.availability_topic(serial)) == b"online"
+        end = f"/station/{serial}/availability"
+        return any(t.endswith(end) and v == b"online" for t, v in self.retained.items())
 
     async def command(self, serial: str, control: str, payload: str, retain: bool = False):
         await self.client.publish(m.command_topic(serial, control), payload, retain=retain)
@@ -285,6 +286,23 @@ async def test_a_forgotten_station_disappears(ha_settings, make_rig, hass, broke
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await anext(late.messages)
+
+
+async def test_what_a_crashed_run_left_behind_is_withdrawn(ha_settings, make_rig, hass, broker):
+    import socket
+
+    gone = virtual_serial(77)  # a newcomer served when the last run died, never seen again
+    service_id = f"{socket.gethostname()}-{ha_settings.evse_port}"
+    async with aiomqtt.Client("127.0.0.1", broker.port) as old:
+        station = m.Station(gone, m.default_name(gone), 32.0, False)
+        config = m.encode(m.discovery(station, service_id))
+        await old.publish(m.discovery_topic("homeassistant", gone), config, retain=True)
+        await old.publish(m.availability_topic(service_id, gone), "online", retain=True)
+    await eventually(lambda: hass.config(gone) is not None and hass.available(gone))
+    rig = await running(make_rig, ha_settings)
+    await eventually(lambda: hass.retained[m.discovery_topic("homeassistant", gone)] == b"")
+    assert not hass.available(gone)
+    assert rig.bridge.homeassistant.announced <= {SERIAL, OTHER}
 
 
 async def test_the_max_current_is_kept_across_a_restart(ha_settings, make_rig, hass):

@@ -99,6 +99,7 @@ class HomeAssistantApi:
         connection.add_will(self.service_availability, m.OFFLINE)
         connection.subscribe(m.status_topic(self.prefix), self._status)
         connection.subscribe(m.COMMAND_FILTER, self._command)
+        connection.subscribe(m.availability_filter(service_id), self._left_behind)
         connection.on_disconnect(self._broker_lost)
         registry.subscribe(self._changed)
 
@@ -153,7 +154,9 @@ class HomeAssistantApi:
         config = known[1]
         self.mqtt.publish(m.discovery_topic(self.prefix, serial), config, retain=retain)
         self.mqtt.publish(m.state_topic(serial), m.encode(values), retain=retain)
-        self.mqtt.publish(m.availability_topic(serial), m.availability(shown), retain=retain)
+        self.mqtt.publish(
+            m.availability_topic(self.service_id, serial), m.availability(shown), retain=retain
+        )
         self.announced.add(serial)
         # What the view shows changes by time alone too (data going stale).
         timer = self._timers.pop(serial, None)
@@ -180,7 +183,7 @@ class HomeAssistantApi:
         for topic in (
             m.discovery_topic(self.prefix, serial),
             m.state_topic(serial),
-            m.availability_topic(serial),
+            m.availability_topic(self.service_id, serial),
         ):
             self.mqtt.publish(topic, b"", retain=True)  # empty retained: deleted
         self.announced.discard(serial)
@@ -219,6 +222,18 @@ class HomeAssistantApi:
             point = self.registry.get(serial)
             if point is not None and point.identity.lp is not None:
                 self.publish(point)
+
+    def _left_behind(self, message: Message) -> None:
+        """A retained station availability of this service (it comes on every connect): a
+        station this run does not serve (one that came and went before a crash) is withdrawn,
+        so that Home Assistant shows no stale entities for it."""
+        if not message.payload or not message.retain or self._closing:
+            return
+        serial = m.availability_serial(message.topic)
+        point = self.registry.get(serial)
+        if point is None or point.identity.lp is None:
+            self.announced.add(serial)
+            self.withdraw(serial)
 
     def republish(self) -> None:
         """Everything again, live: Home Assistant (re)started and reads it now."""

@@ -108,9 +108,20 @@ def state_topic(serial: str) -> str:
     return f"{TOPIC_ROOT}/{serial}/state"
 
 
-def availability_topic(serial: str) -> str:
-    """The station's online (fresh data) or offline."""
-    return f"{TOPIC_ROOT}/{serial}/availability"
+def availability_topic(service_id: str, serial: str) -> str:
+    """The station's online (fresh data) or offline, as the service that serves it says (so a
+    service can clean up what it left behind: see :func:`availability_filter`)."""
+    return f"{TOPIC_ROOT}/service/{topic_safe(service_id)}/station/{serial}/availability"
+
+
+def availability_filter(service_id: str) -> str:
+    """Every station availability topic of the service."""
+    return availability_topic(service_id, "+")
+
+
+def availability_serial(topic: str) -> str:
+    """The serial in a station availability topic."""
+    return topic.split("/")[-2]
 
 
 def command_topic(serial: str, key: str) -> str:
@@ -215,7 +226,7 @@ def discovery(station: Station, service_id: str) -> dict[str, Any]:
             # The controls show Home Assistant's own choice: valid while the service runs.
             config["availability"] = [service]
         else:
-            config["availability"] = [service, {"topic": availability_topic(serial)}]
+            config["availability"] = [service, {"topic": availability_topic(service_id, serial)}]
             config["availability_mode"] = "all"
         components[key] = config
     return {
