@@ -28,7 +28,7 @@ from .interfaces.http.actions import AdminApi
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
-from .interfaces.modbus.server import ChargePointServer, ModbusObserver
+from .interfaces.modbus.server import WRITE_CODES, ChargePointServer, ModbusObserver
 from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
@@ -47,16 +47,25 @@ SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contacto
 class _RequestObserver(ModbusObserver):
     """Every Modbus response is counted; one to a client that may write refreshes the heartbeat.
 
-    A read-only client (outside ``modbus_write_allow``) cannot keep charging going after the
-    controller that set the current has gone.
+    The heartbeat means "the controller is alive": a read-only client (outside
+    ``modbus_write_allow``) never keeps charging going, and once an address has written, only
+    requests from addresses that have written count, so a dashboard polling the registers does
+    not keep charging alive after the controller died. Until anyone writes, any request counts
+    (openWB's rule).
     """
 
     def __init__(self, heartbeat: Heartbeat, metrics: Metrics) -> None:
         self._heartbeat, self._metrics = heartbeat, metrics
+        self.writers: set[str] = set()  # addresses that have written successfully
 
-    def response(self, function_code: int, exception_code: int | None, controller: bool) -> None:
+    def response(
+        self, function_code: int, exception_code: int | None, controller: bool, host: str
+    ) -> None:
         if controller:
-            self._heartbeat.refresh()
+            if function_code in WRITE_CODES and exception_code is None:
+                self.writers.add(host)
+            if not self.writers or host in self.writers:
+                self._heartbeat.refresh(host)
         self._metrics.response(function_code, exception_code)
 
 
@@ -223,7 +232,7 @@ class Service:
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()
-        self.registry.save_energy()
+        self.registry.save_energy(final=True)
         if self.registry.store is not None:
             self.registry.store.close()
         if self._running:
@@ -315,6 +324,7 @@ class Service:
                     e.heartbeat.lapsed,
                     e.heartbeat.lapses,
                     e.heartbeat.recoveries,
+                    e.heartbeat.source,
                 )
                 for e in control.heartbeats
             ),

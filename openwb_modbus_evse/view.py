@@ -147,20 +147,22 @@ def show(point: Viewable, now: float) -> Shown:
     )
 
 
-def _interrupting(state: cp.State) -> bool:
+def _interrupted(state: cp.State) -> bool | None:
+    """During a requested pilot interruption (until the station reports its PWM again): whether
+    a vehicle was plugged in before it; None otherwise."""
     seq = state.sequence
-    return seq is not None and seq.seconds is not None and seq.stage is cp.Stage.HOLD
+    if seq is not None and seq.seconds is not None and seq.stage is cp.Stage.HOLD:
+        return seq.plugged
+    return state.resume_plugged
 
 
 def _plugged(state: cp.State, data: StationData) -> bool:
-    if _interrupting(state):
-        assert state.sequence is not None
-        return state.sequence.plugged
-    return data.pilot.plugged
+    held = _interrupted(state)
+    return data.pilot.plugged if held is None else held
 
 
 def _fault(state: cp.State, data: StationData) -> tuple[int, str]:
-    if data.pilot.is_fault and not _interrupting(state):
+    if data.pilot.is_fault and _interrupted(state) is None:
         return FAULT_ERROR, f"control-pilot fault (state {data.pilot.state})"
     if state.switch_failed:
         return FAULT_WARNING, "the phase-switch command failed: charging stays stopped"
