@@ -203,6 +203,32 @@ async def test_number_and_switch_drive_the_station_through_the_control_path(
     await station.wait_for(lambda s: s.pwm == 0 and not s.contactor, timeout=3)
 
 
+async def test_the_phases_select_switches_phases_the_safe_way(
+    ha_settings, make_rig, hass, broker, tmp_path
+):
+    import shlex
+    import sys
+
+    out = tmp_path / "switched"
+    script = f"import sys; open({str(out)!r}, 'a').write(sys.argv[-1])"
+    command = shlex.join([sys.executable, "-c", script])
+    settings = broker.settings(
+        ha_settings,
+        station=(station_config(1, 1, controller="homeassistant", phase_switch_command=command),),
+    )
+    rig = await running(make_rig, settings)
+    station = await rig.station(1, VEHICLE)
+    await eventually(lambda: "phases" in (hass.config() or {}).get("cmps", {}))
+    await charging_at_16_a(rig, hass, station)
+    await hass.command(SERIAL, "phases", "1")
+    await station.wait_for(lambda s: s.pwm == 100, timeout=3)  # stops first
+    await eventually(lambda: out.exists() and out.read_text() == "1", timeout=5)
+    await eventually(lambda: hass.state().get("phases") == "1", timeout=5)
+    await station.wait_for(lambda s: s.pwm == 26 and s.contactor, timeout=5)  # resumed
+    await hass.command(SERIAL, "phases", "2")
+    await eventually(lambda: refusals(rig, "bad_value") == 1)
+
+
 async def test_another_controllers_station_shows_the_controls_but_refuses_them(
     ha_settings, make_rig, hass, caplog
 ):
