@@ -293,6 +293,12 @@ class MqttConnection:
                     (topic, payload), retain = self._outbox.popleft(), False
                 await client.publish(topic, payload, qos=0, retain=retain, timeout=PUBLISH_TIMEOUT)
                 self.messages_out += 1
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's asyncio.wait_for (inside publish) swallows a cancellation
+                    # that comes as the publish completes: this task would then wait for the
+                    # next wake forever, and the session's end (and stop()) with it.
+                    raise asyncio.CancelledError
 
     async def _hold_will(self, will: Will) -> None:
         index = self.wills.index(will)
