@@ -597,7 +597,7 @@ class ChargePoint:
         self.max_data_age = max_data_age
         self.on_change: Callable[[], None] = lambda: None
         self.implausible_reports = 0
-        self._implausible_log = RateLimit(per_second=1 / 60, burst=3)
+        self._implausible_log = RateLimit(per_second=1 / 60, burst=3, kind="implausible_report")
         #: The last log lines the station sent (escaped and shortened by the link).
         self.recent_log: deque[str] = deque(maxlen=RECENT_LOG_LINES)
 

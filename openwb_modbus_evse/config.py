@@ -181,6 +181,17 @@ def _serials(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_serial(key, item) for item in value)
 
 
+def _host_names(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # the command line: comma-separated
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"must be a list of host names, got {value!r}")
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", name):
+            raise ConfigError(key, f"{name!r} is not a host name")
+    return tuple(name.lower() for name in value)
+
+
 def _serial_number(key: str, value: Any) -> str:
     number = _str(key, value)
     if len(number) > 20 or not number.isascii():
@@ -598,6 +609,17 @@ class Settings:
         default=9502,
         metadata=key_info(
             _integer(0, 65535), "HTTP port (/metrics, status page, actions), 0 = off."
+        ),
+    )
+    http_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=key_info(
+            _host_names,
+            "Comma-separated host names the HTTP server answers to, besides IP addresses, "
+            "localhost and this machine's name.",
+            more="A request with any other Host header is refused (421): a page on another "
+            "site cannot read the status or metrics through DNS rebinding. In this file also "
+            "a list.",
         ),
     )
     admin_token: str = field(

@@ -150,7 +150,7 @@ class Control:
                 return
             self._last_refusal[key] = text
         limit = self._refusal_log.setdefault(
-            (controller, reason), RateLimit(LOG_PER_SECOND, LOG_BURST)
+            (controller, reason), RateLimit(LOG_PER_SECOND, LOG_BURST, kind="refusal")
         )
         if limit.allow(self._clock()):
             log.warning("%s%s", printable(text), limit.left_out())
@@ -160,7 +160,9 @@ class Control:
         self._last_refusal.pop(key, None)
 
     def _log_change(self, controller: str, text: str) -> None:
-        limit = self._change_log.setdefault(controller, RateLimit(LOG_PER_SECOND, LOG_BURST))
+        limit = self._change_log.setdefault(
+            controller, RateLimit(LOG_PER_SECOND, LOG_BURST, kind="command")
+        )
         if limit.allow(self._clock()):
             log.info("%s%s", text, limit.left_out())
 

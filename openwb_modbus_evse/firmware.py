@@ -55,7 +55,7 @@ class FirmwareUpdater:
                 )
 
         check()
-        registry.remember(point)  # an operator updates it: it keeps its LP across the restart
+        registry.confirm(point)  # an operator updates it: it keeps its LP across the restart
         self._running.add(serial)
         try:
             started = self._clock()

@@ -100,7 +100,7 @@ class ConnectionLimiter:
     def __post_init__(self) -> None:
         self.open = 0
         self._by_address: dict[str, int] = {}
-        self._log_limit = RateLimit(1 / LOG_INTERVAL, burst=1)
+        self._log_limit = RateLimit(1 / LOG_INTERVAL, burst=1, kind=f"{self.listener}_refused")
 
     @classmethod
     def unbounded(cls, listener: str) -> ConnectionLimiter:

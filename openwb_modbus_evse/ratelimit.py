@@ -1,13 +1,28 @@
-"""A token bucket: how often something a peer causes (a log line, a warning) may happen."""
+"""A token bucket: how often something a peer causes (a log line, a warning) may happen.
+
+Every log line a peer can cause passes one of these, named by its kind; what they leave out is
+counted per kind for the whole process (``left_out_totals``, exported as a metric), so a flood
+shows in the metrics while the log stays small.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
+
+_LEFT_OUT: Counter[str] = Counter()
+
+
+def left_out_totals() -> dict[str, int]:
+    """Lines left out so far, by kind (a copy)."""
+    return dict(_LEFT_OUT)
 
 
 class RateLimit:
     """At most ``burst`` events at once, refilled at ``per_second``; counts what it refuses."""
 
-    def __init__(self, per_second: float, burst: float) -> None:
+    def __init__(self, per_second: float, burst: float, kind: str = "") -> None:
         self.per_second, self.burst = per_second, burst
+        self.kind = kind  # the kind of log line it limits ("": not a log line)
         self._tokens = burst
         self._at: float | None = None
         self.dropped = 0  # refused since the last call of take_dropped()
@@ -21,6 +36,8 @@ class RateLimit:
             self._tokens -= 1
             return True
         self.dropped += 1
+        if self.kind:
+            _LEFT_OUT[self.kind] += 1
         return False
 
     def take_dropped(self) -> int:

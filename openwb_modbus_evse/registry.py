@@ -34,6 +34,9 @@ from .store import Store, StoreError
 log = logging.getLogger(__name__)
 
 REPORT_RECORD = "report/"  # store records: a station's last report, by serial
+# Store records: stations whose LP is theirs for good, by serial: "driven" (a controller has
+# charged through it) or "confirmed" (an operator moved it or updated its firmware).
+CLAIM_RECORD = "claim/"
 
 STALE_POLLS = 3  # data older than this many poll intervals counts as none
 # Energy counted by stations that left before their LP was remembered, kept in memory (not in
@@ -66,6 +69,7 @@ class Registry:
         # The last report and contactor rest of each station, as kept for a restart.
         self._stored_reports: dict[str, dict[str, Any]] = {}
         self._saved_reports: dict[str, dict[str, Any]] = {}
+        self._claims: set[str] = set()
         self._saved_energy: dict[str, float] = {}  # what the state file holds
         # Stations whose charge point stays when they disconnect: configured, or LP remembered.
         # Any other charge point lives only while its station is connected.
@@ -74,7 +78,7 @@ class Registry:
         self._released_energy: OrderedDict[str, float] = OrderedDict()
         # Lines about stations that are not (yet) remembered: a peer that connects with a new
         # serial every few milliseconds must not write two log lines each time.
-        self._newcomer_log = RateLimit(per_second=0.1, burst=20)
+        self._newcomer_log = RateLimit(per_second=0.1, burst=20, kind="new_station")
         self._listeners: list[Listener] = []
         self._dirty: dict[str, cp.ChargePoint] = {}
         self._flush_pending = False
@@ -98,6 +102,11 @@ class Registry:
         session = self._sessions.get(serial)
         return session if session is not None and not session.closed else None
 
+    def unconfirmed(self, point: cp.ChargePoint) -> bool:
+        """Its station has been sent a command that no report has shown yet."""
+        session = self.session(point.identity.serial)
+        return session is not None and session.unconfirmed
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
         order of subscription; before the stations' sessions are woken)."""
@@ -113,6 +122,7 @@ class Registry:
         reports = self._store.records(REPORT_RECORD)
         self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
         self._saved_reports = dict(self._stored_reports)
+        self._claims = {k.removeprefix(CLAIM_RECORD) for k in self._store.records(CLAIM_RECORD)}
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -123,6 +133,17 @@ class Registry:
                 continue
             if lp in configured_lps or not 1 <= lp <= MAX_LP:
                 log.info("station %s: LP%d is configured for another station now", serial, lp)
+                self._store.forget_lp(serial)
+                continue
+            if not self._has_claim(serial):
+                # Never driven, never confirmed: eight fake stations that answered polls for a
+                # minute must not hold LPs across a restart. It gets one again when it connects.
+                log.info(
+                    "station %s: LP%d not restored (no controller has charged through it and "
+                    "no operator confirmed it)",
+                    serial,
+                    lp,
+                )
                 self._store.forget_lp(serial)
                 continue
             self._new(serial, lp, energy.get(serial, 0.0))
@@ -263,6 +284,8 @@ class Registry:
             return self._new(serial, None, energy)
         lp = next((n for n in range(1, MAX_LP + 1) if n not in self._by_lp), None)
         if lp is None:
+            lp = self._give_way()
+        if lp is None:
             log.warning(
                 "station %s: all %d LPs are taken; it is kept safe, not served", serial, MAX_LP
             )
@@ -281,9 +304,55 @@ class Registry:
             )
         return point
 
+    def _has_claim(self, serial: str) -> bool:
+        return serial in self._claims or self.settings.is_known(serial)
+
+    def _claim(self, serial: str, how: str) -> None:
+        """The LP is the station's for good (``how``: driven or confirmed)."""
+        if serial not in self._claims:
+            self._claims.add(serial)
+            try:
+                self._store.save_records({CLAIM_RECORD + serial: how})
+            except StoreError as err:  # kept all the same; only a restart forgets it
+                log.error("%s", err)
+
+    def _give_way(self) -> int | None:
+        """Every LP is taken: free the LP of a station that no controller has ever charged
+        through and no operator confirmed (a disconnected one first); None if there is none."""
+        candidates = [p for p in self._by_lp.values() if not self._has_claim(p.identity.serial)]
+        if not candidates:
+            return None
+        point = min(candidates, key=lambda p: (p.state.connected, p.identity.lp or 0))
+        lp = point.identity.lp
+        assert lp is not None
+        del self._by_lp[lp]
+        self._kept.discard(point.identity.serial)
+        try:
+            self._store.forget_lp(point.identity.serial)
+        except StoreError as err:
+            log.error("%s", err)
+        serial = point.identity.serial
+        point.identity = replace(point.identity, lp=None, name=self._display_name(serial, None))
+        point.commit(cp.reassign(point.state, self._clock()))  # nothing written for it applies
+        self._control.sync(point)
+        self._changed(point)
+        log.warning(
+            "station %s gives LP%d to a newcomer: every LP was taken, and no controller has "
+            "charged through it (nor has an operator confirmed it); it is kept safe, not served",
+            serial,
+            lp,
+        )
+        return lp
+
     def _log_newcomer(self, level: int, message: str, *args: object) -> None:
         if self._newcomer_log.allow(self._clock()):
             log.log(level, message + "%s", *args, self._newcomer_log.left_out())
+
+    def confirm(self, point: cp.ChargePoint) -> None:
+        """An operator acts on the station: it keeps its LP for good, also across restarts."""
+        self.remember(point)
+        if point.identity.lp is not None:
+            self._claim(point.identity.serial, "confirmed")
 
     def remember(self, point: cp.ChargePoint) -> None:
         """Keep ``point`` and its LP, also across restarts (no-op if it is kept already)."""
@@ -360,10 +429,12 @@ class Registry:
         serial = point.identity.serial
         state = point.state
         closed = state.connected and state.data is not None and state.data.contactor
-        if closed and state.requested_ca > 0 and serial not in self._kept:
+        if closed and state.requested_ca > 0 and serial not in self._claims:
             # A controller has charged through it: it keeps its LP (and its energy) from now
             # on, also across a restart, whatever its probation says.
             self.remember(point)
+            if point.identity.lp is not None:
+                self._claim(serial, "driven")
         self._dirty[serial] = point
         if not self._flush_pending:
             self._flush_pending = True
@@ -433,6 +504,7 @@ class Registry:
             raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
         self._store.assign_lp(serial, lp)
         self._kept.add(serial)  # an operator's choice: no probation
+        self._claim(serial, "confirmed")
         probation = self._probations.pop(serial, None)
         if probation is not None:
             probation.cancel()
@@ -460,6 +532,8 @@ class Registry:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy_wh
         self._store.forget_lp(serial)
+        self._store.save_records({CLAIM_RECORD + serial: None})
+        self._claims.discard(serial)
         self._kept.discard(serial)
         self._drop(point)
         log.info("station %s (%s) forgotten by an operator", serial, point.name)

@@ -25,6 +25,7 @@ from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
 from .interfaces.homeassistant import HomeAssistantApi
 from .interfaces.http.actions import AdminApi
+from .interfaces.http.origin import own_names
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
@@ -33,6 +34,7 @@ from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
+from .ratelimit import left_out_totals
 from .registry import Registry
 from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot
 from .store import Store
@@ -166,7 +168,8 @@ class Service:
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if s.metrics_port:
             admin = AdminApi(self.registry, self.firmware, s.admin_token)
-            self.web = WebServer(self.snapshot, self.metrics, admin)
+            hosts = own_names(s.http_hosts)
+            self.web = WebServer(self.snapshot, self.metrics, admin, hosts)
             self.metrics_port = await self.web.start(s.metrics_host, s.metrics_port)
         self._tasks = [
             asyncio.create_task(self.control.watch()),
@@ -219,12 +222,21 @@ class Service:
             self.homeassistant.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
+        # A station counts as settled only once a report after our last command shows it: one
+        # that applied a current a moment ago may still report PWM 100 % from before.
+        unconfirmed = self.registry.unconfirmed
         if self.settings.stop_charging_on_shutdown:
             await self._settle(
-                cp.shut_down, lambda state, _: cp.not_stopped(state), "confirm the stop"
+                cp.shut_down,
+                lambda p, _: cp.not_stopped(p.state) or unconfirmed(p),
+                "confirm the stop",
             )
         else:
-            await self._settle(cp.leave_charging, cp.pwm_not_applied, "apply its PWM")
+            await self._settle(
+                cp.leave_charging,
+                lambda p, now: cp.pwm_not_applied(p.state, now) or unconfirmed(p),
+                "apply its PWM",
+            )
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.homeassistant is not None:
@@ -241,7 +253,7 @@ class Service:
     async def _settle(
         self,
         change: Callable[[cp.State, float], cp.State],
-        busy: Callable[[cp.State, float], bool],
+        busy: Callable[[cp.ChargePoint, float], bool],
         what: str,
     ) -> None:
         """Apply ``change`` to every charge point, then wait until no station is ``busy``."""
@@ -249,7 +261,7 @@ class Service:
         limit = self.clock() + self.settings.stop_timeout + SHUTDOWN_GRACE
         while True:
             now = self.clock()
-            waiting = [p.name for p in self.registry.points() if busy(p.state, now)]
+            waiting = [p.name for p in self.registry.points() if busy(p, now)]
             if not waiting:
                 return
             if now >= limit:
@@ -338,4 +350,5 @@ class Service:
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
             history_interval_s=self.history.interval,
+            log_lines_left_out=tuple(sorted(left_out_totals().items())),
         )

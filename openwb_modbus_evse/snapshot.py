@@ -62,3 +62,4 @@ class Snapshot:
     sessions: int  # established station sessions
     connections: tuple[tuple[str, int], ...]  # open connections by listener
     history_interval_s: float
+    log_lines_left_out: tuple[tuple[str, int], ...]  # by kind (ratelimit.left_out_totals)

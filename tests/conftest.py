@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import hypothesis
 import pytest
 from ports import free_port
 from pymodbus.client import AsyncModbusTcpClient
@@ -20,6 +21,13 @@ from openwb_modbus_evse.config import Settings, StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.service import Service
 from openwb_modbus_evse.tools.simulator import VehicleConfig, VirtualStation, virtual_serial
+
+# Examples are judged by what they find, not by how long one takes: on a loaded machine (four
+# workers on two cores) a slow example is no failure.
+hypothesis.settings.register_profile(
+    "suite", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("suite")
 
 
 @pytest.fixture(autouse=True)

@@ -13,16 +13,17 @@ import json
 import aiomqtt
 import pytest
 from conftest import Broker, eventually, station_config
+from conftest import metric as scraped
 from test_guards_registry import KeepAlive
 from test_rust_bridge import PUBLISH, SUBSCRIBE, Client, commands, readme_request
 from test_supply_service import Watch
 
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 VEHICLE = VehicleConfig(plug_in_after=None, reaction_s=0.05, max_current_a=32)
 MODBUS_STATION = virtual_serial(2)
-METRIC = "openwb_modbus_evse_bridge_heartbeat"
+METRIC = "openwb_modbus_evse_heartbeat"
 
 
 @pytest.fixture
@@ -54,8 +55,9 @@ async def running(make_rig, settings, **changes):
     return rig
 
 
-def metric(rig, name: str, labels: dict | None = None) -> float | None:
-    return rig.bridge.metrics.registry.get_sample_value(name, labels or {})
+def metric(rig, name: str) -> float | None:
+    """The bridge-mqtt heartbeat's sample ``name`` as a scrape shows it."""
+    return scraped(rig.bridge, name, controller="bridge-mqtt", scope="")
 
 
 def heartbeat_age(rig) -> float:
@@ -225,11 +227,11 @@ async def test_a_retained_request_replayed_after_a_reconnect_does_not_refresh_th
         )
         refused = "openwb_modbus_evse_commands_refused_total"
         labels = {"interface": "bridge-mqtt", "reason": "replay"}
-        await eventually(lambda: metric(rig, refused, labels) == 1)
+        await eventually(lambda: scraped(rig.bridge, refused, **labels) == 1)
         await asyncio.sleep(1.0)
         before = heartbeat_age(rig)
         await broker.restart()
-        await eventually(lambda: metric(rig, refused, labels) == 2, timeout=10)
+        await eventually(lambda: scraped(rig.bridge, refused, **labels) == 2, timeout=10)
         assert heartbeat_age(rig) >= before
         await rig.close()
     finally:

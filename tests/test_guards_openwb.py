@@ -18,7 +18,7 @@ from test_guards_firmware import SERIAL, ScriptedStation
 from openwb_modbus_evse.config import StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.evse.protocol import RequestType
-from openwb_modbus_evse.simulator import VehicleConfig, virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 FAST_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
 

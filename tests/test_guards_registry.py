@@ -15,8 +15,8 @@ from test_guards_firmware import SERIAL, ScriptedStation, http, listed, until, w
 
 from openwb_modbus_evse import chargepoint as cp
 from openwb_modbus_evse.evse import protocol as p
-from openwb_modbus_evse.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 __all__ = ["web_settings"]  # the fixture, shared with test_guards_firmware
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import eventually, station_config
 from test_control import write
 
-from openwb_modbus_evse.simulator import VehicleConfig
+from openwb_modbus_evse.tools.simulator import VehicleConfig
 
 # A vehicle that takes 1.2 s to follow a PWM change: it keeps drawing that long after PWM 100 %.
 SLOW_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=1.2, max_current_a=32)
@@ -122,12 +122,6 @@ async def test_shutdown_that_leaves_charging_waits_until_the_interruption_has_en
     assert station.pwm == 26
 
 
-@pytest.mark.xfail(
-    reason="finding: a stop that comes while a PWM command is acknowledged but not yet reported "
-    "counts the station as stopped (its last report shows PWM 100 %), so the connection closes "
-    "and the station keeps offering the current until its own safety timeout",
-    strict=False,
-)
 async def test_shutdown_right_after_a_current_was_offered_still_sends_pwm_100(make_rig, settings):
     """As above, but the stop comes as soon as the station applied the PWM, before its report
     showing it has reached the service."""

@@ -41,6 +41,21 @@ LOG_LINES_PER_SECOND = 0.5
 READ_SIZE = 64 * 1024
 
 
+# A station that sends a notify after every report must not drive a poll loop: a notify brings at
+# most one extra poll per this many seconds (the regular polls go on).
+NOTIFY_POLL_INTERVAL = 1.0
+SESSION_LOG_BURST = 20
+# A vehicle sees at most a few PWM changes per second: a lower current is sent at once, a higher
+# one at most this long after the previous PWM change (a write flood is coalesced).
+PWM_RAISE_INTERVAL = 0.5
+
+
+def _offers(pwm: int) -> int:
+    """An order of what a duty cycle offers: IEC 61851's 10..96 % rise with the current; 100 %
+    (stop) and 0 % (state F) offer nothing."""
+    return pwm if 10 <= pwm <= 96 else 0
+
+
 class SessionClosed(ConnectionError):
     """The session ended while a request was waiting."""
 
@@ -151,15 +166,25 @@ class Session:
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
         self._notified = False
+        self._notify_poll_at = 0.0  # the earliest time a notify may bring a poll
+        self._pwm_sent_at = -PWM_RAISE_INTERVAL  # when the latest PWM command went out
         self._last_sent: tuple[Target, float] | None = None
+        self._sent_at: float | None = None  # when the latest command went out
         self._retry_at: float | None = None
         self._loop = asyncio.get_running_loop()
-        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
+        self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST, kind="station_log")
 
     @property
     def name(self) -> str:
         """How the station is called in logs."""
         return self.hooks.name if self.serial else self.peer
+
+    @property
+    def unconfirmed(self) -> bool:
+        """A command went out that no report since has shown (the station may have applied it
+        already: its latest report is older)."""
+        sent = self._sent_at
+        return sent is not None and (self.latest_at is None or self.latest_at <= sent)
 
     async def wait_closed(self) -> None:
         """Return once the session has ended."""
@@ -290,7 +315,8 @@ class Session:
             first = await self._collect_data()
             self.serial = handshake.serial
             await self.link._register(self)
-            log.info(
+            self.link.log_session(
+                logging.INFO,
                 "station %s (%s, firmware %d) connected from %s",
                 self.name,
                 self.serial,
@@ -350,7 +376,7 @@ class Session:
             while True:
                 event = await self._next_event()
                 if isinstance(event, Notify):
-                    if self.serial is not None:
+                    if self.serial is not None and not self._notified:  # coalesced, as the poll
                         for listener in self.link.listeners:
                             listener.notified(self)
                     self._notified = True
@@ -374,12 +400,16 @@ class Session:
             now = self._loop.time()
             self.hooks.tick(now)
             sent = await self._reconcile(now)
-            if sent or self._notified or now >= next_poll:
+            notify_due = self._notified and now >= self._notify_poll_at
+            if sent or notify_due or now >= next_poll:
+                if notify_due and not sent:
+                    self._notify_poll_at = now + NOTIFY_POLL_INTERVAL
                 self._notified = False
                 await self.collect()  # after commands: confirms them (or shows they failed)
                 next_poll = self._loop.time() + poll
                 continue
-            times = (next_poll, self.hooks.next_deadline(), self._retry_at)
+            notify_at = self._notify_poll_at if self._notified else None
+            times = (next_poll, self.hooks.next_deadline(), self._retry_at, notify_at)
             wake_at = min(t for t in times if t is not None)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -398,7 +428,13 @@ class Session:
             self._retry_at = self._last_sent[1] + self.link.poll_interval
             if now < self._retry_at:
                 return False
+        raise_at = self._pwm_sent_at + PWM_RAISE_INTERVAL
+        if want.pwm != data.pwm and _offers(want.pwm) > _offers(data.pwm) and now < raise_at:
+            self._retry_at = raise_at  # a higher current waits; a lower one would not
+            return False
+        self._sent_at = now
         if want.pwm != data.pwm:  # PWM first: a stop must announce itself to the vehicle
+            self._pwm_sent_at = now
             await self.set_pwm(want.pwm)
         if want.contactor != data.contactor:
             await self.set_contactor(want.contactor)
@@ -456,6 +492,9 @@ class StationLink:
         self._all: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        # Connect and close lines: a peer that connects and closes in a loop must not fill the
+        # log (a burst, then one a second, saying how many were left out).
+        self._session_log = RateLimit(1.0, SESSION_LOG_BURST, kind="station_session")
 
     async def start(self) -> None:
         """Listen; ``port`` 0 picks a free port (read it back from ``self.port``)."""
@@ -540,9 +579,14 @@ class StationLink:
             session.hooks = _PassiveHooks(session.serial)
         self.observer.session_opened(session.serial)
 
+    def log_session(self, level: int, message: str, *args: object) -> None:
+        """A line about a session starting or ending, rate-limited."""
+        if self._session_log.allow(asyncio.get_running_loop().time()):
+            log.log(level, message + "%s", *args, self._session_log.left_out())
+
     def _session_ended(self, session: Session, reason: str) -> None:
         level = logging.INFO if reason.startswith(("replaced", "the bridge")) else logging.WARNING
-        log.log(level, "station %s: session closed: %s", session.name, reason)
+        self.log_session(level, "station %s: session closed: %s", session.name, reason)
         self.observer.session_closed(session.serial, reason)
         if session.serial is not None and self.sessions.get(session.serial) is session:
             del self.sessions[session.serial]

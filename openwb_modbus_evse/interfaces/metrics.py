@@ -177,6 +177,14 @@ class _SnapshotCollector(Collector):
                 ("mqtt_messages_dropped", "MQTT messages dropped.", mqtt.dropped),
             ):
                 yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        left_out = CounterMetricFamily(
+            f"{PREFIX}_log_lines_left_out",
+            "Log lines a peer caused that were left out (rate limits), by kind.",
+            labels=["kind"],
+        )
+        for kind, count in snap.log_lines_left_out:
+            left_out.add_metric([kind], count)
+        yield left_out
         yield GaugeMetricFamily(
             f"{PREFIX}_station_sessions",
             "Stations with an established session.",

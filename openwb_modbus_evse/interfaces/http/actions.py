@@ -19,6 +19,7 @@ from ...actions import ActionError, ActionErrorKind
 from ...config import MAX_LP
 from ...evse.protocol import MAX_FIRMWARE_SIZE
 from ...firmware import FirmwareUpdater
+from ...limits import address_key
 from ...ratelimit import RateLimit
 from ...registry import Registry
 
@@ -32,6 +33,9 @@ _STATUS = {
     ActionErrorKind.FAILED: 502,
 }
 
+# Wrong admin tokens from one address (an IPv6 /64): this many, then one every 5 s; the
+# addresses remembered at most (the oldest forgotten first).
+TOKEN_TRIES, TOKEN_TRIES_PER_SECOND, GUESSERS_KEPT = 5, 1 / 5, 1024
 FIRMWARE_TIMEOUT = 120.0  # seconds a station may take to flash, restart and reconnect
 FIRMWARE_TIMEOUT_MAX = 240.0  # stays below the HTTP connection's lifetime (server.py)
 # The request body may hold a whole image; aiohttp refuses anything larger before we read it.
@@ -51,7 +55,8 @@ class AdminApi:
         self._registry = registry
         self._updater = firmware
         self._token = admin_token.encode()
-        self._failed_log = RateLimit(per_second=1 / 10, burst=5)
+        self._failed_log = RateLimit(per_second=1 / 10, burst=5, kind="admin_token")
+        self._guesses: dict[str, RateLimit] = {}  # addresses that sent a wrong token
 
     def add_routes(self, app: web.Application) -> None:
         """Register the routes on ``app``."""
@@ -82,6 +87,13 @@ class AdminApi:
     def _check_token(self, request: web.Request, action: str, client: str) -> web.Response | None:
         if not self._token:
             return _error(403, "actions are off: set admin_token in the config to use them")
+        guesses = self._guesses.get(address_key(client))
+        if guesses is not None and not guesses.allow(time.monotonic()):
+            # Guessing is throttled per address: a few tries, then one every few seconds.
+            wait = round(1 / TOKEN_TRIES_PER_SECOND)
+            return _error(
+                429, "too many wrong tokens from this address", **{"Retry-After": str(wait)}
+            )
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
@@ -91,8 +103,19 @@ class AdminApi:
             )
         if not hmac.compare_digest(given.strip().encode(), self._token):
             self._log_failure(action, client, "wrong token")
+            self._wrong_token(client)
             return _error(403, "wrong admin token")
         return None
+
+    def _wrong_token(self, client: str) -> None:
+        key = address_key(client)
+        bucket = self._guesses.pop(key, None)
+        if bucket is None:
+            bucket = RateLimit(TOKEN_TRIES_PER_SECOND, TOKEN_TRIES)
+            bucket.allow(time.monotonic())  # this wrong one counts
+        self._guesses[key] = bucket  # the most recent last: the oldest go first when full
+        while len(self._guesses) > GUESSERS_KEPT:
+            self._guesses.pop(next(iter(self._guesses)))
 
     def _log_failure(self, action: str, client: str, why: str) -> None:
         if self._failed_log.allow(time.monotonic()):

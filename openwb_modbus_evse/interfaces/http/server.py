@@ -24,6 +24,7 @@ from ...snapshot import Snapshot
 from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
+from .origin import middleware, own_names
 from .status import status_json
 from .throttle import Throttled
 
@@ -55,7 +56,13 @@ def _file_handler(body: bytes, kind: str) -> Callable[[web.Request], Awaitable[w
 class WebServer:
     """The service's HTTP server."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], metrics: Metrics, admin: AdminApi) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        metrics: Metrics,
+        admin: AdminApi,
+        hosts: frozenset[str] | None = None,
+    ) -> None:
         self._metrics_observer = metrics
         # One worker thread encodes the two bodies that grow with the number of stations.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="http-body")
@@ -63,7 +70,8 @@ class WebServer:
         self.status = Throttled(
             snapshot, lambda snap: json.dumps(status_json(snap)).encode(), self._worker
         )
-        app = web.Application(client_max_size=MAX_REQUEST_BODY)
+        guard = middleware(own_names() if hosts is None else hosts)
+        app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[guard])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
         admin.add_routes(app)

@@ -185,6 +185,7 @@ class BadFrame(Exception):
 
 # MBAP length = unit ID + PDU; a PDU is 1..253 bytes (Modbus Application Protocol 1.1b3, 4.1).
 _MBAP_LENGTH = range(2, 255)
+MAX_FRAME = 6 + 254  # MBAP header (without the unit ID) + the largest length
 
 
 class _Framer(FramerSocket):
@@ -270,6 +271,22 @@ class _Connection(ServerRequestHandler):
             return
         log.info("Modbus client %s: closing the connection, idle for %.0f s", self.host, idle)
         self.close()
+
+    def datagram_received(self, data: bytes, addr: tuple | None = None) -> None:
+        """Bytes from the client (pymodbus' entry point for TCP too).
+
+        pymodbus drops a receive buffer over 516 bytes without a word: 43 pipelined reads in one
+        segment would go unanswered, and garbage would neither be answered nor close the
+        connection. Here every complete request is answered, and what is left after them must
+        be the start of one request (an MBAP frame has at most 260 bytes), else the stream has
+        lost its framing and the connection is dropped.
+        """
+        self.recv_buffer += data
+        used = self.callback_data(self.recv_buffer)
+        self.recv_buffer = self.recv_buffer[used:]
+        if len(self.recv_buffer) > MAX_FRAME and self.transport is not None:
+            self.server.bad_frame(self.host, f"{len(self.recv_buffer)} bytes without a frame")
+            self.transport.abort()
 
     def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
         """Decode the complete requests in ``data`` and answer each; returns the bytes used.
@@ -371,7 +388,7 @@ class _Server(ModbusTcpServer):
         self.write_allow = write_allow
         self.idle_timeout = idle_timeout
         self.observer = observer
-        self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1)
+        self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1, kind="modbus_bad_frame")
 
     def callback_new_connection(self) -> _Connection:
         return _Connection(self)
