@@ -14,7 +14,7 @@ PYTHON3 ?= python3
 DEB_PACKAGES := mbpoll prometheus mosquitto chromium
 CONFIG ?=
 
-.PHONY: install install-test run demo test lint format docs bench screenshot system-packages clean
+.PHONY: install install-test ha-venv run demo test lint format docs bench screenshot system-packages clean
 
 install: $(STAMP)
 
@@ -56,12 +56,32 @@ run: install
 	$(BIN) serve $(if $(CONFIG),--config $(CONFIG))
 
 demo: install
-	$(BIN) demo
+	$(BIN) demo $(DEMO_OPTIONS)
 
 # Most tests wait on sockets, timers and subprocesses rather than the CPU: four workers cut the
 # run from ~3 min to ~1 min even on two cores.
-test: install-test
+test: install-test ha-venv
 	$(PYTHON) -m pytest -q -n 4
+
+# Home Assistant's own MQTT discovery schemas check what the service announces (tests only, never
+# needed to run the service). Home Assistant needs Python >= 3.13 (HA_PYTHON3); without one the
+# test that uses it is skipped (and fails on CI, where every tool must be there).
+HA_VENV    := .venv-ha
+# The first Python >= 3.13 on PATH or among pyenv's versions.
+HA_PYTHON3 ?= $(shell for p in python3.14 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/bin/python3 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
+HA_STAMP   := $(HA_VENV)/.installed
+
+ha-venv: $(HA_STAMP)
+
+$(HA_STAMP): tests/requirements-ha.txt
+	@if [ -n "$(HA_PYTHON3)" ] && $(HA_PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null; then \
+		$(HA_PYTHON3) -m venv $(HA_VENV) \
+		&& $(HA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements-ha.txt \
+		&& touch $@; \
+	else \
+		echo "note: no Python >= 3.13 found (HA_PYTHON3): the Home Assistant schema test is skipped"; \
+	fi
 
 lint: install-test
 	$(VENV)/bin/ruff check .
@@ -92,4 +112,4 @@ screenshot: install-test
 	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_page.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(HA_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -11,6 +11,7 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
    ``mqtt``: the same from an openWB primary's set_current over MQTT (a real mosquitto).
    ``bridge``: the same from a Rust-bridge ``request_set_pwm_percent`` over MQTT, and from a
    poll to its ``response_collect_data`` at a subscriber.
+   ``homeassistant``: the same from Home Assistant's max-current number over MQTT.
 3. ``capacity``: how many stations one bridge keeps polled on time, with its CPU and memory use.
 4. ``heartbeat``: from the heartbeat deadline to the PWM-100 command.
 5. ``scrape``: Modbus latency with 200 stations, quiet and while 20 scrapers hammer /metrics

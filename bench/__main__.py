@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.capacity import bench_capacity
 from bench.heartbeat import bench_heartbeat
 from bench.idle import bench_idle
-from bench.latency import bench_bridge, bench_latency, bench_mqtt
+from bench.latency import bench_bridge, bench_homeassistant, bench_latency, bench_mqtt
 from bench.ocpp import bench_ocpp
 from bench.processes import Child
 from bench.report import BenchError, say
@@ -32,6 +32,7 @@ PARTS = (
     "latency",
     "mqtt",
     "bridge",
+    "homeassistant",
     "capacity",
     "heartbeat",
     "scrape",
@@ -161,6 +162,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "latency": bench_latency,
         "mqtt": bench_mqtt,
         "bridge": bench_bridge,
+        "homeassistant": bench_homeassistant,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,

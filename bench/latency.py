@@ -145,6 +145,76 @@ async def bench_mqtt(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+# --- part 2d: Home Assistant command-to-PWM latency -------------------------------------------
+
+
+async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
+    """Part 2d: from a Home Assistant max-current number command to set-PWM on the station."""
+    import aiomqtt
+
+    from openwb_modbus_evse.interfaces import homeassistant_messages as ha
+
+    say(f"homeassistant: {args.writes} max-current commands of Home Assistant over MQTT")
+    broker, mqtt_port = await start_mosquitto(workdir)
+    bridge = await start_bridge(
+        workdir,
+        "homeassistant",
+        *("--mqtt-host", HOST, "--mqtt-port", str(mqtt_port), "--controller", "homeassistant"),
+    )
+    serial = virtual_serial(1)
+    station = MiniStation(serial, record=True)
+    to_pwm: list[float] = []
+    try:
+        await station.connect(bridge.evse_port)
+        await registered(station)
+        async with aiomqtt.Client(HOST, mqtt_port) as client:
+            await client.subscribe(f"{ha.TOPIC_ROOT}/service/+/station/{serial}/availability")
+            async with asyncio.timeout(15):  # ready: connected and the station seen
+                async for message in client.messages:
+                    if message.payload == ha.ONLINE.encode():
+                        break
+            await client.publish(ha.status_topic("homeassistant"), ha.ONLINE)
+            await client.publish(ha.command_topic(serial, "enable"), ha.ON)
+            await station.expect(is_pwm(), timeout=5.0)  # the default max current: 32 A
+            await station.expect(is_collect, timeout=5.0)
+            steps = [(16, 16 * 100 // CA_PER_PWM_PERCENT), (10, 10 * 100 // CA_PER_PWM_PERCENT)]
+            for i in range(args.writes):
+                amps, pwm = steps[i % 2]
+                station.drain()
+                t0 = time.perf_counter()
+                await client.publish(ha.command_topic(serial, "max_current"), f"{amps}.0")
+                at, request = await station.expect(is_pwm(), timeout=5.0)
+                if request.pwm != pwm:
+                    raise BenchError(f"sent {amps} A, expected PWM {pwm}, got {request.pwm}")
+                to_pwm.append(at - t0)
+                await station.expect(is_collect, timeout=5.0)
+                # Below the interface's command rate limit (50/s), as a person or evcc would be.
+                await asyncio.sleep(max(0.0, t0 + 0.025 - time.perf_counter()))
+    finally:
+        await close_stations([station])
+        bridge.child.stop()
+        broker.stop()
+
+    rows = [
+        [
+            "number command -> set-PWM on station",
+            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
+            ms(max(to_pwm)),
+        ]
+    ]
+    section(
+        f"2d. Home Assistant max-current number over MQTT -> set-PWM command on the station "
+        f"socket, {args.writes} commands alternating 16/10 A (PWM {steps[0][1]}/{steps[1][1]}); "
+        "goal: p99 <= 5 ms",
+        table(["interval", "p50 ms", "p99 ms", "max ms"], rows),
+        [
+            f"bridge: {bridge.options}",
+            "  through a mosquitto on loopback, as Home Assistant sends them (not retained), "
+            "one every 25 ms at most",
+        ],
+    )
+
+
 # --- part 2c: Rust-bridge messages ----------------------------------------------------------------
 
 

@@ -330,8 +330,20 @@ def config_reference() -> None:
 @click.option("--evse-port", default=9091, show_default=True, help="Port for the stations.")
 @click.option("--modbus-port", default=1502, show_default=True, help="Modbus TCP port.")
 @click.option("--metrics-port", default=9502, show_default=True, help="Prometheus port.")
+@click.option(
+    "--mqtt-host",
+    default="",
+    help="An MQTT broker: the stations appear in Home Assistant, which drives LP2.",
+)
+@click.option("--mqtt-port", default=1883, show_default=True, help="MQTT broker port.")
 def demo(
-    state_db: str | None, host: str, evse_port: int, modbus_port: int, metrics_port: int
+    state_db: str | None,
+    host: str,
+    evse_port: int,
+    modbus_port: int,
+    metrics_port: int,
+    mqtt_host: str,
+    mqtt_port: int,
 ) -> None:
     """The service, two virtual stations with vehicles and a controller, all in one process."""
     from .tools.demo import run_demo
@@ -341,7 +353,7 @@ def demo(
 
     async def run(stop: asyncio.Event) -> None:
         try:
-            await run_demo(stop, state_db, host, **ports)
+            await run_demo(stop, state_db, host, mqtt=(mqtt_host, mqtt_port), **ports)
         except OSError as err:  # a port in use: one line, as serve says it
             raise click.ClickException(
                 f"{err} (is the service or another demo running? Stop it, or give the demo "

@@ -42,8 +42,8 @@ ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 #: Who may drive a charge point (``controller``); every interface reads, only this one writes.
-CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "ocpp")
-MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt")  # need mqtt_host
+CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "ocpp", "homeassistant")
+MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt", "homeassistant")  # need mqtt_host
 #: The Rust dehneevse-mqtt-bridge's default topics (publish, subscribe).
 RUST_BRIDGE_TOPICS = ("from_dehneEVSE", "to_dehneEVSE")
 _CALIBRATION_KEYS = ("u1", "u2", "u3", "i1", "i2", "i3")
@@ -134,6 +134,13 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"must be true or false, got {value!r}")
     return value
+
+
+def _topic_prefix(key: str, value: Any) -> str:
+    prefix = _str(key, value)
+    if any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(key, f"must hold no + or # and not begin or end with /, got {prefix!r}")
+    return prefix
 
 
 def _log_level(key: str, value: Any) -> str:
@@ -684,8 +691,9 @@ class Settings:
         metadata=key_info(
             _one_of(*CONTROLLERS),
             "Who drives the charge points without their own controller.",
-            more='"modbus", "openwb-mqtt" (an openWB primary over MQTT) or "bridge-mqtt" (the '
-            'Rust bridge\'s messages, see bridge_topics); both need mqtt_host; "ocpp" (an OCPP '
+            more='"modbus", "openwb-mqtt" (an openWB primary over MQTT), "bridge-mqtt" (the '
+            'Rust bridge\'s messages, see bridge_topics) or "homeassistant" (the entities of '
+            'ha_discovery, see docs/home-assistant.md), which need mqtt_host; "ocpp" (an OCPP '
             "central system, needs ocpp_url). Every interface reads; writes from the others are "
             "refused.",
             section="Controllers and MQTT (see docs/openwb-primary.md)",
@@ -772,6 +780,24 @@ class Settings:
             "Seconds: the longest wait before reconnecting to the central system.",
             more="The wait doubles from 4 s up to this, each a random part of it (jitter), "
             "so a restarted central system is not hit by every station at once.",
+        ),
+    )
+    ha_discovery: bool = field(
+        default=True,
+        metadata=key_info(
+            _bool,
+            "Announce every station to Home Assistant over MQTT (true/false).",
+            more="Needs mqtt_host: each station appears as a device with its sensors and controls "
+            '(MQTT discovery); the controls act for stations whose controller is "homeassistant".',
+            section="Home Assistant (see docs/home-assistant.md)",
+        ),
+    )
+    ha_discovery_prefix: str = field(
+        default="homeassistant",
+        metadata=key_info(
+            _topic_prefix,
+            "Home Assistant's MQTT discovery prefix.",
+            more="As set in Home Assistant's MQTT integration; its status is <prefix>/status.",
         ),
     )
     unknown_stations: str = field(
@@ -896,6 +922,12 @@ def _check_mqtt(settings: Settings) -> None:
                 raise ConfigError(f"station[{i}].controller", f"{st.controller!r} needs mqtt_host")
         if settings.bridge_topics:
             raise ConfigError("bridge_topics", "needs mqtt_host (the MQTT broker)")
+    if not settings.ha_discovery:
+        if settings.controller == "homeassistant":
+            raise ConfigError("controller", "'homeassistant' needs ha_discovery = true")
+        for i, st in enumerate(settings.station):
+            if st.controller == "homeassistant":
+                raise ConfigError(f"station[{i}].controller", "'homeassistant' needs ha_discovery")
     if not settings.bridge_topics:
         if settings.controller == "bridge-mqtt":
             raise ConfigError("controller", "'bridge-mqtt' needs bridge_topics")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: The controller kinds (``controller`` of a station, config.CONTROLLERS): every interface
 #: reads, only the station's own controller writes.
-MODBUS, OPENWB_MQTT, BRIDGE_MQTT, OCPP = CONTROLLERS
+MODBUS, OPENWB_MQTT, BRIDGE_MQTT, OCPP, HOMEASSISTANT = CONTROLLERS
 
 # Log lines a peer can cause (one per command): a burst, then one per second, per kind; what is
 # left out is counted and said with the next line.
@@ -214,7 +214,13 @@ class Control:
         enforced = [p.name for p in driven if p.state.enforce_heartbeat]
         if not enforced:
             return  # nothing this heartbeat stops: nothing to say
-        if heartbeat.lapsed:
+        if heartbeat.lapsed and heartbeat.lapse_reason:  # an event-driven heartbeat
+            log.warning(
+                "heartbeat: %s; %s stop charging (or fall back to failsafe_current)",
+                heartbeat.lapse_reason,
+                ", ".join(enforced),
+            )
+        elif heartbeat.lapsed:
             log.warning(
                 "heartbeat: no %s for %g s; %s stop charging (or fall back to failsafe_current)",
                 heartbeat.what,

@@ -4,6 +4,7 @@ global_data), applied by its owner to the charge points that controller drives."
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 
@@ -13,6 +14,9 @@ class Heartbeat:
     ``on_change(lapsed)`` is called on every lapse and recovery. ``what`` names the requests in
     the log. ``lapsed=True`` starts lapsed (no grace period: charging waits for the first
     request), otherwise start-up counts as a request.
+
+    A controller whose presence is told by events, not by time (Home Assistant's status), has a
+    ``timeout`` of ``math.inf`` and is lapsed by :meth:`lapse`.
     """
 
     def __init__(
@@ -31,6 +35,7 @@ class Heartbeat:
         self.last_request = clock()
         self.lapsed = lapsed
         self.source = ""  # where the last request came from
+        self.lapse_reason = ""  # why lapse() lapsed it (empty: a timeout)
         self.lapses = 0
         self.recoveries = 0
         self._recovered = asyncio.Event()
@@ -60,12 +65,25 @@ class Heartbeat:
             return False
         self.lapsed = True
         self.lapses += 1
+        self.lapse_reason = ""
         self._recovered.clear()
         self._on_change(True)
         return True
 
+    def lapse(self, why: str) -> None:
+        """The controller is known to be gone (``why``, for the log): lapse now."""
+        if self.lapsed:
+            return
+        self.lapsed = True
+        self.lapses += 1
+        self.lapse_reason = why
+        self._recovered.clear()
+        self._on_change(True)
+
     async def watch(self) -> None:
         """Lapse the heartbeat at its deadline; runs until cancelled."""
+        if math.isinf(self.timeout):
+            return  # no deadline: only lapse() lapses it
         while True:
             if self.lapsed or self.check():
                 await self._recovered.wait()

@@ -23,6 +23,7 @@ from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
 from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
+from .interfaces.homeassistant import HomeAssistantApi
 from .interfaces.http.actions import AdminApi
 from .interfaces.http.origin import own_names
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
@@ -106,13 +107,15 @@ class Service:
         self.mqtt: MqttConnection | None = None
         self.openwb: OpenWbSecondary | None = None
         self.bridge_mqtt: RustBridgeApi | None = None
+        self.homeassistant: HomeAssistantApi | None = None
+        service_id = f"{socket.gethostname()}-{s.evse_port}"
         if s.mqtt_host:
             self.mqtt = MqttConnection(
                 MqttSettings(
                     s.mqtt_host, s.mqtt_port, s.mqtt_username, s.mqtt_password, s.mqtt_ca_file
                 ),
                 # Two services on one host and broker must not take over each other's session.
-                client_id=f"openwb-modbus-evse-{socket.gethostname()}-{s.evse_port}",
+                client_id=f"openwb-modbus-evse-{service_id}",
             )
             self.openwb = OpenWbSecondary(s, self.registry, self.control, self.mqtt, self.clock)
             if s.bridge_topics:
@@ -124,6 +127,11 @@ class Service:
         self.ocpp: OcppInterface | None = None
         if s.ocpp_url or any(st.ocpp_url for st in s.station):
             self.ocpp = OcppInterface(s, self.registry, self.control, self.clock, self.firmware)
+        # Home Assistant: MQTT discovery of every station, and the "homeassistant" controller.
+        if self.mqtt is not None and s.ha_discovery:
+            self.homeassistant = HomeAssistantApi(
+                s, self.registry, self.control, self.mqtt, self.clock, service_id
+            )
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
@@ -160,6 +168,8 @@ class Service:
         if self.mqtt is not None:
             assert self.openwb is not None
             self.openwb.start()
+            if self.homeassistant is not None:
+                self.homeassistant.start()
             await self.mqtt.start()  # connects in the background: a broker that is away is no error
         if self.ocpp is not None:
             self.ocpp.start()  # connects in the background: a central system away is no error
@@ -217,6 +227,8 @@ class Service:
             self.bridge_mqtt.close()
         if self.ocpp is not None:
             self.ocpp.close()
+        if self.homeassistant is not None:
+            self.homeassistant.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
         # A station counts as settled only once a report after our last command shows it: one
@@ -236,6 +248,8 @@ class Service:
             )
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()  # its entities become unavailable
         if self.mqtt is not None:
             await self.mqtt.stop()
         if self.ocpp is not None:

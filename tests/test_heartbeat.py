@@ -1,6 +1,7 @@
 """The heartbeat clock, with a fake clock and with a real short timeout."""
 
 import asyncio
+import math
 
 from openwb_modbus_evse.heartbeat import Heartbeat
 
@@ -63,3 +64,17 @@ async def test_a_heartbeat_that_starts_lapsed_waits_for_the_first_request():
     await asyncio.sleep(0.3)
     assert hb.lapsed and changes == [False, True]
     task.cancel()
+
+
+async def test_an_event_driven_heartbeat_never_lapses_by_time_only_by_lapse():
+    clock, changes = FakeClock(), []
+    hb = Heartbeat(math.inf, clock, changes.append, what="status", lapsed=True)
+    hb.refresh()
+    clock.now += 1e9
+    assert not hb.check() and not hb.lapsed
+    await asyncio.wait_for(hb.watch(), 1.0)  # no deadline to watch: returns at once
+    hb.lapse("the controller said it is offline")
+    hb.lapse("again")  # once per lapse
+    assert hb.lapsed and hb.lapses == 1 and changes == [False, True]
+    hb.refresh()
+    assert not hb.lapsed and hb.recoveries == 2 and changes == [False, True, False]

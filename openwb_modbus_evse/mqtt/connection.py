@@ -7,7 +7,8 @@ What an interface uses (all from the event loop's thread):
 - ``publish(topic, payload, retain=...)``: never blocks. A retained value is remembered and
   published again after every reconnect (an empty retained payload deletes the topic and is
   forgotten); a non-retained message is sent if connected and dropped otherwise (counted).
-- ``on_connect(callback)``: called after every (re)connect, once the subscriptions are made.
+- ``on_connect(callback)``: called after every (re)connect, once the subscriptions are made;
+  ``on_disconnect(callback)``: after every loss of the connection (not on ``stop``).
 - ``connected``, ``messages_in``, ``messages_out``, ``messages_dropped``: for metrics.
 
 Last wills (``add_will`` before ``start``): a broker keeps one will per client, so the first will
@@ -91,6 +92,7 @@ class MqttConnection:
         self._backoff = backoff
         self._subscriptions: dict[str, list[Handler]] = {}
         self._connect_callbacks: list[Callable[[], None]] = []
+        self._disconnect_callbacks: list[Callable[[], None]] = []
         self._retained: dict[str, bytes] = {}  # what the broker should hold, by topic
         self._outbox_retained: dict[str, bytes] = {}  # retained values still to send
         self._outbox: deque[tuple[str, bytes]] = deque(maxlen=MAX_OUTGOING)
@@ -119,6 +121,10 @@ class MqttConnection:
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every (re)connect."""
         self._connect_callbacks.append(callback)
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every loss of the connection (not when stopped)."""
+        self._disconnect_callbacks.append(callback)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> None:
         """Send a QoS 0 message; see the module docstring for what happens while disconnected."""
@@ -245,6 +251,11 @@ class MqttConnection:
                 self.connected = False
                 if not self._stopping:
                     log.warning("MQTT: connection to %s:%d lost", *self._address)
+                    for callback in self._disconnect_callbacks:
+                        try:
+                            callback()
+                        except Exception:  # one bad callback must not stop the reconnects
+                            log.exception("MQTT: disconnect callback failed")
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
         if filters:
@@ -282,6 +293,12 @@ class MqttConnection:
                     (topic, payload), retain = self._outbox.popleft(), False
                 await client.publish(topic, payload, qos=0, retain=retain, timeout=PUBLISH_TIMEOUT)
                 self.messages_out += 1
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's asyncio.wait_for (inside publish) swallows a cancellation
+                    # that comes as the publish completes: this task would then wait for the
+                    # next wake forever, and the session's end (and stop()) with it.
+                    raise asyncio.CancelledError
 
     async def _hold_will(self, will: Will) -> None:
         index = self.wills.index(will)

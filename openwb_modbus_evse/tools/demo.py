@@ -26,8 +26,8 @@ from .simulator import VehicleConfig, VirtualStation, virtual_serial
 log = logging.getLogger(__name__)
 
 
-async def _controller(port: int, stop: asyncio.Event) -> None:
-    """Every 5 s: LP1 follows a slow "sun" between 6 and 16 A, LP2 gets 10 A."""
+async def _controller(port: int, stop: asyncio.Event, lps: tuple[int, ...] = (1, 2)) -> None:
+    """Every 5 s: LP1 follows a slow "sun" between 6 and 16 A, LP2 gets 10 A (of ``lps``)."""
     client = AsyncModbusTcpClient("127.0.0.1", port=port)
     await client.connect()
     step = 0
@@ -35,6 +35,8 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sun = 6 + 10 * (0.5 + 0.5 * math.sin(step / 6))
             for lp, amps in ((1, sun), (2, 10.0)):
+                if lp not in lps:
+                    continue
                 await client.write_register(
                     REGISTER_MAP.address(lp, "set_current"), round(amps * 100), device_id=1
                 )
@@ -46,9 +48,14 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
 
 
 async def run_demo(
-    stop: asyncio.Event, state_db: str | None = None, host: str = "127.0.0.1", **ports: int
+    stop: asyncio.Event,
+    state_db: str | None = None,
+    host: str = "127.0.0.1",
+    mqtt: tuple[str, int] = ("", 1883),
+    **ports: int,
 ) -> None:
-    """Run everything until ``stop`` is set; ``ports`` override the default ports.
+    """Run everything until ``stop`` is set; ``ports`` override the default ports. With an MQTT
+    broker (``mqtt``: host, port) the stations appear in Home Assistant, which drives LP2.
 
     Raises OSError (one line: which port) when a port is taken, e.g. by ``make run``.
     """
@@ -62,8 +69,17 @@ async def run_demo(
             **ports,
             station=(
                 StationConfig(serial=serials[0], lp=1, name="garage", max_current=16),
-                StationConfig(serial=serials[1], lp=2, name="carport", phases=1, cable="tethered"),
+                StationConfig(
+                    serial=serials[1],
+                    lp=2,
+                    name="carport",
+                    phases=1,
+                    cable="tethered",
+                    controller="homeassistant" if mqtt[0] else None,
+                ),
             ),
+            mqtt_host=mqtt[0],
+            mqtt_port=mqtt[1],
         )
         service = Service(settings)
         try:
@@ -91,7 +107,8 @@ async def run_demo(
         for station in stations:
             await station.start()
         assert service.modbus is not None
-        controller = asyncio.create_task(_controller(service.modbus.port, stop))
+        lps = (1,) if mqtt[0] else (1, 2)
+        controller = asyncio.create_task(_controller(service.modbus.port, stop, lps))
         log.info(
             "demo running. In another terminal: .venv/bin/openwb-modbus-evse status --watch  "
             "|  curl -s localhost:%d/metrics | grep ^openwb  |  Ctrl-C stops",
