@@ -51,6 +51,17 @@ class MqttSnapshot:
 
 
 @dataclass(frozen=True)
+class SupplySnapshot:
+    """The shared supply's limits, in A per phase (None: not set)."""
+
+    in_use_a: float | None  # the limit the stations share now
+    max_current_a: float | None  # supply_max_current
+    dimming_a: float | None  # the grid operator's limit (the lowest source's), before the floor
+    floor_a: float  # the §14a floor now (4.2 kW per station that wants current)
+    sources: tuple[tuple[str, float], ...]  # each dimming source's limit, if it sets one
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The whole service at one time."""
 
@@ -62,3 +73,4 @@ class Snapshot:
     sessions: int  # established station sessions
     connections: tuple[tuple[str, int], ...]  # open connections by listener
     history_interval_s: float
+    supply: SupplySnapshot | None = None  # None: no shared supply
