@@ -221,14 +221,42 @@ async def test_dim_command_reads_the_contact_and_the_lowest_source_wins(
     await station.wait_for(lambda s: s.pwm == PWM_8A, timeout=5)
 
 
-async def test_two_stations_keep_their_floor_each(make_rig, web_settings):
+async def test_two_stations_keep_their_floor_each_and_a_raise_stays_within_the_limit(
+    make_rig, web_settings
+):
     rig = await make_rig(web_settings)
     one = await charge(rig, 1)
     two = await charge(rig, 2)
-    assert (await post_limit(rig, {"watts": 0}))[0] == 200
+    assert (await post_limit(rig, {"watts": 0}))[0] == 200  # dimmed as far as §14a allows
     await one.wait_for(lambda s: s.pwm == PWM_FLOOR, timeout=5)
     await two.wait_for(lambda s: s.pwm == PWM_FLOOR, timeout=5)
     assert (await status(rig))["supply"]["floor_a"] == 13.2
+    await eventually(
+        lambda: all(rig.point(s.serial).state.data.pwm == PWM_FLOOR for s in (one, two))
+    )
+
+    # 24 A: 12 A each; one is raised only once the other's report leaves room
+    watch = asyncio.create_task(_peak_sum([one, two]))
+    assert (await post_limit(rig, {"amps": 24}))[0] == 200
+    await one.wait_for(lambda s: s.pwm == PWM_12A, timeout=5)
+    await two.wait_for(lambda s: s.pwm == PWM_12A, timeout=5)
+    watch.cancel()
+    assert await watch <= 24.0
+    # 14 A: both lowered at once, 7 A each (offered 6.6 A)
+    assert (await post_limit(rig, {"amps": 14}))[0] == 200
+    await one.wait_for(lambda s: s.pwm == PWM_FLOOR, timeout=5)
+    await two.wait_for(lambda s: s.pwm == PWM_FLOOR, timeout=5)
+
+
+async def _peak_sum(stations) -> float:
+    """The most the stations offer together until cancelled."""
+    peak = 0.0
+    try:
+        while True:
+            peak = max(peak, sum(cp.offered_amps(s.pwm) for s in stations))
+            await asyncio.sleep(0.002)
+    except asyncio.CancelledError:
+        return peak
 
 
 async def test_without_supply_and_dimming_nothing_is_shared(make_rig, settings):
