@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.capacity import bench_capacity
+from bench.dimming import bench_dim
 from bench.heartbeat import bench_heartbeat
 from bench.idle import bench_idle
 from bench.latency import bench_bridge, bench_latency, bench_mqtt
@@ -26,7 +27,7 @@ from bench.report import BenchError, say
 from bench.scrape import bench_scrape, run_scrapers
 from bench.throughput import bench_modbus, run_plain_server
 
-PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape", "idle")
+PARTS = ("modbus", "latency", "mqtt", "bridge", "dim", "capacity", "heartbeat", "scrape", "idle")
 
 
 def conditions(args: argparse.Namespace, parts: Sequence[str]) -> str:
@@ -143,6 +144,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "latency": bench_latency,
         "mqtt": bench_mqtt,
         "bridge": bench_bridge,
+        "dim": bench_dim,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,
