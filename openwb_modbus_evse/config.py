@@ -891,16 +891,21 @@ def warnings(settings: Settings) -> list[str]:
 
     A phase-switch command that does not exist or may not be run fails only when a controller
     first switches phases, perhaps months later: say so at ``--check-config`` and at start-up.
+    A dim_command that cannot run counts as dimmed all the time.
     """
+    commands = [
+        (f"station[{index}].phase_switch_command", station.phase_switch_command)
+        for index, station in enumerate(settings.station)
+    ]
+    commands.append(("dim_command", settings.dim_command))
     found = []
-    for index, station in enumerate(settings.station):
-        key = f"station[{index}].phase_switch_command"
-        if station.phase_switch_command is None:
+    for key, command in commands:
+        if not command:
             continue
         try:
-            program = shlex.split(station.phase_switch_command)[0]
+            program = shlex.split(command)[0]
         except (ValueError, IndexError):
-            found.append(f"{key}: cannot split {station.phase_switch_command!r} into a command")
+            found.append(f"{key}: cannot split {command!r} into a command")
             continue
         path = shutil.which(program) if os.sep not in program else program
         if path is None or not os.path.exists(path):

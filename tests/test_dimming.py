@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -189,21 +190,14 @@ async def test_dim_command_reads_the_contact_and_the_lowest_source_wins(
     make_rig, web_settings, tmp_path: Path
 ):
     contact = tmp_path / "contact"
-    script = tmp_path / "read_contact.py"
-    # exit 0: dimmed, 1: not dimmed, else: what the file says (a failure)
-    script.write_text(
-        "import sys, pathlib\n"
-        "p = pathlib.Path(sys.argv[1])\n"
-        "sys.exit(int(p.read_text()) if p.exists() else 1)\n"
-    )
+    test = shutil.which("test")
+    assert test is not None
+    # coreutils' test(1): exit 0 (dimmed) while the file exists, 1 (not dimmed) otherwise
     rig = await make_rig(
-        web_settings,
-        dim_command=f"{sys.executable} {script} {contact}",
-        dim_poll_interval=0.1,
-        dim_limit=8.0,
+        web_settings, dim_command=f"{test} -e {contact}", dim_poll_interval=0.2, dim_limit=8.0
     )
     station = await charge(rig, 1)
-    contact.write_text("0")  # the control box closes the contact
+    contact.touch()  # the control box closes the contact
     await station.wait_for(lambda s: s.pwm == PWM_8A, timeout=5)
     service = rig.bridge
     assert metric(service, "openwb_modbus_evse_supply_limit_amperes", source="command") == 8
@@ -215,10 +209,19 @@ async def test_dim_command_reads_the_contact_and_the_lowest_source_wins(
     assert (await post_limit(rig, {"amps": None}))[0] == 200
     await station.wait_for(lambda s: s.pwm == PWM_8A, timeout=5)
 
-    contact.write_text("1")  # open again
+    contact.unlink()  # open again
     await station.wait_for(lambda s: s.pwm == PWM_16A, timeout=5)
-    contact.write_text("7")  # the command fails: counted as dimmed (the safe side)
-    await station.wait_for(lambda s: s.pwm == PWM_8A, timeout=5)
+
+
+async def test_a_dim_command_that_fails_counts_as_dimmed(make_rig, settings, tmp_path: Path):
+    rig = await make_rig(settings, dim_command=str(tmp_path / "missing"), dim_limit=10.0)
+    station = await rig.station(1, VEHICLE)
+    client = await rig.client()
+    rr = await client.write_register(ADDR(1, "set_current"), 1600, device_id=1)
+    assert not rr.isError()
+    await station.wait_for(lambda s: s.contactor and s.pwm == PWM_10A, timeout=5)
+    await asyncio.sleep(0.3)
+    assert station.pwm == PWM_10A
 
 
 async def test_two_stations_keep_their_floor_each_and_a_raise_stays_within_the_limit(
@@ -265,3 +268,13 @@ async def test_without_supply_and_dimming_nothing_is_shared(make_rig, settings):
     station = await charge(rig, 1)
     assert rig.point(station.serial).state.supply_cap_ca is None
     assert metric(rig.bridge, "openwb_modbus_evse_supply_limit_amperes", source="in_use") is None
+
+
+def test_a_dim_command_that_cannot_run_is_warned_about(tmp_path: Path):
+    from openwb_modbus_evse.config import warnings
+
+    missing = tmp_path / "no-such-reader"
+    assert warnings(build({"dim_command": f"{missing} --contact 1"})) == [
+        f"dim_command: {missing} does not exist"
+    ]
+    assert warnings(build({"dim_command": f"{sys.executable} -c pass"})) == []
