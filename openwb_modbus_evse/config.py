@@ -594,9 +594,10 @@ class Settings:
             _dim_command,
             "Command that reads the grid operator's dimming contact; empty = none.",
             more="Run without a shell every dim_poll_interval s: exit code 0 = dimmed (to "
-            "dim_limit), 1 = not dimmed; any other code, a timeout or a command that cannot "
-            "run counts as dimmed. The dimming limit can also be set over MQTT "
-            "(<mqtt_topic_prefix>set/supply_limit) and the HTTP API; see docs/dimming.md.",
+            "dim_limit) unless it prints 0, off or false; 1 = not dimmed; any other code or "
+            "output, a timeout or a command that cannot run counts as dimmed. The dimming "
+            "limit can also be set over MQTT (<mqtt_topic_prefix>set/supply_limit) and the "
+            "HTTP API; see docs/dimming.md.",
             example="/usr/local/bin/read-dim-contact",
             section="Grid operator dimming, §14a EnWG (see docs/dimming.md)",
         ),

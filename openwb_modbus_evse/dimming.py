@@ -33,6 +33,10 @@ VOLTS_PER_PHASE, PHASES = 230, 3  # how a limit in watts becomes amperes per pha
 MAX_AMPS = 1000.0  # as supply_max_current
 MAX_WATTS = MAX_AMPS * VOLTS_PER_PHASE * PHASES
 NOT_DIMMED, DIMMED = 1, 0  # dim_command's exit codes; any other counts as dimmed
+# With exit code 0, what the command prints may say it too (e.g. gpioget prints the line's 0/1).
+SAYS_DIMMED = ("1", "on", "true", "dimmed")
+SAYS_NOT_DIMMED = ("0", "off", "false")
+MAX_OUTPUT = 256  # bytes of its output read
 
 
 class BadLimit(ValueError):
@@ -176,22 +180,39 @@ class Dimming:
         timeout = self.settings.dim_poll_interval
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL
+                *argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
             )
         except OSError as err:
             return self._outcome(f"cannot run ({err.strerror or err})")
+
+        async def run() -> tuple[bytes, int]:
+            assert proc.stdout is not None
+            # Bounded: a command that writes on and on fills the pipe, stalls and times out.
+            output = await proc.stdout.read(MAX_OUTPUT)
+            return output, await proc.wait()
+
         try:
-            code = await asyncio.wait_for(proc.wait(), timeout)
+            output, code = await asyncio.wait_for(run(), timeout)
         except TimeoutError:
             return self._outcome(f"did not finish within {timeout:g} s")
         finally:
             if proc.returncode is None:
                 proc.kill()
-                await proc.wait()
+                # Its exit counts only once the pipe is drained too; dead, it writes no more.
+                await proc.communicate()
         if code == NOT_DIMMED:
             self._note("not dimmed")
             return False
-        return self._outcome("dimmed" if code == DIMMED else f"exit code {code}")
+        if code != DIMMED:
+            return self._outcome(f"exit code {code}")
+        words = output.decode(errors="replace").split()
+        said = words[0].lower() if words else ""
+        if said in SAYS_NOT_DIMMED:
+            self._note("not dimmed")
+            return False
+        if said and said not in SAYS_DIMMED:
+            return self._outcome(f"output {said[:20]!r}")
+        return self._outcome("dimmed")
 
     def _outcome(self, what: str) -> bool:
         """Dimmed: by the contact, or by a failure (the safe side)."""

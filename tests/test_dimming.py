@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import shutil
 import sys
 from dataclasses import replace
@@ -278,3 +279,40 @@ def test_a_dim_command_that_cannot_run_is_warned_about(tmp_path: Path):
         f"dim_command: {missing} does not exist"
     ]
     assert warnings(build({"dim_command": f"{sys.executable} -c pass"})) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "prints", "dimmed"),
+    [
+        (0, "", True),
+        (1, "", False),
+        (0, "1\n", True),  # gpioget: the line is high
+        (0, "0\n", False),
+        (0, "off", False),
+        (0, "maybe", True),  # not understood: the safe side
+        (2, "0", True),
+        (1, "1", False),
+    ],
+)
+async def test_what_dim_command_says(code, prints, dimmed, settings):
+    from openwb_modbus_evse.dimming import Dimming
+    from openwb_modbus_evse.supply import SupplyLimit
+
+    script = f"import sys; sys.stdout.write({prints!r}); sys.exit({code})"
+    command = f"{sys.executable} -c {shlex.quote(script)}"
+    dimming = Dimming(
+        replace(settings, dim_command=command, dim_poll_interval=30), SupplyLimit(0), lambda: None
+    )
+    assert await dimming.read_contact() is dimmed
+
+
+async def test_a_dim_command_that_prints_on_and_on_times_out_as_dimmed(settings):
+    from openwb_modbus_evse.dimming import Dimming
+    from openwb_modbus_evse.supply import SupplyLimit
+
+    script = "import sys\nwhile True: sys.stdout.write('0' * 4096)"
+    command = f"{sys.executable} -c {shlex.quote(script)}"
+    dimming = Dimming(
+        replace(settings, dim_command=command, dim_poll_interval=1.0), SupplyLimit(0), lambda: None
+    )
+    assert await dimming.read_contact() is True
