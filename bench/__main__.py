@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.capacity import bench_capacity
+from bench.dimming import bench_dim
 from bench.heartbeat import bench_heartbeat
 from bench.idle import bench_idle
 from bench.latency import bench_bridge, bench_homeassistant, bench_latency, bench_mqtt
@@ -33,6 +34,7 @@ PARTS = (
     "mqtt",
     "bridge",
     "homeassistant",
+    "dim",
     "capacity",
     "heartbeat",
     "scrape",
@@ -163,6 +165,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "mqtt": bench_mqtt,
         "bridge": bench_bridge,
         "homeassistant": bench_homeassistant,
+        "dim": bench_dim,
         "capacity": bench_capacity,
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,

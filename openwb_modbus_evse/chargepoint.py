@@ -391,7 +391,7 @@ def observe(state: State, data: StationData, now: float) -> State:
             data_at=now,
             reports=state.reports + 1,
             connected=True,
-            supply_exposure_ca=state.supply_cap_ca or 0,
+            supply_exposure_ca=supply_exposure_after_report(state),
             closed_not_before=closed_not_before,
             resume_plugged=state.resume_plugged if data.pwm == PWM_STATE_F else None,
         ),
@@ -435,10 +435,24 @@ def set_current(state: State, centiamps: int, now: float) -> State:
     return settle(replace(state, requested_ca=centiamps), now)
 
 
-def set_supply_cap(state: State, centiamps: int, now: float) -> State:
-    """The shared supply grants this station at most ``centiamps`` (0: nothing)."""
-    exposure = max(state.supply_exposure_ca, centiamps)
+def set_supply_cap(state: State, centiamps: int | None, now: float) -> State:
+    """The shared supply grants this station at most ``centiamps`` (0: nothing; None: the
+    supply has no limit at the moment, e.g. dimming is possible but not in effect)."""
+    grant = station_max_ca(state) if centiamps is None else centiamps
+    exposure = max(state.supply_exposure_ca, grant)
     return settle(replace(state, supply_cap_ca=centiamps, supply_exposure_ca=exposure), now)
+
+
+def station_max_ca(state: State) -> int:
+    """The most this station is ever offered (its configured max_current)."""
+    return round(state.config.max_current_a * 100)
+
+
+def supply_exposure_after_report(state: State) -> int:
+    """What a report leaves possibly offered beyond its PWM: the grant in force (a command sent
+    under it may still be on its way). Without a grant (no limit), anything up to the station's
+    own maximum: a limit that appears later must not count on the last reported PWM alone."""
+    return station_max_ca(state) if state.supply_cap_ca is None else state.supply_cap_ca
 
 
 def set_contactor_allowed(state: State, allowed: bool, now: float) -> State:

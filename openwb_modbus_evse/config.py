@@ -257,6 +257,15 @@ def _bridge_topics(key: str, value: Any) -> str:
     return value
 
 
+def _dim_command(key: str, value: Any) -> str:
+    command = _optional_str(key, value)
+    try:
+        shlex.split(command)
+    except ValueError as err:
+        raise ConfigError(key, f"cannot split {command!r} into a command ({err})") from None
+    return command
+
+
 def _poll_interval(key: str, value: Any) -> float:
     number = _positive(key, value)
     if number >= STATION_IDLE_TIMEOUT:
@@ -648,6 +657,36 @@ class Settings:
             more="What all stations together are offered stays within it (one shared supply).",
         ),
     )
+    dim_command: str = field(
+        default="",
+        metadata=key_info(
+            _dim_command,
+            "Command that reads the grid operator's dimming contact; empty = none.",
+            more="Run without a shell every dim_poll_interval s: exit code 0 = dimmed (to "
+            "dim_limit) unless it prints 0, off or false; 1 = not dimmed; any other code or "
+            "output, a timeout or a command that cannot run counts as dimmed. The dimming "
+            "limit can also be set over MQTT (<mqtt_topic_prefix>set/supply_limit) and the "
+            "HTTP API; see docs/dimming.md.",
+            example="/usr/local/bin/read-dim-contact",
+            section="Grid operator dimming, §14a EnWG (see docs/dimming.md)",
+        ),
+    )
+    dim_poll_interval: float = field(
+        default=5.0,
+        metadata=key_info(
+            _number(0.05, 3600),
+            "Seconds between runs of dim_command (also the time it may take).",
+        ),
+    )
+    dim_limit: float = field(
+        default=0.0,
+        metadata=key_info(
+            _number(0, 1000),
+            "A per phase all stations share while dim_command says dimmed; 0 = the §14a floor.",
+            more="Never below the §14a floor: 4.2 kW for each station that wants current "
+            "(6.6 A per phase on three phases, 18.6 A on one).",
+        ),
+    )
     metrics_host: str = field(
         default="0.0.0.0",
         metadata=key_info(
@@ -713,6 +752,14 @@ class Settings:
         default="",
         metadata=key_info(
             _readable_file, "CA certificate file: TLS to the broker; empty = plain TCP."
+        ),
+    )
+    mqtt_topic_prefix: str = field(
+        default="openwb-modbus-evse/",
+        metadata=key_info(
+            _mqtt_prefix,
+            "Ends with /: the service's own topics, e.g. <prefix>set/supply_limit; empty = off.",
+            more="See docs/dimming.md.",
         ),
     )
     mqtt_heartbeat_timeout: float = field(
@@ -847,6 +894,24 @@ class Settings:
     def is_known(self, serial: str) -> bool:
         """A station the user named: in ``[[station]]`` or in ``known_stations``."""
         return serial in self.known_stations or self.station_by_serial(serial) is not None
+
+    @property
+    def dim_sources(self) -> tuple[str, ...]:
+        """Where a grid operator's dimming limit can come from with these settings (the MQTT
+        topic, the HTTP API, the command); none: no dimming, no shared supply for it."""
+        found = []
+        if self.mqtt_host and self.mqtt_topic_prefix:
+            found.append("mqtt")
+        if self.metrics_port and self.admin_token:
+            found.append("http")
+        if self.dim_command:
+            found.append("command")
+        return tuple(found)
+
+    @property
+    def supply_shared(self) -> bool:
+        """The stations share a limited supply: fixed (supply_max_current) or dimmable."""
+        return bool(self.supply_max_current or self.dim_sources)
 
     @property
     def bridge_topic_pair(self) -> tuple[str, str] | None:
@@ -1004,16 +1069,21 @@ def warnings(settings: Settings) -> list[str]:
 
     A phase-switch command that does not exist or may not be run fails only when a controller
     first switches phases, perhaps months later: say so at ``--check-config`` and at start-up.
+    A dim_command that cannot run counts as dimmed all the time.
     """
+    commands = [
+        (f"station[{index}].phase_switch_command", station.phase_switch_command)
+        for index, station in enumerate(settings.station)
+    ]
+    commands.append(("dim_command", settings.dim_command))
     found = []
-    for index, station in enumerate(settings.station):
-        key = f"station[{index}].phase_switch_command"
-        if station.phase_switch_command is None:
+    for key, command in commands:
+        if not command:
             continue
         try:
-            program = shlex.split(station.phase_switch_command)[0]
+            program = shlex.split(command)[0]
         except (ValueError, IndexError):
-            found.append(f"{key}: cannot split {station.phase_switch_command!r} into a command")
+            found.append(f"{key}: cannot split {command!r} into a command")
             continue
         path = shutil.which(program) if os.sep not in program else program
         if path is None or not os.path.exists(path):

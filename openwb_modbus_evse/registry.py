@@ -198,7 +198,7 @@ class Registry:
             stop_timeout=self.settings.stop_timeout,
             phase_switch_pause=self.settings.phase_switch_pause,
             controller=controller,
-            supply_limited=bool(self.settings.supply_max_current),
+            supply_limited=self.settings.supply_shared,
             contactor_min_off=self.settings.contactor_min_off,
             contactor_by_request=controller == BRIDGE_MQTT,
             failsafe_ca=round(station.failsafe_current * 100),

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from . import chargepoint as cp
 from .config import ConfigError, Settings
 from .control import MODBUS, Control
+from .dimming import HTTP as DIM_HTTP
+from .dimming import MQTT as DIM_MQTT
+from .dimming import Dimming
 from .evse.link import StationLink
 from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
@@ -32,12 +35,13 @@ from .interfaces.metrics import Metrics
 from .interfaces.modbus.server import WRITE_CODES, ChargePointServer, ModbusObserver
 from .interfaces.ocpp import OcppInterface
 from .interfaces.openwb_mqtt import OpenWbSecondary
+from .interfaces.site_mqtt import SiteMqtt
 from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
 from .ratelimit import left_out_totals
 from .registry import Registry
-from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot
+from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot, SupplySnapshot
 from .store import Store
 from .supply import SupplyLimit
 from .view import show
@@ -81,7 +85,8 @@ class Service:
         self.metrics = Metrics()
         self.control = Control(self.clock, lambda: self.registry.points(), self.metrics)
         self.registry = Registry(s, self.control, self.clock)
-        self.supply = SupplyLimit(s.supply_max_current) if s.supply_max_current else None
+        # A shared supply: fixed (supply_max_current) or dimmable (a dimming source configured).
+        self.supply = SupplyLimit(s.supply_max_current) if s.supply_shared else None
         if self.supply is not None:
             self.registry.subscribe(lambda _: self.balance_supply())  # first: sessions act on it
         self.phase_switcher = PhaseSwitcher(s, self.clock, self.metrics.phase_switch)
@@ -132,6 +137,15 @@ class Service:
             self.homeassistant = HomeAssistantApi(
                 s, self.registry, self.control, self.mqtt, self.clock, service_id
             )
+        # --- grid operator dimming (§14a EnWG): a runtime limit on the shared supply ---------
+        self.dimming: Dimming | None = None
+        self.site_mqtt: SiteMqtt | None = None
+        if s.dim_sources:
+            assert self.supply is not None
+            self.dimming = Dimming(s, self.supply, self.balance_supply)
+            if self.mqtt is not None and DIM_MQTT in s.dim_sources:
+                self.site_mqtt = SiteMqtt(s, self.control, self.dimming, self.mqtt)
+        # --------------------------------------------------------------------------------------
         self.history = PowerHistory()
         self.web: WebServer | None = None
         self.metrics_port = 0  # where the HTTP server (/metrics, page, API) listens; 0: off
@@ -146,6 +160,9 @@ class Service:
         s = self.settings
         self._check_fd_budget()
         self.registry.load(Store(s.state_db))
+        if self.dimming is not None:
+            assert self.registry.store is not None
+            self.dimming.load(self.registry.store)  # kept limits hold before a station connects
         await self.link.start()
         if s.modbus_port:
             self.modbus = ChargePointServer(
@@ -174,7 +191,8 @@ class Service:
         if self.ocpp is not None:
             self.ocpp.start()  # connects in the background: a central system away is no error
         if s.metrics_port:
-            admin = AdminApi(self.registry, self.firmware, s.admin_token)
+            dimming = self.dimming if DIM_HTTP in s.dim_sources else None
+            admin = AdminApi(self.registry, self.firmware, s.admin_token, dimming)
             hosts = own_names(s.http_hosts)
             self.web = WebServer(self.snapshot, self.metrics, admin, hosts)
             self.metrics_port = await self.web.start(s.metrics_host, s.metrics_port)
@@ -186,6 +204,8 @@ class Service:
             self._tasks.append(asyncio.create_task(self._sample_power()))
         if self.supply is not None:
             self._tasks.append(asyncio.create_task(self._balance_supply_periodically()))
+        if self.dimming is not None and s.dim_command:
+            self._tasks.append(asyncio.create_task(self.dimming.poll()))
         self._running = True
 
     def _check_fd_budget(self) -> None:
@@ -229,6 +249,8 @@ class Service:
             self.ocpp.close()
         if self.homeassistant is not None:
             self.homeassistant.close()
+        if self.site_mqtt is not None:
+            self.site_mqtt.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
         # A station counts as settled only once a report after our last command shows it: one
@@ -364,4 +386,19 @@ class Service:
             history_interval_s=self.history.interval,
             log_lines_left_out=tuple(sorted(left_out_totals().items())),
             ocpp_messages=self.ocpp.messages() if self.ocpp is not None else (),
+            supply=self._supply_snapshot(),
+        )
+
+    def _supply_snapshot(self) -> SupplySnapshot | None:
+        supply = self.supply
+        if supply is None:
+            return None
+        amps = lambda ca: None if ca is None else ca / 100  # noqa: E731
+        limits = self.dimming.limits if self.dimming is not None else {}
+        return SupplySnapshot(
+            in_use_a=amps(supply.limit_ca),
+            max_current_a=amps(supply.max_ca),
+            dimming_a=amps(supply.dim_ca),
+            floor_a=supply.floor_ca / 100,
+            sources=tuple((source, ca / 100) for source, ca in sorted(limits.items())),
         )

@@ -65,6 +65,17 @@ class MqttSnapshot:
 
 
 @dataclass(frozen=True)
+class SupplySnapshot:
+    """The shared supply's limits, in A per phase (None: not set)."""
+
+    in_use_a: float | None  # the limit the stations share now
+    max_current_a: float | None  # supply_max_current
+    dimming_a: float | None  # the grid operator's limit (the lowest source's), before the floor
+    floor_a: float  # the §14a floor now (4.2 kW per station that wants current)
+    sources: tuple[tuple[str, float], ...]  # each dimming source's limit, if it sets one
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The whole service at one time."""
 
@@ -79,3 +90,4 @@ class Snapshot:
     log_lines_left_out: tuple[tuple[str, int], ...]  # by kind (ratelimit.left_out_totals)
     # OCPP messages by (direction "in"/"out", action, result), counted since start
     ocpp_messages: tuple[tuple[str, str, str, int], ...] = ()
+    supply: SupplySnapshot | None = None  # None: no shared supply

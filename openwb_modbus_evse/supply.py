@@ -128,10 +128,19 @@ def allocate(
 
 
 class SupplyLimit:
-    """Keeps the live charge points within one supply."""
+    """Keeps the live charge points within one supply.
+
+    The limit in use is the lower of ``supply_max_current`` (fixed; 0: none) and the grid
+    operator's dimming limit (``dim_ca``, set at runtime; None: not dimmed), the latter never
+    below the §14a floor of the stations that want current (:func:`dimming_floor_ca`). Without
+    either, no station is capped (``supply_cap_ca`` None), exactly as without a shared supply.
+    """
 
     def __init__(self, max_current_a: float) -> None:
-        self.limit_ca = round(max_current_a * 100)
+        self.max_ca = round(max_current_a * 100) or None
+        self.dim_ca: int | None = None  # the grid operator's limit (dimming.py)
+        self.floor_ca = 0  # the §14a floor at the last balance
+        self.limit_ca: int | None = self.max_ca  # the limit in use at the last balance
         self._turns: dict[str, Turn] = {}
         # Charge points that were balanced before and are gone now (released or forgotten while
         # disconnected): their station may still offer its last PWM until its own safety timeout,
@@ -153,10 +162,17 @@ class SupplyLimit:
             self._note_departed(by_key, now)
             for _ in range(len(points) + 2):
                 self._again = False
-                claims = {k: claim(p.state, now) for k, p in by_key.items()}
-                for key, gone in self._departed.items():
-                    claims[key] = Claim(0, False, 0, cp.exposure_ca(gone.state, now))
-                caps, self._turns = allocate(claims, self.limit_ca, self._turns, now)
+                self.floor_ca = dimming_floor_ca(p.state for p in points)
+                self.limit_ca = limit_in_use(self.max_ca, self.dim_ca, self.floor_ca)
+                caps: Mapping[str, int | None]
+                if self.limit_ca is None:
+                    caps = dict.fromkeys(by_key)  # no limit: nobody capped, nobody's turn
+                    self._turns = {}
+                else:
+                    claims = {k: claim(p.state, now) for k, p in by_key.items()}
+                    for key, gone in self._departed.items():
+                        claims[key] = Claim(0, False, 0, cp.exposure_ca(gone.state, now))
+                    caps, self._turns = allocate(claims, self.limit_ca, self._turns, now)
                 for key, point in by_key.items():
                     cap = caps[key]
                     if cap != point.state.supply_cap_ca:
@@ -178,11 +194,40 @@ class SupplyLimit:
         }
 
 
+# §14a EnWG: a controllable device must still be allowed 4.2 kW when the grid operator dims it.
+DIM_FLOOR_W = 4200
+VOLTS = 230  # per phase: how watts become amperes here
+
+
+def device_floor_ca(phases: int) -> int:
+    """The §14a floor of one station on ``phases`` phases, in A per phase (centiamps), rounded
+    up to the PWM's 0.6 A steps so that what is really offered reaches 4.2 kW: 6.6 A on three
+    phases, 18.6 A on one."""
+    ca = -(-DIM_FLOOR_W * 100 // (VOLTS * phases))
+    return -(-ca // cp.CA_PER_PWM_PERCENT) * cp.CA_PER_PWM_PERCENT
+
+
+def dimming_floor_ca(states: Iterable[cp.State]) -> int:
+    """The least a dimming limit may leave: each station that wants current now is one
+    controllable device and keeps its §14a floor (on the phases it uses)."""
+    return sum(device_floor_ca(s.phases) for s in states if cp.supply_demand_ca(s) > 0)
+
+
+def limit_in_use(max_ca: int | None, dim_ca: int | None, floor_ca: int) -> int | None:
+    """The lower of the fixed supply limit and the dimming limit (raised to the floor); the
+    fixed limit is physics (a fuse) and is never raised by the floor."""
+    dimmed = None if dim_ca is None else max(dim_ca, floor_ca)
+    found = [x for x in (max_ca, dimmed) if x is not None]
+    return min(found) if found else None
+
+
 def claim(state: cp.State, now: float) -> Claim:
     """What a charge point's state means for the shared supply."""
     return Claim(
         demand_ca=cp.supply_demand_ca(state),
         drawing=cp.drawing(state),
-        cap_ca=state.supply_cap_ca or 0,
+        # Uncapped (no limit until now): it may offer up to its own maximum, so a new limit
+        # lowers it at once instead of starting from nothing.
+        cap_ca=cp.station_max_ca(state) if state.supply_cap_ca is None else state.supply_cap_ca,
         exposure_ca=cp.exposure_ca(state, now),
     )

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ..chargepoint import allowed_ca, short_serial
 from ..evse.link import LinkObserver
 from ..limits import LimiterObserver
-from ..snapshot import Snapshot
+from ..snapshot import Snapshot, SupplySnapshot
 from ..view import Freshness, show
 
 disable_created_metrics()  # *_created series only double the counters here
@@ -197,6 +197,36 @@ class _SnapshotCollector(Collector):
         for listener, count in snap.connections:
             connections.add_metric([listener], count)
         yield connections
+        supply = snap.supply
+        if supply is not None:
+            yield from _supply_metrics(supply)
+
+
+def _supply_metrics(supply: SupplySnapshot) -> Iterator[Metric]:
+    limits = GaugeMetricFamily(
+        f"{PREFIX}_supply_limit_amperes",
+        "Limits on the shared supply (A per phase), by source: supply_max_current, a dimming "
+        "source (mqtt, http, command), or in_use (what the stations share now).",
+        labels=["source"],
+    )
+    if supply.max_current_a is not None:
+        limits.add_metric(["supply_max_current"], supply.max_current_a)
+    for source, amps in supply.sources:
+        limits.add_metric([source], amps)
+    if supply.in_use_a is not None:
+        limits.add_metric(["in_use"], supply.in_use_a)
+    yield limits
+    yield GaugeMetricFamily(
+        f"{PREFIX}_supply_dimming_floor_amperes",
+        "The §14a floor a dimming limit cannot go below now: 4.2 kW per station that wants "
+        "current.",
+        value=supply.floor_a,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_supply_dimmed",
+        "1 while a grid operator's dimming limit is set.",
+        value=int(supply.dimming_a is not None),
+    )
 
 
 def _ocpp_metrics(snap: Snapshot) -> Iterator[Metric]:

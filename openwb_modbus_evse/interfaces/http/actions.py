@@ -17,11 +17,13 @@ from aiohttp import web
 
 from ...actions import ActionError, ActionErrorKind
 from ...config import MAX_LP
+from ...dimming import HTTP, BadLimit, Dimming, limit_from_json
 from ...evse.protocol import MAX_FIRMWARE_SIZE
 from ...firmware import FirmwareUpdater
 from ...limits import address_key
 from ...ratelimit import RateLimit
 from ...registry import Registry
+from ...store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,15 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 class AdminApi:
     """Routes under /api that change something (and the station list, which shows full IDs)."""
 
-    def __init__(self, registry: Registry, firmware: FirmwareUpdater, admin_token: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        firmware: FirmwareUpdater,
+        admin_token: str,
+        dimming: Dimming | None = None,
+    ) -> None:
         self._registry = registry
+        self._dimming = dimming
         self._updater = firmware
         self._token = admin_token.encode()
         self._failed_log = RateLimit(per_second=1 / 10, burst=5, kind="admin_token")
@@ -66,6 +75,7 @@ class AdminApi:
         app.router.add_post(
             "/api/stations/{serial}/firmware", self._guard("firmware update", self._firmware)
         )
+        app.router.add_post("/api/supply/limit", self._guard("supply limit", self._supply_limit))
 
     def _guard(self, action: str, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.Response:
@@ -156,6 +166,30 @@ class AdminApi:
             result["firmware_after"],
         )
         return web.json_response({"ok": True, **result})
+
+    # --- grid operator dimming --------------------------------------------------------------
+
+    async def _supply_limit(self, request: web.Request) -> web.Response:
+        if self._dimming is None:
+            raise ActionError(ActionErrorKind.CONFLICT, "dimming is off")
+        try:
+            ca = limit_from_json(await _json_body(request))
+        except BadLimit as err:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, str(err)) from None
+        try:
+            self._dimming.set(HTTP, ca)
+        except StoreError as err:
+            raise ActionError(
+                ActionErrorKind.FAILED, f"the limit applies but cannot be kept: {err}"
+            ) from None
+        limit = self._dimming.limit_ca
+        return web.json_response(
+            {
+                "ok": True,
+                "http_limit_a": None if ca is None else ca / 100,
+                "dimming_limit_a": None if limit is None else limit / 100,
+            }
+        )
 
     async def _forget(self, request: web.Request) -> web.Response:
         self._registry.forget(request.match_info["serial"].upper())

@@ -15,12 +15,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...limits import ConnectionLimiter
-from ...snapshot import Snapshot
+from ...snapshot import Snapshot, SupplySnapshot
 from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
@@ -53,6 +54,25 @@ def _file_handler(body: bytes, kind: str) -> Callable[[web.Request], Awaitable[w
     return handler
 
 
+def _status(snapshot: Snapshot) -> dict[str, Any]:
+    """/api/status: the page's JSON, and the shared supply's limits."""
+    return {**status_json(snapshot), "supply": supply_json(snapshot.supply)}
+
+
+def supply_json(supply: SupplySnapshot | None) -> dict[str, Any] | None:
+    """The shared supply's limits (A per phase; None: not set); None without a shared supply."""
+    if supply is None:
+        return None
+    return {
+        "limit_a": supply.in_use_a,
+        "max_current_a": supply.max_current_a,
+        "dimming_a": supply.dimming_a,
+        "dimmed": supply.dimming_a is not None,
+        "floor_a": supply.floor_a,
+        "sources": dict(supply.sources),
+    }
+
+
 class WebServer:
     """The service's HTTP server."""
 
@@ -68,7 +88,7 @@ class WebServer:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="http-body")
         self.exposition = Throttled(snapshot, metrics.exposition, self._worker)
         self.status = Throttled(
-            snapshot, lambda snap: json.dumps(status_json(snap)).encode(), self._worker
+            snapshot, lambda snap: json.dumps(_status(snap)).encode(), self._worker
         )
         guard = middleware(own_names() if hosts is None else hosts)
         app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[guard])
