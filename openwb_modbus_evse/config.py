@@ -38,7 +38,7 @@ ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 #: Who may drive a charge point (``controller``); every interface reads, only this one writes.
-CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt")
+CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "manual")
 MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt")  # need mqtt_host
 #: The Rust dehneevse-mqtt-bridge's default topics (publish, subscribe).
 RUST_BRIDGE_TOPICS = ("from_dehneEVSE", "to_dehneEVSE")
@@ -595,9 +595,11 @@ class Settings:
         metadata=key_info(
             _one_of(*CONTROLLERS),
             "Who drives the charge points without their own controller.",
-            more='"modbus", "openwb-mqtt" (an openWB primary over MQTT) or "bridge-mqtt" (the '
-            "Rust bridge's messages, see bridge_topics); both need mqtt_host. Every interface "
-            "reads; writes from the others are refused.",
+            more='"modbus", "openwb-mqtt" (an openWB primary over MQTT), "bridge-mqtt" (the '
+            'Rust bridge\'s messages, see bridge_topics; both need mqtt_host) or "manual" (the '
+            "owner, from the status page or the CLI, with admin_token; no heartbeat: the choice "
+            "stays until changed). Every interface reads; writes from the others are refused. "
+            "The status page can switch a station's controller at runtime (kept in state_db).",
             section="Controllers and MQTT (see docs/openwb-primary.md)",
             cli_type=click.Choice(CONTROLLERS),
         ),

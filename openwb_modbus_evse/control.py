@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 #: The controller kinds (``controller`` of a station, config.CONTROLLERS): every interface
 #: reads, only the station's own controller writes.
-MODBUS, OPENWB_MQTT, BRIDGE_MQTT = CONTROLLERS
+MODBUS, OPENWB_MQTT, BRIDGE_MQTT = CONTROLLERS[:3]
+#: The owner's own override (status page, CLI): no heartbeat, its choice stays until changed.
+MANUAL = "manual"
+assert MANUAL in CONTROLLERS
 
 # Log lines a peer can cause (one per command): a burst, then one per second, per kind; what is
 # left out is counted and said with the next line.

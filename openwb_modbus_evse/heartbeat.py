@@ -35,6 +35,7 @@ class Heartbeat:
         self.lapsed = lapsed
         self.lapses = 0
         self.recoveries = 0
+        self.received = False  # a request has come since start-up
         self._recovered = asyncio.Event()
 
     @property
@@ -49,6 +50,7 @@ class Heartbeat:
     def refresh(self) -> None:
         """A request arrived."""
         self.last_request = self._clock()
+        self.received = True
         if self.lapsed:
             self.lapsed = False
             self.recoveries += 1

@@ -36,7 +36,7 @@ from .registry import Registry
 from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot
 from .store import Store
 from .supply import SupplyLimit
-from .view import show
+from .view import HeartbeatInfo, show
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,15 @@ class Service:
                     firmware=session.firmware if session else None,
                     heartbeat_age_s=heartbeat.age() if heartbeat else None,
                     history=tuple(self.history.series(point.identity.serial)),
+                    heartbeat=(
+                        HeartbeatInfo(
+                            heartbeat.what, heartbeat.age(), heartbeat.timeout, heartbeat.received
+                        )
+                        if heartbeat
+                        else None
+                    ),
+                    last_disconnect=point.last_disconnect,
+                    session_wh=point.session_wh,
                 )
             )
         mqtt = self.mqtt
@@ -314,4 +323,5 @@ class Service:
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
             history_interval_s=self.history.interval,
+            supply_limit_a=self.settings.supply_max_current or None,
         )

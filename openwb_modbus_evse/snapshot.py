@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import chargepoint as cp
+from .view import HeartbeatInfo
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class PointSnapshot:
     firmware: int | None  # of the connected station
     heartbeat_age_s: float | None  # of its controller's heartbeat (None: it has none)
     history: tuple[tuple[float, float | None], ...]  # power samples for the page
+    heartbeat: HeartbeatInfo | None = None  # of its controller (None: it runs none)
+    last_disconnect: tuple[float, str] | None = None  # when (monotonic) and why
+    session_wh: float | None = None  # energy since the vehicle was plugged in
 
 
 @dataclass(frozen=True)
@@ -61,3 +65,4 @@ class Snapshot:
     sessions: int  # established station sessions
     connections: tuple[tuple[str, int], ...]  # open connections by listener
     history_interval_s: float
+    supply_limit_a: float | None = None  # supply_max_current (None: no shared supply)

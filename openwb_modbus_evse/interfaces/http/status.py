@@ -11,7 +11,7 @@ from typing import Any
 
 from ... import chargepoint as cp
 from ...snapshot import PointSnapshot, Snapshot
-from ...view import show
+from ...view import reasons, show
 
 
 def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
@@ -33,7 +33,9 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "supply_granted_a": None if state.supply_cap_ca is None else state.supply_cap_ca / 100,
         "power_w": round(shown.power_w),  # whole watts, as the register
         "energy_wh": int(shown.energy_wh),
+        "session_wh": None if point.session_wh is None else int(point.session_wh),
         "voltages_v": list(shown.voltages_v),
+        "phases_in_use": shown.phases_in_use,
         "currents_a": list(shown.currents_a),
         "pilot": data.pilot.state if data else None,
         "contactor": data.contactor if data else None,
@@ -51,13 +53,21 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "data_age_s": round(now - state.data_at, 1) if state.data_at is not None else None,
         "log": list(point.recent_log),
         "history": [list(sample) for sample in point.history],
+        # Why it does not charge (blocking) or charges less than asked, in words.
+        "reasons": [
+            {"code": r.code, "text": r.text, "blocking": r.blocking}
+            for r in reasons(point, now, point.heartbeat, point.last_disconnect)
+        ],
     }
 
 
 def status_json(snapshot: Snapshot) -> dict[str, Any]:
     """The whole page: charge points in LP order (unserved stations last)."""
+    points = [charge_point_json(p, snapshot.now) for p in snapshot.points]
     return {
         "time": snapshot.wall,
         "history_interval_s": snapshot.history_interval_s,
-        "charge_points": [charge_point_json(p, snapshot.now) for p in snapshot.points],
+        "total_power_w": sum(p["power_w"] for p in points),
+        "supply_limit_a": snapshot.supply_limit_a,
+        "charge_points": points,
     }
