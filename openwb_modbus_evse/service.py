@@ -21,6 +21,8 @@ from .control import MODBUS, Control
 from .evse.link import StationLink
 from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
+from .history import RECORD as HISTORY_RECORD
+from .history import SAVE_INTERVAL as HISTORY_SAVE_INTERVAL
 from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
 from .interfaces.http.actions import AdminApi
@@ -34,7 +36,7 @@ from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
 from .registry import Registry
 from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot
-from .store import Store
+from .store import Store, StoreError
 from .supply import SupplyLimit
 from .view import HeartbeatInfo, show
 
@@ -154,6 +156,8 @@ class Service:
             asyncio.create_task(self.registry.save_energy_periodically()),
         ]
         if self.web is not None:
+            assert self.registry.store is not None
+            self.history.load(self.registry.store.records(HISTORY_RECORD))
             self._tasks.append(asyncio.create_task(self._sample_power()))
         if self.supply is not None:
             self._tasks.append(asyncio.create_task(self._balance_supply_periodically()))
@@ -210,6 +214,9 @@ class Service:
             await self.mqtt.stop()
         await self.link.close()
         self.registry.save_energy()
+        if self.web is not None:
+            self.history.seal()
+            self.save_history()
         if self.registry.store is not None:
             self.registry.store.close()
         if self._running:
@@ -248,6 +255,7 @@ class Service:
             self.balance_supply()
 
     async def _sample_power(self) -> None:
+        saved = self.clock()
         while True:
             now = self.clock()
             powers = []
@@ -255,7 +263,24 @@ class Service:
                 shown = show(point, now)
                 powers.append((point.identity.serial, shown.power_w if shown.data else None))
             self.history.sample(powers, time.time())
+            if now - saved >= HISTORY_SAVE_INTERVAL:  # in batches: not with every sample
+                saved = now
+                self.save_history()
             await asyncio.sleep(self.history.interval)
+
+    def save_history(self) -> None:
+        """Write the power history's changed minutes to the state file (a batch)."""
+        store = self.registry.store
+        if store is None:
+            return
+        records = self.history.changed_records()
+        if not records:
+            return
+        try:
+            store.save_records(records)
+        except StoreError as err:  # e.g. a full disk: the chart goes on, saved next time
+            self.history.unsaved(records)
+            log.error("%s", err)
 
     # --- what the HTTP side encodes ---------------------------------------------------------
 
@@ -285,7 +310,7 @@ class Service:
                     recent_log=tuple(point.recent_log),
                     firmware=session.firmware if session else None,
                     heartbeat_age_s=heartbeat.age() if heartbeat else None,
-                    history=tuple(self.history.series(point.identity.serial)),
+                    history=self.history.series(point.identity.serial),
                     heartbeat=(
                         HeartbeatInfo(
                             heartbeat.what, heartbeat.age(), heartbeat.timeout, heartbeat.received
@@ -322,6 +347,6 @@ class Service:
             ),
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
-            history_interval_s=self.history.interval,
+            history_interval_s=self.history.bucket,
             supply_limit_a=self.settings.supply_max_current or None,
         )

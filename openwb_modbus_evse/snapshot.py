@@ -25,7 +25,8 @@ class PointSnapshot:
     recent_log: tuple[str, ...]
     firmware: int | None  # of the connected station
     heartbeat_age_s: float | None  # of its controller's heartbeat (None: it has none)
-    history: tuple[tuple[float, float | None], ...]  # power samples for the page
+    # Power for the page: (unix time of the first value, average W per minute or None).
+    history: tuple[float, tuple[int | None, ...]]
     heartbeat: HeartbeatInfo | None = None  # of its controller (None: it runs none)
     last_disconnect: tuple[float, str] | None = None  # when (monotonic) and why
     session_wh: float | None = None  # energy since the vehicle was plugged in
@@ -64,5 +65,5 @@ class Snapshot:
     mqtt: MqttSnapshot | None
     sessions: int  # established station sessions
     connections: tuple[tuple[str, int], ...]  # open connections by listener
-    history_interval_s: float
+    history_interval_s: float  # seconds per history value
     supply_limit_a: float | None = None  # supply_max_current (None: no shared supply)

@@ -175,15 +175,16 @@ async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, mon
 
 
 def test_power_history_is_bounded_and_forgets_gone_stations():
-    history = PowerHistory(interval=5, window=60)
-    assert history.size == 13
-    for i in range(100):
-        history.sample([("A", 1000.4 + i), ("B", None)], at=float(i))
-    assert len(history.series("A")) == 13
-    assert history.series("A")[-1] == (99.0, 1099) and history.series("A")[0] == (87.0, 1087)
-    assert history.series("B")[-1] == (99.0, None)  # no data: a gap in the chart
-    history.sample([("A", 5.0)], at=100.0)
-    assert history.series("B") == []
+    history = PowerHistory(interval=5, bucket=60, window=600)
+    assert history.size == 10
+    for i in range(0, 1200, 5):  # 20 minutes, a sample every 5 s
+        history.sample([("A", 1000.4 + i // 60), ("B", None)], at=float(i))
+    start, values = history.series("A")
+    assert len(values) == 10 and start == 600.0  # the last 10 minutes, the open one included
+    assert values[0] == 1010 and values[-1] == 1019  # average W of each minute
+    assert history.series("B") == (600.0, (None,) * 10)  # no data: a gap in the chart
+    history.sample([("A", 5.0)], at=1200.0)
+    assert history.series("B") == (0.0, ())
 
 
 async def get_json(rig, path: str) -> dict:

@@ -52,7 +52,8 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "firmware": point.firmware,
         "data_age_s": round(now - state.data_at, 1) if state.data_at is not None else None,
         "log": list(point.recent_log),
-        "history": [list(sample) for sample in point.history],
+        # Average W per minute from "start" (unix time), null where there was no data.
+        "history": {"start": point.history[0], "w": list(point.history[1])},
         # Why it does not charge (blocking) or charges less than asked, in words.
         "reasons": [
             {"code": r.code, "text": r.text, "blocking": r.blocking}
