@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -324,18 +325,35 @@ def config_reference() -> None:
 @click.option("--evse-port", default=9091, show_default=True, help="Port for the stations.")
 @click.option("--modbus-port", default=1502, show_default=True, help="Modbus TCP port.")
 @click.option("--metrics-port", default=9502, show_default=True, help="Prometheus port.")
+@click.option(
+    "--admin-token",
+    default=None,
+    help="Token for the actions (page controls, CLI).  [default: a new one, printed at start]",
+)
 def demo(
-    state_db: str | None, host: str, evse_port: int, modbus_port: int, metrics_port: int
+    state_db: str | None,
+    host: str,
+    evse_port: int,
+    modbus_port: int,
+    metrics_port: int,
+    admin_token: str | None,
 ) -> None:
     """The service, two virtual stations with vehicles and a controller, all in one process."""
     from .tools.demo import run_demo
 
     _setup_logging("INFO")
+    if admin_token is None:
+        admin_token = secrets.token_urlsafe(18)
+    else:
+        try:
+            config_mod.check_admin_token("admin_token", admin_token)
+        except config_mod.ConfigError as err:
+            raise click.BadParameter(str(err), param_hint="--admin-token") from None
     ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
 
     async def run(stop: asyncio.Event) -> None:
         try:
-            await run_demo(stop, state_db, host, **ports)
+            await run_demo(stop, state_db, host, admin_token, **ports)
         except OSError as err:  # a port in use: one line, as serve says it
             raise click.ClickException(
                 f"{err} (is the service or another demo running? Stop it, or give the demo "

@@ -136,7 +136,8 @@ def _log_level(key: str, value: Any) -> str:
     return _one_of(*LOG_LEVELS)(key, _str(key, value).upper())
 
 
-def _admin_token(key: str, value: Any) -> str:
+def check_admin_token(key: str, value: Any) -> str:
+    """An admin token: empty (actions off) or long enough to be hopeless to guess."""
     token = _optional_str(key, value)
     if token and (len(token) < ADMIN_TOKEN_MIN_LENGTH or not token.isascii() or " " in token):
         raise ConfigError(
@@ -580,7 +581,7 @@ class Settings:
     admin_token: str = field(
         default="",
         metadata=key_info(
-            _admin_token,
+            check_admin_token,
             "Bearer token for the HTTP actions; empty = actions off.",
             more=f"At least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. from `openssl rand -hex "
             "16`. The CLI's move, forget and firmware commands send it (--token).",

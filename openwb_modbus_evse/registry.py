@@ -355,6 +355,7 @@ class Registry:
                 "configured": self.settings.station_by_serial(p.identity.serial) is not None,
                 "remembered": p.identity.serial in remembered,
                 "controller": p.state.config.controller,
+                "serial_number": p.identity.serial_number,
             }
             for p in self.points()
         ]
@@ -433,6 +434,10 @@ class Registry:
         if controller == BRIDGE_MQTT and not self.settings.bridge_topics:
             return f"{controller} needs bridge_topics in the config"
         return None
+
+    def usable_controllers(self) -> list[str]:
+        """The controllers a station can be switched to with these settings."""
+        return [c for c in CONTROLLERS if self._usable_controller(c) is None]
 
     def set_controller(self, serial: str, controller: str) -> None:
         """Let ``controller`` drive the station from now on, also after restarts. What the old

@@ -46,9 +46,14 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
 
 
 async def run_demo(
-    stop: asyncio.Event, state_db: str | None = None, host: str = "127.0.0.1", **ports: int
+    stop: asyncio.Event,
+    state_db: str | None = None,
+    host: str = "127.0.0.1",
+    admin_token: str = "",
+    **ports: int,
 ) -> None:
-    """Run everything until ``stop`` is set; ``ports`` override the default ports.
+    """Run everything until ``stop`` is set; ``ports`` override the default ports;
+    ``admin_token`` turns the actions (page controls, CLI) on.
 
     Raises OSError (one line: which port) when a port is taken, e.g. by ``make run``.
     """
@@ -59,6 +64,7 @@ async def run_demo(
             evse_host=host,
             modbus_host=host,
             metrics_host=host,
+            admin_token=admin_token,
             **ports,
             station=(
                 StationConfig(serial=serials[0], lp=1, name="garage", max_current=16),
@@ -97,6 +103,17 @@ async def run_demo(
             "|  curl -s localhost:%d/metrics | grep ^openwb  |  Ctrl-C stops",
             settings.metrics_port,
         )
+        if admin_token:
+            log.info(
+                "demo: the page http://%s:%d/ and the CLI take the admin token %s "
+                "(e.g. .venv/bin/openwb-modbus-evse stations --url http://%s:%d --token %s)",
+                host,
+                service.metrics_port,
+                admin_token,
+                host,
+                service.metrics_port,
+                admin_token,
+            )
         await stop.wait()
         await controller
         await service.stop()

@@ -124,7 +124,12 @@ class AdminApi:
     # --- LP assignment ----------------------------------------------------------------------
 
     async def _stations(self, request: web.Request) -> web.Response:
-        return web.json_response({"stations": self._registry.stations()})
+        return web.json_response(
+            {
+                "stations": self._registry.stations(),
+                "controllers": self._registry.usable_controllers(),
+            }
+        )
 
     async def _move(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
