@@ -9,9 +9,11 @@ refusal is shown on the card with its reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from cdp import Browser
 from conftest import eventually, free_port, require_tool
 from test_actions import IMAGE, TOKEN
 
+from openwb_modbus_evse.history import RECORD
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.tools.simulator import VehicleConfig
+from openwb_modbus_evse.store import Store
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +58,30 @@ async def reasons(browser: Browser, key: str) -> list[str]:
     )
 
 
+def seed_history(state_db: str) -> None:
+    """Six hours of power in the state file, as a previous run would have left it: LP1 follows
+    the sun, LP2 charged for an hour."""
+    now = int(time.time() // 60)
+    lp1 = [max(0, round(11_000 * math.sin(math.pi * i / 300))) or None for i in range(-30, 330)]
+    lp2 = [2200 if 120 <= i < 180 else 0 for i in range(360)]
+    with Store(state_db) as store:
+        # Remembered stations: the history of a station the service does not know is dropped.
+        store.assign_lp(virtual_serial(1), 1)
+        store.assign_lp(virtual_serial(2), 2)
+        store.save_records(
+            {
+                f"{RECORD}{virtual_serial(1)}": {"end": now, "w": lp1},
+                f"{RECORD}{virtual_serial(2)}": {"end": now, "w": lp2},
+            }
+        )
+
+
 @pytest.fixture
-async def cockpit(make_rig, settings, tmp_path):
+async def cockpit(make_rig, settings, request):
     """A service with two stations (LP1 charging from Modbus, LP2 plugged in) and a browser."""
     require_tool("chromium")
+    if request.node.get_closest_marker("seeded"):
+        seed_history(settings.state_db)
     rig = await make_rig(
         replace(
             settings,
@@ -212,6 +236,7 @@ async def test_every_control_from_the_page(cockpit, tmp_path):
 TOKEN_KEY = "openwb-modbus-evse-admin-token"
 
 
+@pytest.mark.seeded
 async def test_screenshots_of_the_page_with_its_explanations(cockpit, tmp_path):
     """Desktop and phone; ``make screenshot`` copies them to docs/."""
     rig, browser, _, _ = cockpit
@@ -223,6 +248,8 @@ async def test_screenshots_of_the_page_with_its_explanations(cockpit, tmp_path):
     await browser.wait_for(f"!!({card('lp1')} && {card('lp2')})")
     # LP2's vehicle is plugged in but Modbus wrote no current for it: the card says why.
     assert await reasons(browser, "lp2") == ["the controller modbus requests no current"]
+    # The history of the previous run is drawn (restored from the state file).
+    assert await browser.eval(f"+{card('lp1')}.querySelector('.chartbox').dataset.points") > 300
     shots = {}
     for name, (width, height, mobile) in {
         "page.png": (1280, 900, False),

@@ -87,7 +87,10 @@ function drawChart(box, history, now) {
   const tick = niceStep(span);
   for (let t = Math.ceil(from / tick) * tick; t <= now; t += tick) {
     svg.append(el("line", { class: "grid", x1: x(t), x2: x(t), y1: top, y2: top + plotH }));
-    svg.append(el("text", { class: "tick", x: x(t), y: height - 4, "text-anchor": "middle" }, clock(t)));
+    // A label too close to an edge would be cut off: its grid line is enough.
+    if (x(t) > left + 30 && x(t) < width - 32) {
+      svg.append(el("text", { class: "tick", x: x(t), y: height - 4, "text-anchor": "middle" }, clock(t)));
+    }
   }
   // A gap (no data) ends a segment; each segment is a line over a filled area.
   let segment = [];
