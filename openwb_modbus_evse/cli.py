@@ -430,6 +430,30 @@ def forget(url: str, token: str, serial: str) -> None:
 @main.command()
 @_admin
 @click.argument("serial")
+@click.argument("name", type=click.Choice(config_mod.CONTROLLERS))
+def controller(url: str, token: str, serial: str, name: str) -> None:
+    """Let controller NAME drive station SERIAL from now on ("manual": the owner)."""
+    body = json.dumps({"controller": name}).encode()
+    _call(url, token, "POST", f"/api/stations/{serial}/controller", body=body)
+    click.echo(f"station {serial} is driven by {name} now")
+
+
+@main.command()
+@_admin
+@click.argument("serial")
+@click.argument("amps", type=click.FloatRange(0, 32))
+def current(url: str, token: str, serial: str, amps: float) -> None:
+    """Charge station SERIAL at AMPS (0 stops); its controller must be "manual"."""
+    body = json.dumps({"amps": amps}).encode()
+    _call(url, token, "POST", f"/api/stations/{serial}/current", body=body)
+    click.echo(
+        f"station {serial}: {amps:g} A, kept until changed" if amps else f"{serial}: stopped"
+    )
+
+
+@main.command()
+@_admin
+@click.argument("serial")
 @click.argument("image", type=click.File("rb"))
 @click.option(
     "--timeout",
@@ -440,7 +464,26 @@ def forget(url: str, token: str, serial: str) -> None:
 )
 def firmware(url: str, token: str, serial: str, image: Any, timeout: float) -> None:
     """Update the firmware of station SERIAL with IMAGE (it must not be charging)."""
+    from .evse.protocol import MAX_FIRMWARE_SIZE
+
     data = image.read()
+    # What the service would refuse at once is said before "sending": a wrong token, an
+    # unknown, absent or charging station, an empty or too large image.
+    if not data or len(data) > MAX_FIRMWARE_SIZE:
+        raise click.ClickException(
+            f"the image must be 1..{MAX_FIRMWARE_SIZE} bytes, {image.name} has {len(data)}"
+        )
+    serial = serial.upper()
+    found = _call(url, token, "GET", "/api/stations")["stations"]
+    station = next((s for s in found if s["serial"] == serial), None)
+    if station is None:
+        raise click.ClickException(f"404: no station {serial}")
+    if not station["connected"]:
+        raise click.ClickException(f"409: {station['name']} is not connected")
+    if station["charging"]:
+        raise click.ClickException(
+            f"409: {station['name']} is charging (or its contactor is closed); stop it first"
+        )
     click.echo(f"sending {len(data)} bytes to {serial}; waiting for it to restart ...")
     done = _call(
         url,

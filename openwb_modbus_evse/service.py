@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from . import chargepoint as cp
-from .config import ConfigError, Settings
+from .config import EVERYONE, ConfigError, Settings
 from .control import MODBUS, Control
 from .evse.link import StationLink
 from .firmware import FirmwareUpdater
@@ -31,7 +31,7 @@ from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
 from .interfaces.modbus.server import ChargePointServer, ModbusObserver
 from .interfaces.openwb_mqtt import OpenWbSecondary
-from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
+from .limits import FD_RESERVE, ConnectionLimiter, Network, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
 from .registry import Registry
@@ -59,6 +59,54 @@ class _RequestObserver(ModbusObserver):
         if controller:
             self._heartbeat.refresh()
         self._metrics.response(function_code, exception_code)
+
+
+def _who(networks: tuple[Network, ...]) -> str:
+    if set(networks) >= set(EVERYONE):
+        return "everyone"
+    return ", ".join(str(n) for n in networks) or "no one"
+
+
+def _where(host: str) -> str:
+    return "every interface" if host in ("", "0.0.0.0", "::") else host
+
+
+def access_summary(s: Settings) -> list[str]:
+    """Who may connect and who may write, for the log at start-up (the first hour's surprise:
+    the defaults let everyone on the network write)."""
+    stations = (
+        "only stations in [[station]] or known_stations are served"
+        if s.unknown_stations == "hold"
+        else "any station is served"
+    )
+    lines = [f"access: stations connect on {_where(s.evse_host)}:{s.evse_port}; {stations}"]
+    if s.modbus_port:
+        lines.append(
+            f"access: Modbus on {_where(s.modbus_host)}:{s.modbus_port}: "
+            f"{_who(s.modbus_allow)} may connect, {_who(s.modbus_write_allow)} may write "
+            "(set currents, phases, pilot interruptions)"
+            + (
+                "; restrict with modbus_allow / modbus_write_allow"
+                if set(s.modbus_write_allow) >= set(EVERYONE)
+                else ""
+            )
+        )
+    if s.mqtt_host:
+        lines.append(
+            f"access: MQTT broker {s.mqtt_host}:{s.mqtt_port}: whoever may publish there "
+            "drives the stations whose controller is openwb-mqtt or bridge-mqtt"
+        )
+    if s.metrics_port:
+        actions = (
+            "actions (owner's controls, move, forget, firmware) need the admin token"
+            if s.admin_token
+            else "actions are off (no admin_token)"
+        )
+        lines.append(
+            f"access: HTTP on {_where(s.metrics_host)}:{s.metrics_port}: everyone may read the "
+            f"status page and /metrics; {actions}"
+        )
+    return lines
 
 
 class Service:
@@ -162,6 +210,8 @@ class Service:
         if self.supply is not None:
             self._tasks.append(asyncio.create_task(self._balance_supply_periodically()))
         self._running = True
+        for line in access_summary(s):
+            log.info("%s", line)
 
     def _check_fd_budget(self) -> None:
         """Every listener's cap must fit into the open-file limit (raised if it can be).

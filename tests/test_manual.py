@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import eventually, free_port, metric
-from test_actions import TOKEN, http
+from test_actions import TOKEN, cli, http
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.tools.simulator import virtual_serial
@@ -132,3 +132,30 @@ async def test_controller_and_manual_current_survive_a_restart(make_rig, web_set
     await http(again, "POST", f"{BASE}/controller", json={"controller": "modbus"})
     assert again.bridge.registry.store.records("controller/") == {}
     assert again.bridge.registry.store.records("manual/") == {}
+
+
+async def test_cli_commands_and_their_refusals(make_rig, web_settings, tmp_path):
+    rig = await make_rig(web_settings)
+    station = await rig.station(1)
+    done = await cli(rig, "current", SERIAL, "10", token="")
+    assert done.returncode == 1
+    assert "401: this action needs the admin token (pass it with --token TOKEN" in done.stderr
+    done = await cli(rig, "current", SERIAL, "10")
+    assert done.returncode == 1 and "switch its controller to manual first" in done.stderr
+    done = await cli(rig, "controller", SERIAL, "manual")
+    assert done.returncode == 0, done.stderr
+    done = await cli(rig, "current", SERIAL, "10")
+    assert done.returncode == 0 and "10 A, kept until changed" in done.stdout
+    await station.wait_for(lambda s: s.contactor and s.pwm == 16)
+    # Firmware while charging: refused at once, before anything is sent.
+    image = tmp_path / "evse.bin"
+    image.write_bytes(b"\x01" * 1000)
+    done = await cli(rig, "firmware", SERIAL, str(image))
+    assert done.returncode == 1 and "is charging" in done.stderr
+    assert "sending" not in done.stdout and station.uploads == []
+    image.write_bytes(b"")
+    done = await cli(rig, "firmware", SERIAL, str(image))
+    assert done.returncode == 1 and "the image must be 1..1048576 bytes" in done.stderr
+    image.write_bytes(b"\x01" * 1000)
+    done = await cli(rig, "firmware", "0" * 32, str(image))
+    assert done.returncode == 1 and "404: no station " + "0" * 32 in done.stderr

@@ -1,0 +1,1 @@
+"""The Dehne-EVSE side: wire protocol and station link."""

@@ -1,0 +1,82 @@
+"""A controller's heartbeat: one clock per controller (Modbus requests, an openWB primary's
+global_data), applied by its owner to the charge points that controller drives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Lapses when no request came for ``timeout`` seconds; recovers with the next request.
+
+    ``on_change(lapsed)`` is called on every lapse and recovery. ``what`` names the requests in
+    the log. ``lapsed=True`` starts lapsed (no grace period: charging waits for the first
+    request), otherwise start-up counts as a request.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        clock: Callable[[], float],
+        on_change: Callable[[bool], None],
+        *,
+        what: str = "Modbus request",
+        lapsed: bool = False,
+    ) -> None:
+        self.timeout = timeout
+        self.what = what
+        self._clock = clock
+        self._on_change = on_change
+        self.last_request = clock()
+        self.lapsed = lapsed
+        self.lapses = 0
+        self.recoveries = 0
+        self.received = False  # a request has come since start-up
+        self._recovered = asyncio.Event()
+
+    @property
+    def deadline(self) -> float:
+        """When the heartbeat lapses unless a request comes first."""
+        return self.last_request + self.timeout
+
+    def age(self) -> float:
+        """Seconds since the last request."""
+        return self._clock() - self.last_request
+
+    def refresh(self) -> None:
+        """A request arrived."""
+        self.last_request = self._clock()
+        self.received = True
+        if self.lapsed:
+            self.lapsed = False
+            self.recoveries += 1
+            log.info("heartbeat: %s arrived; the requested currents apply again", self.what)
+            self._recovered.set()
+            self._on_change(False)
+
+    def check(self) -> bool:
+        """Lapse if the deadline has passed; True if it lapsed just now."""
+        if self.lapsed or self._clock() < self.deadline:
+            return False
+        self.lapsed = True
+        self.lapses += 1
+        log.warning(
+            "heartbeat: no %s for %g s; charging stops where it is enforced",
+            self.what,
+            self.timeout,
+        )
+        self._recovered.clear()
+        self._on_change(True)
+        return True
+
+    async def watch(self) -> None:
+        """Lapse the heartbeat at its deadline; runs until cancelled."""
+        while True:
+            if self.lapsed or self.check():
+                await self._recovered.wait()
+            else:
+                await asyncio.sleep(max(0.0, self.deadline - self._clock()))

@@ -1,0 +1,74 @@
+"""What the status page shows, as JSON: every charge point as the view shows it.
+
+The measurements are the view's (view.py), as on Modbus and MQTT, so the page, ``status --json``
+and every controller agree. Full station IDs are not shown (anyone on the LAN may read this); the
+register's serial number is, as on Modbus.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ... import chargepoint as cp
+from ...snapshot import PointSnapshot, Snapshot
+from ...view import reasons, show
+
+
+def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
+    """One card of the page."""
+    state = point.state
+    shown = show(point, now)
+    data = shown.data
+    return {
+        "lp": point.identity.lp,
+        "name": point.identity.name,
+        "serial_number": point.identity.serial_number,
+        "connected": state.connected,
+        "fresh": data is not None,
+        "plugged": shown.plugged,
+        "charging": shown.charging,
+        "offered_a": shown.offered_a,
+        "requested_a": state.requested_ca / 100,
+        "allowed_a": cp.allowed_ca(state) / 100,
+        "supply_granted_a": None if state.supply_cap_ca is None else state.supply_cap_ca / 100,
+        "power_w": round(shown.power_w),  # whole watts, as the register
+        "energy_wh": int(shown.energy_wh),
+        "session_wh": None if point.session_wh is None else int(point.session_wh),
+        "voltages_v": list(shown.voltages_v),
+        "phases_in_use": shown.phases_in_use,
+        "currents_a": list(shown.currents_a),
+        "pilot": data.pilot.state if data else None,
+        "contactor": data.contactor if data else None,
+        "controller": state.config.controller,
+        "heartbeat_age_s": (
+            round(point.heartbeat_age_s, 1) if point.heartbeat_age_s is not None else None
+        ),
+        "heartbeat_enforced": state.enforce_heartbeat,
+        "heartbeat_lapsed": state.heartbeat_lapsed,
+        "fault": shown.fault,
+        "fault_text": shown.fault_text,
+        "uptime_s": (data.uptime_ms % 2**32) // 1000 if data else None,
+        "rssi_dbm": data.rssi_dbm if data else None,
+        "firmware": point.firmware,
+        "data_age_s": round(now - state.data_at, 1) if state.data_at is not None else None,
+        "log": list(point.recent_log),
+        # Average W per minute from "start" (unix time), null where there was no data.
+        "history": {"start": point.history[0], "w": list(point.history[1])},
+        # Why it does not charge (blocking) or charges less than asked, in words.
+        "reasons": [
+            {"code": r.code, "text": r.text, "blocking": r.blocking}
+            for r in reasons(point, now, point.heartbeat, point.last_disconnect)
+        ],
+    }
+
+
+def status_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The whole page: charge points in LP order (unserved stations last)."""
+    points = [charge_point_json(p, snapshot.now) for p in snapshot.points]
+    return {
+        "time": snapshot.wall,
+        "history_interval_s": snapshot.history_interval_s,
+        "total_power_w": sum(p["power_w"] for p in points),
+        "supply_limit_a": snapshot.supply_limit_a,
+        "charge_points": points,
+    }

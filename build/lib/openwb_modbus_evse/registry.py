@@ -1,0 +1,523 @@
+"""The charge points: by station serial and by LP, their LP numbers, energy and change events.
+
+A station keeps its LP: configured in ``[[station]]``, remembered in the state file, or the lowest
+free one on first contact. A new station is on probation: its LP (and energy counter) is written
+to the state file once it has stayed connected with valid data for ``lp_remember_after``; if it
+leaves sooner its LP is free again. A charge point outlives its station's sessions.
+
+Change events: every charge point notifies the registry when its state changes (from its creation
+on); the registry collects the changed points and hands them to its subscribers once per event
+loop turn, then wakes their stations' sessions so they act on the new state at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+
+from . import chargepoint as cp
+from .actions import ActionError, ActionErrorKind
+from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConfig
+from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
+from .evse.link import Session
+from .evse.protocol import NO_CALIBRATION, StationCalibration
+from .limits import Network
+from .ratelimit import RateLimit
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+STALE_POLLS = 3  # data older than this many poll intervals counts as none
+# Energy counted by stations that left before their LP was remembered, kept in memory (not in
+# the state file) so a new station that reconnects within its first minute does not restart at
+# 0; only this many, the oldest forgotten first, so random serials cannot grow it.
+RELEASED_ENERGY_KEPT = 32
+
+Listener = Callable[[list[cp.ChargePoint]], None]
+# State-file records: a station's controller chosen at runtime, and the manual controller's
+# current (centiamps), both by serial.
+CONTROLLER_RECORD, MANUAL_RECORD = "controller/", "manual/"
+
+
+class Registry:
+    """Every charge point the service knows; the only place that creates or drops one."""
+
+    def __init__(self, settings: Settings, control: Control, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.store: Store | None = None  # the state file, from load() on
+        self._control = control
+        self._clock = clock
+        self._points: dict[str, cp.ChargePoint] = {}  # by station serial
+        self._by_lp: dict[int, cp.ChargePoint] = {}
+        self._sessions: dict[str, Session] = {}  # the latest session of each station
+        self._stored_energy: dict[str, float] = {}  # as loaded at start, for stations to come
+        self._saved_energy: dict[str, float] = {}  # what the state file holds
+        # Stations whose charge point stays when they disconnect: configured, or LP remembered.
+        # Any other charge point lives only while its station is connected.
+        self._kept: set[str] = set()
+        self._probations: dict[str, asyncio.Task[None]] = {}
+        self._released_energy: OrderedDict[str, float] = OrderedDict()
+        # Lines about stations that are not (yet) remembered: a peer that connects with a new
+        # serial every few milliseconds must not write two log lines each time.
+        self._newcomer_log = RateLimit(per_second=0.1, burst=20)
+        self._listeners: list[Listener] = []
+        self._dirty: dict[str, cp.ChargePoint] = {}
+        self._flush_pending = False
+        self._controllers: dict[str, str] = {}  # chosen at runtime, by serial (state file)
+        self._manual_ca: dict[str, int] = {}  # the manual controller's current, by serial
+
+    # --- read API (what interfaces get) -----------------------------------------------------
+
+    def get(self, serial: str) -> cp.ChargePoint | None:
+        """The charge point of a station."""
+        return self._points.get(serial)
+
+    def at(self, lp: int) -> cp.ChargePoint | None:
+        """The charge point served as LP ``lp``."""
+        return self._by_lp.get(lp)
+
+    def points(self) -> list[cp.ChargePoint]:
+        """Every charge point, in LP order (unserved stations last)."""
+        return sorted(self._points.values(), key=lambda p: p.identity.lp or MAX_LP + 1)
+
+    def session(self, serial: str) -> Session | None:
+        """The station's session while it is connected."""
+        session = self._sessions.get(serial)
+        return session if session is not None and not session.closed else None
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with the charge points that changed, once per loop turn (in the
+        order of subscription; before the stations' sessions are woken)."""
+        self._listeners.append(listener)
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def load(self, store: Store) -> None:
+        """Configured stations, then remembered ones, each on its LP (served at once)."""
+        self.store = store
+        energy = self._stored_energy = self._store.energy_wh()
+        self._saved_energy = dict(energy)
+        for key, value in store.records(CONTROLLER_RECORD).items():
+            serial = key.removeprefix(CONTROLLER_RECORD)
+            if self._usable_controller(value) is None:
+                self._controllers[serial] = value
+            else:
+                log.warning(
+                    "station %s: stored controller %r cannot run here; ignored", serial, value
+                )
+        for key, value in store.records(MANUAL_RECORD).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._manual_ca[key.removeprefix(MANUAL_RECORD)] = value
+        for station in self.settings.station:
+            if station.lp is not None:  # else: its remembered LP below, or one when it connects
+                self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
+                self._kept.add(station.serial)
+        configured_lps = {s.lp for s in self.settings.station if s.lp is not None}
+        for serial, lp in sorted(self._store.lp_assignments().items(), key=lambda kv: kv[1]):
+            if serial in self._points:
+                continue
+            if lp in configured_lps or not 1 <= lp <= MAX_LP:
+                log.info("station %s: LP%d is configured for another station now", serial, lp)
+                self._store.forget_lp(serial)
+                continue
+            self._new(serial, lp, energy.get(serial, 0.0))
+            self._kept.add(serial)
+
+    @property
+    def _store(self) -> Store:
+        assert self.store is not None, "load() first"
+        return self.store
+
+    # --- the link's hooks -------------------------------------------------------------------
+
+    def calibration(self, serial: str) -> StationCalibration:
+        """A station's configured calibration."""
+        station = self.settings.station_by_serial(serial)
+        return station.calibration if station else NO_CALIBRATION
+
+    def address(self, serial: str) -> Network | None:
+        """The only address a station may connect from (None: any)."""
+        station = self.settings.station_by_serial(serial)
+        return station.address if station else None
+
+    def attach(self, session: Session) -> cp.ChargePoint:
+        """A station's session is established: its charge point (new or kept) drives it."""
+        serial = session.serial
+        assert serial is not None
+        point = self._point_for(serial)
+        self._sessions[serial] = session
+        if serial not in self._kept:
+            previous = self._probations.pop(serial, None)
+            if previous is not None:
+                previous.cancel()
+            self._probations[serial] = asyncio.create_task(self._probation(session, point))
+        return point
+
+    # --- charge points ----------------------------------------------------------------------
+
+    def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
+        controller = self.controller_of(serial)
+        identity = cp.Identity(
+            serial=serial,
+            lp=lp,
+            name=self._display_name(serial, lp),
+            serial_number=station.serial_number or serial[-20:],
+        )
+        config = cp.ChargePointConfig(
+            max_current_a=station.max_current,
+            cable=station.cable,
+            phases=station.phases,
+            can_switch_phases=station.phase_switch_command is not None,
+            stop_timeout=self.settings.stop_timeout,
+            phase_switch_pause=self.settings.phase_switch_pause,
+            controller=controller,
+            supply_limited=bool(self.settings.supply_max_current),
+            contactor_min_off=self.settings.contactor_min_off,
+            contactor_by_request=controller == BRIDGE_MQTT,
+            heartbeat=controller != MANUAL,
+        )
+        point = cp.ChargePoint(
+            identity,
+            config,
+            energy_wh=energy_wh,
+            max_data_age=STALE_POLLS * self.settings.poll_interval,
+        )
+        point.on_change = lambda: self._changed(point)
+        self._points[serial] = point
+        if lp is not None:
+            self._by_lp[lp] = point
+        self._control.sync(point)
+        if controller == MANUAL and self._manual_ca.get(serial):
+            self._apply_manual(point, self._manual_ca[serial])
+        self._changed(point)
+        return point
+
+    def _apply_manual(self, point: cp.ChargePoint, centiamps: int) -> None:
+        """The owner's kept choice applies again (start-up): through the control path."""
+        # A refusal is counted and logged there; the station stays stopped.
+        with contextlib.suppress(cp.Refused):
+            self._control.execute(MANUAL, [(point, Command(Kind.CURRENT, centiamps))])
+
+    def _display_name(self, serial: str, lp: int | None) -> str:
+        station = self.settings.station_by_serial(serial)
+        return (station.name if station else None) or (f"LP{lp}" if lp else cp.short_serial(serial))
+
+    def _point_for(self, serial: str) -> cp.ChargePoint:
+        point = self._points.get(serial)
+        if point is not None:
+            return point
+        energy = self._released_energy.pop(serial, None) or self._stored_energy.get(serial, 0.0)
+        known = self.settings.is_known(serial)
+        if not known and self.settings.unknown_stations == "hold":
+            self._log_newcomer(
+                logging.WARNING,
+                "station %s is not in known_stations: polled and kept safe, not served "
+                '(unknown_stations = "hold")',
+                serial,
+            )
+            return self._new(serial, None, energy)
+        lp = next((n for n in range(1, MAX_LP + 1) if n not in self._by_lp), None)
+        if lp is None:
+            log.warning(
+                "station %s: all %d LPs are taken; it is kept safe, not served", serial, MAX_LP
+            )
+            return self._new(serial, None, energy)
+        point = self._new(serial, lp, energy)
+        if known:
+            self._remember(point)
+        else:
+            self._log_newcomer(
+                logging.INFO,
+                "station %s is served as LP%d; the LP is remembered once it has stayed "
+                "connected with valid data for %g s",
+                serial,
+                lp,
+                self.settings.lp_remember_after,
+            )
+        return point
+
+    def _log_newcomer(self, level: int, message: str, *args: object) -> None:
+        if self._newcomer_log.allow(self._clock()):
+            log.log(level, message + "%s", *args, self._newcomer_log.left_out())
+
+    def remember(self, point: cp.ChargePoint) -> None:
+        """Keep ``point`` and its LP, also across restarts (no-op if it is kept already)."""
+        serial, lp = point.identity.serial, point.identity.lp
+        if serial in self._kept or lp is None:
+            return
+        self._remember(point)
+
+    def _remember(self, point: cp.ChargePoint) -> None:
+        serial, lp = point.identity.serial, point.identity.lp
+        assert lp is not None
+        self._kept.add(serial)
+        try:
+            self._store.assign_lp(serial, lp)
+        except StoreError as err:  # served and kept all the same; only a restart forgets it
+            log.error("%s", err)
+            return
+        log.info("station %s is LP%d from now on", serial, lp)
+
+    async def _probation(self, session: Session, point: cp.ChargePoint) -> None:
+        """Remember a new station's LP once it stayed with valid data; release it if it left."""
+        serial = point.identity.serial
+        wait = self.settings.lp_remember_after
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(session.wait_closed(), wait)
+                except TimeoutError:
+                    fresh = cp.fresh_data(point.state, self._clock(), point.max_data_age)
+                    if fresh is not None and point.identity.lp is not None:
+                        self._remember(point)
+                        return
+                    wait = self.settings.poll_interval  # connected, but no valid data (yet)
+                    continue
+                break
+            if serial not in self._kept and self.session(serial) is None:
+                self._release(point)
+        finally:
+            if self._probations.get(serial) is asyncio.current_task():
+                del self._probations[serial]
+
+    def _release(self, point: cp.ChargePoint) -> None:
+        """Forget a charge point that never earned its LP: memory, metrics, LP all freed."""
+        serial, lp = point.identity.serial, point.identity.lp
+        if self._points.get(serial) is not point:
+            return
+        self._drop(point)
+        if lp is not None:
+            self._log_newcomer(
+                logging.INFO,
+                "station %s left before its LP was remembered: LP%d is free",
+                serial,
+                lp,
+            )
+        if point.energy_wh > 0:
+            self._released_energy[serial] = point.energy_wh
+            while len(self._released_energy) > RELEASED_ENERGY_KEPT:
+                self._released_energy.popitem(last=False)
+
+    def _drop(self, point: cp.ChargePoint) -> None:
+        serial, lp = point.identity.serial, point.identity.lp
+        del self._points[serial]
+        self._sessions.pop(serial, None)
+        if lp is not None and self._by_lp.get(lp) is point:
+            del self._by_lp[lp]
+        point.on_change = lambda: None
+        self._dirty.pop(serial, None)
+        for listener in self._listeners:
+            listener([point])  # its last change: interfaces see it gone
+
+    # --- change events ----------------------------------------------------------------------
+
+    def _changed(self, point: cp.ChargePoint) -> None:
+        self._dirty[point.identity.serial] = point
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        # A listener may change points again (the supply's grants): those come round once more.
+        for _ in range(len(self._points) + 2):
+            if not self._dirty:
+                return
+            changed = list(self._dirty.values())
+            self._dirty.clear()
+            for listener in self._listeners:
+                listener(changed)
+            for point in changed:
+                session = self.session(point.identity.serial)
+                if session is not None:
+                    session.wake()
+        if self._dirty and not self._flush_pending:  # still changing: next turn
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    # --- operator actions -------------------------------------------------------------------
+
+    def stations(self) -> list[dict[str, object]]:
+        """Every station the service knows (connected or remembered), in LP order."""
+        remembered = self._store.lp_assignments()
+        return [
+            {
+                "serial": p.identity.serial,
+                "lp": p.identity.lp,
+                "name": p.name,
+                "connected": p.state.connected,
+                "charging": cp.busy(p.state),
+                "configured": self.settings.station_by_serial(p.identity.serial) is not None,
+                "remembered": p.identity.serial in remembered,
+                "controller": p.state.config.controller,
+                "serial_number": p.identity.serial_number,
+            }
+            for p in self.points()
+        ]
+
+    def _movable(self, serial: str, what: str) -> cp.ChargePoint:
+        point = self._points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        station = self.settings.station_by_serial(serial)
+        if station is not None and station.lp is not None:
+            raise ActionError(
+                ActionErrorKind.CONFLICT,
+                f"{what} refused: station {serial} is set to LP{station.lp} in the config file",
+            )
+        if cp.busy(point.state):
+            raise ActionError(
+                ActionErrorKind.CONFLICT, f"{what} refused: {point.name} is charging; stop it first"
+            )
+        return point
+
+    def move(self, serial: str, lp: int) -> None:
+        """Serve the station as LP ``lp`` (a free one) from now on, also after restarts."""
+        if not 1 <= lp <= MAX_LP:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, f"LP must be 1..{MAX_LP}, got {lp}")
+        point = self._movable(serial, "move")
+        holder = self._by_lp.get(lp)
+        if holder is point:
+            return
+        if holder is not None:
+            raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
+        self._store.assign_lp(serial, lp)
+        self._kept.add(serial)  # an operator's choice: no probation
+        probation = self._probations.pop(serial, None)
+        if probation is not None:
+            probation.cancel()
+        if point.identity.lp is not None:
+            del self._by_lp[point.identity.lp]
+        self._by_lp[lp] = point
+        point.identity = replace(point.identity, lp=lp, name=self._display_name(serial, lp))
+        # The controller of the new LP has written nothing for it yet, and its heartbeat (an
+        # openWB tree is per LP) may be another one: a current offered for the old LP must not
+        # charge here.
+        point.commit(cp.reassign(point.state, self._clock()))
+        self._control.sync(point)
+        self._changed(point)
+        log.info("station %s is LP%d from now on (moved by an operator)", serial, lp)
+
+    def forget(self, serial: str) -> None:
+        """Drop a station that is not connected: its LP is free again (its energy is kept)."""
+        point = self._movable(serial, "forget")
+        if point.state.connected:
+            raise ActionError(
+                ActionErrorKind.CONFLICT,
+                f"forget refused: {point.name} is connected; only a station that is gone can be "
+                "forgotten",
+            )
+        self.save_energy()  # should it come back, it continues its counter
+        self._stored_energy[serial] = point.energy_wh
+        self._store.forget_lp(serial)
+        self._kept.discard(serial)
+        self._drop(point)
+        log.info("station %s (%s) forgotten by an operator", serial, point.name)
+
+    # --- the controller of a station, and the owner's manual choices ----------------------------
+
+    def controller_of(self, serial: str) -> str:
+        """Who drives the station: chosen at runtime (kept in the state file), else configured."""
+        return self._controllers.get(serial) or self.settings.controller_of(serial)
+
+    def _usable_controller(self, controller: object) -> str | None:
+        """Why ``controller`` cannot drive a station with these settings (None: it can)."""
+        if controller not in CONTROLLERS:
+            return f"controller must be one of {', '.join(CONTROLLERS)}"
+        if controller in MQTT_CONTROLLERS and not self.settings.mqtt_host:
+            return f"{controller} needs mqtt_host in the config"
+        if controller == BRIDGE_MQTT and not self.settings.bridge_topics:
+            return f"{controller} needs bridge_topics in the config"
+        return None
+
+    def usable_controllers(self) -> list[str]:
+        """The controllers a station can be switched to with these settings."""
+        return [c for c in CONTROLLERS if self._usable_controller(c) is None]
+
+    def set_controller(self, serial: str, controller: str) -> None:
+        """Let ``controller`` drive the station from now on, also after restarts. What the old
+        controller wrote stops applying; the new one starts from nothing (manual: stopped)."""
+        point = self._points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        problem = self._usable_controller(controller)
+        if problem is not None:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, problem)
+        old = point.state.config
+        if old.controller == controller:
+            return
+        default = self.settings.controller_of(serial)
+        self._store.save_records(
+            {
+                CONTROLLER_RECORD + serial: None if controller == default else controller,
+                MANUAL_RECORD + serial: None,
+            }
+        )
+        self._controllers.pop(serial, None)
+        if controller != default:
+            self._controllers[serial] = controller
+        self._manual_ca.pop(serial, None)
+        config = replace(
+            old,
+            controller=controller,
+            contactor_by_request=controller == BRIDGE_MQTT,
+            heartbeat=controller != MANUAL,
+        )
+        point.commit(cp.change_controller(point.state, config, self._clock()))
+        self._control.sync(point)
+        log.info(
+            "station %s (%s): controller %s -> %s", serial, point.name, old.controller, controller
+        )
+
+    def manual(self, serial: str, command: Command) -> None:
+        """The owner's command for a station driven by ``manual``, through the control path;
+        a current is kept (state file) until changed. Raises Refused or ActionError."""
+        point = self._points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        self._control.execute(MANUAL, [(point, command)], origin="owner")
+        if command.kind is Kind.CURRENT:
+            self._manual_ca[serial] = int(command.value)
+            self._store.save_records({MANUAL_RECORD + serial: int(command.value)})
+
+    # --- energy -----------------------------------------------------------------------------
+
+    def save_energy(self) -> None:
+        """Write the energy counters that changed since the last save to the state file."""
+        if self.store is None:
+            return
+        changed = {
+            serial: point.energy_wh
+            for serial, point in self._points.items()
+            if serial in self._kept and point.energy_wh != self._saved_energy.get(serial)
+        }
+        if changed:
+            self._store.save_energy(changed)
+            self._saved_energy.update(changed)
+
+    async def save_energy_periodically(self) -> None:
+        """Save the energy counters every ``energy_save_interval``; runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.energy_save_interval)
+            try:
+                self.save_energy()
+            except StoreError as err:  # e.g. a full disk: keep counting, try again next time
+                log.error("%s", err)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remember and release nothing more (shutdown has begun)."""
+        for task in list(self._probations.values()):
+            task.cancel()
+
+    def apply(self, change: Callable[[cp.State, float], cp.State]) -> None:
+        """Apply a state change to every charge point (shutdown)."""
+        now = self._clock()
+        for point in self._points.values():
+            point.commit(change(point.state, now))
