@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.capacity import bench_capacity
 from bench.heartbeat import bench_heartbeat
+from bench.history import bench_history
 from bench.idle import bench_idle
 from bench.latency import bench_bridge, bench_latency, bench_mqtt
 from bench.processes import Child
@@ -26,7 +27,17 @@ from bench.report import BenchError, say
 from bench.scrape import bench_scrape, run_scrapers
 from bench.throughput import bench_modbus, run_plain_server
 
-PARTS = ("modbus", "latency", "mqtt", "bridge", "capacity", "heartbeat", "scrape", "idle")
+PARTS = (
+    "modbus",
+    "latency",
+    "mqtt",
+    "bridge",
+    "capacity",
+    "heartbeat",
+    "scrape",
+    "idle",
+    "history",
+)
 
 
 def conditions(args: argparse.Namespace, parts: Sequence[str]) -> str:
@@ -147,6 +158,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "heartbeat": bench_heartbeat,
         "scrape": bench_scrape,
         "idle": bench_idle,
+        "history": bench_history,
     }
     for part in args.only:
         await benches[part](args, workdir)

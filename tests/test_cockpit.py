@@ -178,7 +178,9 @@ async def test_every_control_from_the_page(cockpit, tmp_path):
     assert await click(browser, "lp1", "stop") == "stop: done"
     await one.wait_for(lambda s: not s.contactor and s.pwm == 100)
 
-    # The chart: a time axis, kW, and the value under the pointer.
+    # The chart: a time axis, kW, and the value under the pointer (api/history, fetched once a
+    # minute by the page: here at once).
+    await browser.eval("loadHistory().then(refresh)")
     ticks = await browser.eval(
         f"[...{card('lp1')}.querySelectorAll('svg .tick')].map(t => t.textContent)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import aiohttp
 from conftest import eventually, free_port
 
 from openwb_modbus_evse.history import RECORD, PowerHistory
@@ -61,4 +62,14 @@ async def test_the_history_survives_a_restart(make_rig, settings):
     again = await make_rig(settings)
     start, values = again.bridge.history.series(serial)
     assert start == before[0] and values[: len(before[1])] == before[1]
+    # What the page reads: /api/history (apart from /api/status, which it fetches every 3 s).
+    url = f"http://127.0.0.1:{again.bridge.metrics_port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/api/history") as response:
+            page = await response.json()
+        async with session.get(f"{url}/api/status") as response:
+            assert "history" not in (await response.json())["charge_points"][0]
+    [shown] = page["charge_points"]
+    assert page["step_s"] == 60 and shown["lp"] == 1 and shown["serial_number"]
+    assert shown["start"] == before[0] and shown["w"][: len(before[1])] == list(before[1])
     assert time.time() - 600 < start <= time.time()  # wall-clock minutes, as the chart draws

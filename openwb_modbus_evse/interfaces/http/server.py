@@ -24,7 +24,7 @@ from ...snapshot import Snapshot
 from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
-from .status import status_json
+from .status import history_json, status_json
 from .throttle import Throttled
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,13 @@ class WebServer:
         self.status = Throttled(
             snapshot, lambda snap: json.dumps(status_json(snap)).encode(), self._worker
         )
+        self.history = Throttled(
+            snapshot, lambda snap: json.dumps(history_json(snap)).encode(), self._worker
+        )
         app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/history", self._history)
         admin.add_routes(app)
         static = resources.files(__package__) / "static"
         for name, route, kind in _PAGE_FILES:
@@ -107,12 +111,20 @@ class WebServer:
         await self._server.wait_closed()
         self.exposition.close()
         self.status.close()
+        self.history.close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._server = None
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(
             body=await self.status.body(),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _history(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=await self.history.body(),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )

@@ -5,6 +5,7 @@
 "use strict";
 
 const REFRESH_MS = 3000;
+const HISTORY_MS = 60000; // the history changes once a minute
 const TOKEN_KEY = "openwb-modbus-evse-admin-token";
 const SVG = "http://www.w3.org/2000/svg";
 const SVG_TAGS = new Set(["svg", "path", "line", "text", "rect"]);
@@ -277,6 +278,16 @@ function updateControls(card, cp) {
 // --- the cards ------------------------------------------------------------------------------
 
 const cards = new Map(); // key -> section, kept between refreshes (inputs keep their values)
+let histories = new Map(); // key -> {start, w}, from api/history
+
+async function loadHistory() {
+  try {
+    const response = await fetch("api/history", { cache: "no-store" });
+    if (!response.ok) return;
+    const answer = await response.json();
+    histories = new Map(answer.charge_points.map((h) => [keyOf(h), h]));
+  } catch { /* the next refresh says that the service cannot be reached */ }
+}
 
 function newCard(key) {
   const card = el("section", { class: "card", "data-key": key });
@@ -346,7 +357,7 @@ function fill(card, cp, now) {
   log.textContent = cp.log.length ? cp.log.slice(-6).join("\n") : "(no log lines yet)";
   info.replaceChildren(power, why, dl, controller, station);
   const chart = card.querySelector(".chartbox");
-  drawChart(chart, cp.history, now);
+  drawChart(chart, histories.get(keyOf(cp)) || { start: now, w: [] }, now);
   chart.querySelector("pre")?.remove();
   chart.append(log);
   updateControls(card, cp);
@@ -392,6 +403,7 @@ document.getElementById("lock").addEventListener("click", () => {
 });
 
 renderAdmin();
-loadStations().then(refresh);
+Promise.all([loadStations(), loadHistory()]).then(refresh);
 setInterval(refresh, REFRESH_MS);
+setInterval(() => loadHistory().then(refresh), HISTORY_MS);
 setInterval(loadStations, REFRESH_MS * 5);
