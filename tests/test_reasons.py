@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from conftest import idle_data
+import asyncio
+import re
+from dataclasses import replace
+
+import aiohttp
+from conftest import free_port, idle_data
 from test_chargepoint import charging_state, connected
 
 from openwb_modbus_evse import chargepoint as cp
 from openwb_modbus_evse.evse.protocol import Pilot, Proximity
+from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.view import HeartbeatInfo, reasons
 
 BEAT = HeartbeatInfo("Modbus request", age_s=75.0, timeout_s=60.0, received=True)
@@ -160,3 +166,71 @@ def test_charging_as_asked_or_idle_vehicle():
     assert why(charging_state(amps=16)) == []
     idle = cp.observe(charging_state(), idle_data(pilot=Pilot.C_6V, pwm=26, contactor=True), 1.0)
     assert why(idle) == [("vehicle_idle", "the vehicle draws no current now", False)]
+
+
+# --- end to end: what /api/status says about a real (virtual) station ------------------------
+
+
+async def status_reasons(rig) -> list[tuple[str, str]]:
+    url = f"http://127.0.0.1:{rig.bridge.metrics_port}/api/status"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        [point] = (await response.json())["charge_points"]
+    return [(r["code"], r["text"]) for r in point["reasons"]]
+
+
+async def test_the_contactor_rest_after_a_stop_is_explained_with_seconds_left(make_rig, settings):
+    """The first hour's surprise: "plugged in, 15.6 A offered, 0 W" and no word why."""
+    rig = await make_rig(
+        replace(settings, metrics_host="127.0.0.1", metrics_port=free_port()),
+        contactor_min_off=30.0,
+    )
+    station = await rig.station(1)
+    client = await rig.client()
+    set_current = REGISTER_MAP.address(1, "set_current")
+    await client.write_register(set_current, 1600, device_id=1)
+    await station.wait_for(lambda s: s.contactor)
+    assert await status_reasons(rig) == []
+    await client.write_register(set_current, 0, device_id=1)
+    await station.wait_for(lambda s: not s.contactor)
+    await client.write_register(set_current, 1600, device_id=1)
+    await station.wait_for(lambda s: s.pwm == 26)  # 15.6 A offered, the contactor stays open
+    [(_, text)] = await eventually_value(rig, "contactor_wait")
+    assert re.fullmatch(
+        r"the contactor rests after opening \(contactor_min_off\): (2\d|30) s left", text
+    ), text
+    assert not station.contactor
+
+
+async def eventually_value(rig, code: str) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+
+    async def seen() -> bool:
+        found[:] = await status_reasons(rig)
+        return any(c == code for c, _ in found)
+
+    for _ in range(50):
+        if await seen():
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{code} not among {found}")
+
+
+async def test_heartbeat_lapse_and_offline_are_explained(make_rig, settings):
+    rig = await make_rig(
+        replace(settings, metrics_host="127.0.0.1", metrics_port=free_port()),
+        heartbeat_timeout=0.5,
+    )
+    station = await rig.station(1)
+    client = await rig.client()
+    await client.write_register(REGISTER_MAP.address(1, "set_current"), 1600, device_id=1)
+    [(_, text)] = await eventually_value(rig, "heartbeat_lapsed")
+    assert re.fullmatch(
+        r"the controller modbus's heartbeat lapsed: no Modbus request for \d+ s "
+        r"\(timeout 0.5 s\)",
+        text,
+    ), text
+    await station.stop()
+    [(_, text)] = await eventually_value(rig, "offline")
+    assert re.fullmatch(
+        r"the station is offline for \d+ s \(the station closed the connection\)", text
+    ), text
