@@ -399,6 +399,7 @@ class Registry:
         # openWB tree is per LP) may be another one: a current offered for the old LP must not
         # charge here.
         point.commit(cp.reassign(point.state, self._clock()))
+        self._forget_manual(serial)  # the owner's current was for the old LP too
         self._control.sync(point)
         self._changed(point)
         log.info("station %s is LP%d from now on (moved by an operator)", serial, lp)
@@ -415,6 +416,7 @@ class Registry:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy_wh
         self._store.forget_lp(serial)
+        self._forget_manual(serial)  # should it come back, it starts stopped
         self._kept.discard(serial)
         self._drop(point)
         log.info("station %s (%s) forgotten by an operator", serial, point.name)
@@ -473,6 +475,10 @@ class Registry:
         log.info(
             "station %s (%s): controller %s -> %s", serial, point.name, old.controller, controller
         )
+
+    def _forget_manual(self, serial: str) -> None:
+        if self._manual_ca.pop(serial, None) is not None:
+            self._store.save_records({MANUAL_RECORD + serial: None})
 
     def manual(self, serial: str, command: Command) -> None:
         """The owner's command for a station driven by ``manual``, through the control path;

@@ -229,6 +229,12 @@ def reasons(
         assert since is not None
         why = f" ({last_disconnect[1]})" if last_disconnect else ""
         return [Reason("offline", f"the station is offline for {_ago(now - since)}{why}")]
+    if point.identity.lp is None:
+        text = (
+            "the station is not served (all LPs taken, or not in known_stations with "
+            'unknown_stations = "hold"): it is kept safe'
+        )
+        return [Reason("not_served", text)]
     if data is None or state.data_at is None:
         return [Reason("no_data", "the station is connected but has not reported yet")]
     problem = cp.implausible(data)

@@ -11,7 +11,7 @@ from conftest import eventually, free_port, metric
 from test_actions import TOKEN, cli, http
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
-from openwb_modbus_evse.tools.simulator import virtual_serial
+from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 SERIAL = virtual_serial(1)
 BASE = f"/api/stations/{SERIAL}"
@@ -159,3 +159,17 @@ async def test_cli_commands_and_their_refusals(make_rig, web_settings, tmp_path)
     image.write_bytes(b"\x01" * 1000)
     done = await cli(rig, "firmware", "0" * 32, str(image))
     assert done.returncode == 1 and "404: no station " + "0" * 32 in done.stderr
+
+
+async def test_a_move_drops_the_owners_current(make_rig, web_settings):
+    rig = await make_rig(web_settings)
+    await rig.station(1, VehicleConfig(plug_in_after=None))  # no vehicle: it may move
+    await http(rig, "POST", f"{BASE}/controller", json={"controller": "manual"})
+    await http(rig, "POST", f"{BASE}/current", json={"amps": 10})
+    store = rig.bridge.registry.store
+    assert store.records("manual/") == {f"manual/{SERIAL}": 1000}
+    status, _ = await http(rig, "POST", f"{BASE}/move", json={"lp": 3})
+    assert status == 200 and store.records("manual/") == {}
+    point = rig.point(SERIAL)
+    assert point.state.requested_ca == 0 and point.identity.lp == 3
+    assert point.state.config.controller == "manual"  # the controller stays

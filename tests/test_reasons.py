@@ -21,8 +21,8 @@ BEAT = HeartbeatInfo("Modbus request", age_s=75.0, timeout_s=60.0, received=True
 class Point:
     """A :class:`~openwb_modbus_evse.view.Viewable` around a state."""
 
-    def __init__(self, state: cp.State) -> None:
-        self.identity = cp.Identity("A" * 32, 1, "garage", "SN")
+    def __init__(self, state: cp.State, lp: int | None = 1) -> None:
+        self.identity = cp.Identity("A" * 32, lp, "garage", "SN")
         self.state = state
         self.max_data_age = 15.0
         self.energy_wh = 0.0
@@ -80,6 +80,12 @@ def test_sequences_in_progress():
     switching = cp.ChargePointConfig(can_switch_phases=True)
     state = cp.trigger_phase_switch(cp.set_phase_target(plugged(switching), 1, 0), 0)
     assert why(state)[0][:2] == ("phase_switch", "phase switch to 1 phase(s): stopping")
+
+
+def test_a_station_that_is_not_served():
+    state = cp.set_current(plugged(), 1600, 0)
+    [reason] = reasons(Point(state, lp=None), 1.0)
+    assert reason.code == "not_served" and "kept safe" in reason.text
 
 
 def test_no_vehicle():
