@@ -53,6 +53,8 @@ async def test_the_history_survives_a_restart(make_rig, settings):
     await client.write_register(REGISTER_MAP.address(1, "set_current"), 1600, device_id=1)
     await station.wait_for(lambda s: s.contactor)
     await eventually(lambda: any(v and v > 1000 for v in rig.bridge.history.series(serial)[1]))
+    # Remembered (LP in the state file): the history of a station not known at start is dropped.
+    await eventually(lambda: serial in rig.bridge.registry.store.lp_assignments())
     before = rig.bridge.history.series(serial)
     await rig.close()  # the open minute is sealed and written at shutdown
     with Store(settings.state_db) as store:

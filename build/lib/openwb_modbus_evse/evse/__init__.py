@@ -1,1 +1,0 @@
-"""The Dehne-EVSE side: wire protocol and station link."""

@@ -1,2 +1,0 @@
-"""The controller interfaces: each translates its wire format onto the control path and the
-view, and nothing more."""

@@ -1,1 +1,0 @@
-"""The HTTP side: /metrics, the status page and its JSON API, and the admin actions."""

@@ -1,1 +1,0 @@
-"""The controller side: openWB Rev2.0 register map and Modbus TCP server."""
