@@ -13,11 +13,13 @@ import contextlib
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pymodbus.client import AsyncModbusTcpClient
 
 from ..config import Settings, StationConfig
+from ..control import MODBUS
 from ..evse.protocol import Proximity
 from ..interfaces.modbus.registers import REGISTER_MAP
 from ..service import Service
@@ -26,8 +28,10 @@ from .simulator import VehicleConfig, VirtualStation, virtual_serial
 log = logging.getLogger(__name__)
 
 
-async def _controller(port: int, stop: asyncio.Event) -> None:
-    """Every 5 s: LP1 follows a slow "sun" between 6 and 16 A, LP2 gets 10 A."""
+async def _controller(port: int, stop: asyncio.Event, drives: Callable[[int], bool]) -> None:
+    """Every 5 s: LP1 follows a slow "sun" between 6 and 16 A, LP2 gets 10 A; only the LPs it
+    ``drives`` (their controller is Modbus): one the owner took over is left alone, instead of a
+    refused write in the log every 5 s."""
     client = AsyncModbusTcpClient("127.0.0.1", port=port)
     await client.connect()
     step = 0
@@ -35,6 +39,8 @@ async def _controller(port: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
             sun = 6 + 10 * (0.5 + 0.5 * math.sin(step / 6))
             for lp, amps in ((1, sun), (2, 10.0)):
+                if not drives(lp):
+                    continue
                 await client.write_register(
                     REGISTER_MAP.address(lp, "set_current"), round(amps * 100), device_id=1
                 )
@@ -97,7 +103,12 @@ async def run_demo(
         for station in stations:
             await station.start()
         assert service.modbus is not None
-        controller = asyncio.create_task(_controller(service.modbus.port, stop))
+
+        def drives(lp: int) -> bool:
+            point = service.registry.at(lp)
+            return point is not None and point.state.config.controller == MODBUS
+
+        controller = asyncio.create_task(_controller(service.modbus.port, stop, drives))
         log.info(
             "demo running. In another terminal: .venv/bin/openwb-modbus-evse status --watch  "
             "|  curl -s localhost:%d/metrics | grep ^openwb  |  Ctrl-C stops",
