@@ -62,6 +62,7 @@ class ChargePointConfig:
     contactor_min_off: float = 0.0  # least time between the contactor opening and closing again
     # The controller switches the contactor (bridge-mqtt): it stays open until allowed.
     contactor_by_request: bool = False
+    failsafe_ca: int = 0  # offered while the controller's heartbeat is lapsed (0: stop)
     # The controller keeps a heartbeat; the owner's manual override has none: its choice stays.
     heartbeat: bool = True
 
@@ -139,6 +140,9 @@ class State:
     # report shows otherwise (the first report after a change reflects every command before it).
     supply_cap_ca: int | None = None
     supply_exposure_ca: int = 0
+    # A pilot interruption has ended but the station still reports state F (PWM 0): whether a
+    # vehicle was plugged in before it (None: no interruption is ending).
+    resume_plugged: bool | None = None
 
 
 def initial_state(config: ChargePointConfig) -> State:
@@ -173,7 +177,8 @@ def allowed_ca(state: State) -> int:
     if state.sequence is not None or state.switch_failed:
         return 0
     if state.enforce_heartbeat and state.heartbeat_lapsed:
-        return 0
+        # Never more than the controller last asked for: a pause stays a pause.
+        return min(state.config.failsafe_ca, state.requested_ca)
     return state.requested_ca
 
 
@@ -352,7 +357,8 @@ def settle(state: State, now: float) -> State:
         return replace(state, sequence=hold)
     if seq.stage in (Stage.HOLD, Stage.PAUSE) and seq.until is not None and now >= seq.until:
         phases = seq.phases if seq.phases is not None else state.phases
-        return settle(replace(state, sequence=None, phases=phases), now)
+        resume = seq.plugged if seq.stage is Stage.HOLD else None
+        return settle(replace(state, sequence=None, phases=phases, resume_plugged=resume), now)
     return state
 
 
@@ -376,9 +382,20 @@ def observe(state: State, data: StationData, now: float) -> State:
             connected=True,
             supply_exposure_ca=state.supply_cap_ca or 0,
             closed_not_before=closed_not_before,
+            resume_plugged=state.resume_plugged if data.pwm == PWM_STATE_F else None,
         ),
         now,
     )
+
+
+def restore(
+    state: State, data: StationData, data_at: float, closed_not_before: float | None
+) -> State:
+    """After a restart: the station's last report (from ``data_at``, in the past) and the
+    contactor's rest, as they were kept. The station is not connected: nothing is commanded
+    from this, but its last plug state is shown and its last PWM counted as possibly offered
+    until its own safety timeout."""
+    return replace(state, data=data, data_at=data_at, closed_not_before=closed_not_before)
 
 
 def disconnect(state: State, now: float) -> State:

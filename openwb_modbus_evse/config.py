@@ -153,6 +153,13 @@ def _supply_max_current(key: str, value: Any) -> float:
     return amps
 
 
+def _failsafe_current(key: str, value: Any) -> float:
+    amps = _number(0, 32)(key, value)
+    if 0 < amps < 6:
+        raise ConfigError(key, f"must be 0 (stop) or 6..32 A, got {amps:g}")
+    return amps
+
+
 def _serial(key: str, value: Any) -> str:
     serial = _str(key, value).upper()
     if not re.fullmatch(r"[0-9A-F]{32}", serial):
@@ -375,6 +382,15 @@ class StationConfig:
     max_current: float = field(
         default=32.0,
         metadata=key_info(_number(6, 32), "A, 6..32: the installation's limit."),
+    )
+    failsafe_current: float = field(
+        default=0.0,
+        metadata=key_info(
+            _failsafe_current,
+            "A offered while its controller's heartbeat is lapsed: 0 = stop, or 6..32.",
+            more="Never more than the controller last asked for; under every other cap (cable, "
+            "station, supply).",
+        ),
     )
     cable: str = field(
         default="socket",

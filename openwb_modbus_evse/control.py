@@ -209,9 +209,21 @@ class Control:
 
     def _apply(self, heartbeat: Heartbeat) -> None:
         now = self._clock()
-        for point in list(self._points()):
-            if self.heartbeat_of(point) is heartbeat:
-                point.commit(cp.set_heartbeat_lapsed(point.state, heartbeat.lapsed, now))
+        driven = [p for p in self._points() if self.heartbeat_of(p) is heartbeat]
+        for point in driven:
+            point.commit(cp.set_heartbeat_lapsed(point.state, heartbeat.lapsed, now))
+        enforced = [p.name for p in driven if p.state.enforce_heartbeat]
+        if not enforced:
+            return  # nothing this heartbeat stops: nothing to say
+        if heartbeat.lapsed:
+            log.warning(
+                "heartbeat: no %s for %g s; %s stop charging (or fall back to failsafe_current)",
+                heartbeat.what,
+                heartbeat.timeout,
+                ", ".join(enforced),
+            )
+        else:
+            log.info("heartbeat: %s arrived; the requested currents apply again", heartbeat.what)
 
     async def watch(self) -> None:
         """Lapse every heartbeat at its deadline; runs until cancelled."""

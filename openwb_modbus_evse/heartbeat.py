@@ -4,10 +4,7 @@ global_data), applied by its owner to the charge points that controller drives."
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 
 class Heartbeat:
@@ -33,6 +30,7 @@ class Heartbeat:
         self._on_change = on_change
         self.last_request = clock()
         self.lapsed = lapsed
+        self.source = ""  # where the last request came from
         self.lapses = 0
         self.recoveries = 0
         self.received = False  # a request has come since start-up
@@ -47,14 +45,14 @@ class Heartbeat:
         """Seconds since the last request."""
         return self._clock() - self.last_request
 
-    def refresh(self) -> None:
-        """A request arrived."""
+    def refresh(self, source: str = "") -> None:
+        """A request arrived (from ``source``, e.g. a client address, shown on the page)."""
         self.last_request = self._clock()
+        self.source = source
         self.received = True
         if self.lapsed:
             self.lapsed = False
             self.recoveries += 1
-            log.info("heartbeat: %s arrived; the requested currents apply again", self.what)
             self._recovered.set()
             self._on_change(False)
 
@@ -64,11 +62,6 @@ class Heartbeat:
             return False
         self.lapsed = True
         self.lapses += 1
-        log.warning(
-            "heartbeat: no %s for %g s; charging stops where it is enforced",
-            self.what,
-            self.timeout,
-        )
         self._recovered.clear()
         self._on_change(True)
         return True

@@ -15,21 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from . import chargepoint as cp
+from . import view
 from .actions import ActionError, ActionErrorKind
 from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConfig
 from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
-from .evse.protocol import NO_CALIBRATION, StationCalibration
+from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
 from .limits import Network
 from .ratelimit import RateLimit
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+REPORT_RECORD = "report/"  # store records: a station's last report, by serial
 
 STALE_POLLS = 3  # data older than this many poll intervals counts as none
 # Energy counted by stations that left before their LP was remembered, kept in memory (not in
@@ -46,8 +51,15 @@ CONTROLLER_RECORD, MANUAL_RECORD = "controller/", "manual/"
 class Registry:
     """Every charge point the service knows; the only place that creates or drops one."""
 
-    def __init__(self, settings: Settings, control: Control, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        control: Control,
+        clock: Callable[[], float],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        self._wall = wall  # Unix time: what is kept across a restart is timed by it
         self.store: Store | None = None  # the state file, from load() on
         self._control = control
         self._clock = clock
@@ -55,6 +67,9 @@ class Registry:
         self._by_lp: dict[int, cp.ChargePoint] = {}
         self._sessions: dict[str, Session] = {}  # the latest session of each station
         self._stored_energy: dict[str, float] = {}  # as loaded at start, for stations to come
+        # The last report and contactor rest of each station, as kept for a restart.
+        self._stored_reports: dict[str, dict[str, Any]] = {}
+        self._saved_reports: dict[str, dict[str, Any]] = {}
         self._saved_energy: dict[str, float] = {}  # what the state file holds
         # Stations whose charge point stays when they disconnect: configured, or LP remembered.
         # Any other charge point lives only while its station is connected.
@@ -89,6 +104,11 @@ class Registry:
         session = self._sessions.get(serial)
         return session if session is not None and not session.closed else None
 
+    def unconfirmed(self, point: cp.ChargePoint) -> bool:
+        """Its station has been sent a command that no report has shown yet."""
+        session = self.session(point.identity.serial)
+        return session is not None and session.unconfirmed
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
         order of subscription; before the stations' sessions are woken)."""
@@ -112,6 +132,9 @@ class Registry:
         for key, value in store.records(MANUAL_RECORD).items():
             if isinstance(value, int) and not isinstance(value, bool):
                 self._manual_ca[key.removeprefix(MANUAL_RECORD)] = value
+        reports = self._store.records(REPORT_RECORD)
+        self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
+        self._saved_reports = dict(self._stored_reports)
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -179,6 +202,7 @@ class Registry:
             supply_limited=bool(self.settings.supply_max_current),
             contactor_min_off=self.settings.contactor_min_off,
             contactor_by_request=controller == BRIDGE_MQTT,
+            failsafe_ca=round(station.failsafe_current * 100),
             heartbeat=controller != MANUAL,
         )
         point = cp.ChargePoint(
@@ -187,6 +211,7 @@ class Registry:
             energy_wh=energy_wh,
             max_data_age=STALE_POLLS * self.settings.poll_interval,
         )
+        self._restore(point)
         point.on_change = lambda: self._changed(point)
         self._points[serial] = point
         if lp is not None:
@@ -202,6 +227,52 @@ class Registry:
         # A refusal is counted and logged there; the station stays stopped.
         with contextlib.suppress(cp.Refused):
             self._control.execute(MANUAL, [(point, Command(Kind.CURRENT, centiamps))])
+
+    def _restore(self, point: cp.ChargePoint) -> None:
+        """Take over what was kept of the station's last report (see :meth:`save_energy`)."""
+        kept = self._stored_reports.get(point.identity.serial)
+        if kept is None:
+            return
+        try:
+            age = self._wall() - float(kept["at"])
+            data = StationData(
+                contactor=bool(kept["contactor"]),
+                pwm=int(kept["pwm"]),
+                pilot=Pilot(int(kept["pilot"])),
+                proximity=Proximity(int(kept["proximity"])),
+                voltages_mv=(0, 0, 0),
+                currents_ma=(0, 0, 0),
+                rssi_dbm=0,
+                uptime_ms=0,
+                cp_adc=0,
+                pp_adc=0,
+            )
+            rest = kept.get("rest_until")
+            rest_left = None if rest is None else float(rest) - self._wall()
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("station %s: kept report ignored (%s)", point.identity.serial, err)
+            return
+        if age < 0 or age > view.PLUG_HOLD:
+            return  # from the future (a clock step), or the station has switched itself off
+        now = self._clock()
+        closed_not_before = now + rest_left if rest_left is not None and rest_left > 0 else None
+        point.commit(cp.restore(point.state, data, now - age, closed_not_before))
+
+    def _report_record(self, point: cp.ChargePoint) -> dict[str, Any] | None:
+        state = point.state
+        data = state.data
+        if data is None or state.data_at is None:
+            return None
+        now, wall = self._clock(), self._wall()
+        rest = state.closed_not_before
+        return {
+            "at": round(wall - (now - state.data_at), 3),
+            "pilot": int(data.pilot),
+            "pwm": data.pwm,
+            "contactor": data.contactor,
+            "proximity": int(data.proximity),
+            "rest_until": None if rest is None else round(wall + (rest - now), 3),
+        }
 
     def _display_name(self, serial: str, lp: int | None) -> str:
         station = self.settings.station_by_serial(serial)
@@ -274,7 +345,7 @@ class Registry:
                 except TimeoutError:
                     fresh = cp.fresh_data(point.state, self._clock(), point.max_data_age)
                     if fresh is not None and point.identity.lp is not None:
-                        self._remember(point)
+                        self.remember(point)
                         return
                     wait = self.settings.poll_interval  # connected, but no valid data (yet)
                     continue
@@ -317,7 +388,14 @@ class Registry:
     # --- change events ----------------------------------------------------------------------
 
     def _changed(self, point: cp.ChargePoint) -> None:
-        self._dirty[point.identity.serial] = point
+        serial = point.identity.serial
+        state = point.state
+        closed = state.connected and state.data is not None and state.data.contactor
+        if closed and state.requested_ca > 0 and serial not in self._kept:
+            # A controller has charged through it: it keeps its LP (and its energy) from now
+            # on, also across a restart, whatever its probation says.
+            self.remember(point)
+        self._dirty[serial] = point
         if not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -493,18 +571,39 @@ class Registry:
 
     # --- energy -----------------------------------------------------------------------------
 
-    def save_energy(self) -> None:
-        """Write the energy counters that changed since the last save to the state file."""
+    def save_energy(self, *, final: bool = False) -> None:
+        """Write what changed since the last save to the state file: the energy counters, and
+        the last report of each station (plug state, PWM, contactor and its rest, with the
+        time), so that a restart shows the plug state held and keeps the contactor's rest.
+
+        Kept: the stations that keep their LP, and any station that has counted energy (a
+        new station charging during its probation must not lose that energy); a peer with a
+        new serial every few seconds counts none, so it cannot fill the state file.
+        """
         if self.store is None:
             return
+        worth = {
+            serial: point
+            for serial, point in self._points.items()
+            if serial in self._kept or point.energy_wh > 0
+        }
         changed = {
             serial: point.energy_wh
-            for serial, point in self._points.items()
-            if serial in self._kept and point.energy_wh != self._saved_energy.get(serial)
+            for serial, point in worth.items()
+            if point.energy_wh != self._saved_energy.get(serial)
         }
         if changed:
             self._store.save_energy(changed)
             self._saved_energy.update(changed)
+        reports = {}
+        for serial, point in worth.items():
+            record = self._report_record(point)
+            last = self._saved_reports.get(serial)
+            if record is not None and (final or last is None or _report_changed(last, record)):
+                reports[serial] = record
+        if reports:
+            self._store.save_records({REPORT_RECORD + s: r for s, r in reports.items()})
+            self._saved_reports.update(reports)
 
     async def save_energy_periodically(self) -> None:
         """Save the energy counters every ``energy_save_interval``; runs until cancelled."""
@@ -527,3 +626,11 @@ class Registry:
         now = self._clock()
         for point in self._points.values():
             point.commit(change(point.state, now))
+
+
+def _report_changed(last: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Worth writing: anything but the time changed, or the time by more than 30 s (the held
+    plug state is shown for 300 s after ``at``; shutdown writes the exact time)."""
+    if any(last.get(k) != v for k, v in new.items() if k != "at"):
+        return True
+    return abs(float(last.get("at", 0)) - new["at"]) > 30

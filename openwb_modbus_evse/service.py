@@ -29,7 +29,7 @@ from .interfaces.http.actions import AdminApi
 from .interfaces.http.server import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from .interfaces.http.server import WebServer
 from .interfaces.metrics import Metrics
-from .interfaces.modbus.server import ChargePointServer, ModbusObserver
+from .interfaces.modbus.server import WRITE_CODES, ChargePointServer, ModbusObserver
 from .interfaces.openwb_mqtt import OpenWbSecondary
 from .limits import FD_RESERVE, ConnectionLimiter, Network, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
@@ -48,16 +48,25 @@ SHUTDOWN_GRACE = 2.0  # extra seconds, beyond stop_timeout, to wait for contacto
 class _RequestObserver(ModbusObserver):
     """Every Modbus response is counted; one to a client that may write refreshes the heartbeat.
 
-    A read-only client (outside ``modbus_write_allow``) cannot keep charging going after the
-    controller that set the current has gone.
+    The heartbeat means "the controller is alive": a read-only client (outside
+    ``modbus_write_allow``) never keeps charging going, and once an address has written, only
+    requests from addresses that have written count, so a dashboard polling the registers does
+    not keep charging alive after the controller died. Until anyone writes, any request counts
+    (openWB's rule).
     """
 
     def __init__(self, heartbeat: Heartbeat, metrics: Metrics) -> None:
         self._heartbeat, self._metrics = heartbeat, metrics
+        self.writers: set[str] = set()  # addresses that have written successfully
 
-    def response(self, function_code: int, exception_code: int | None, controller: bool) -> None:
+    def response(
+        self, function_code: int, exception_code: int | None, controller: bool, host: str
+    ) -> None:
         if controller:
-            self._heartbeat.refresh()
+            if function_code in WRITE_CODES and exception_code is None:
+                self.writers.add(host)
+            if not self.writers or host in self.writers:
+                self._heartbeat.refresh(host)
         self._metrics.response(function_code, exception_code)
 
 
@@ -252,18 +261,27 @@ class Service:
             self.bridge_mqtt.close()
         self.registry.close()  # nothing is remembered or released while shutting down
         await self.phase_switcher.stop()  # a relay command in flight is abandoned (and killed)
+        # A station counts as settled only once a report after our last command shows it: one
+        # that applied a current a moment ago may still report PWM 100 % from before.
+        unconfirmed = self.registry.unconfirmed
         if self.settings.stop_charging_on_shutdown:
             await self._settle(
-                cp.shut_down, lambda state, _: cp.not_stopped(state), "confirm the stop"
+                cp.shut_down,
+                lambda p, _: cp.not_stopped(p.state) or unconfirmed(p),
+                "confirm the stop",
             )
         else:
-            await self._settle(cp.leave_charging, cp.pwm_not_applied, "apply its PWM")
+            await self._settle(
+                cp.leave_charging,
+                lambda p, now: cp.pwm_not_applied(p.state, now) or unconfirmed(p),
+                "apply its PWM",
+            )
         if self.openwb is not None:
             await self.openwb.stop()  # the primary reads "stopped" (fault 2), not stale values
         if self.mqtt is not None:
             await self.mqtt.stop()
         await self.link.close()
-        self.registry.save_energy()
+        self.registry.save_energy(final=True)
         if self.web is not None:
             self.history.seal()
             self.save_history()
@@ -275,7 +293,7 @@ class Service:
     async def _settle(
         self,
         change: Callable[[cp.State, float], cp.State],
-        busy: Callable[[cp.State, float], bool],
+        busy: Callable[[cp.ChargePoint, float], bool],
         what: str,
     ) -> None:
         """Apply ``change`` to every charge point, then wait until no station is ``busy``."""
@@ -283,7 +301,7 @@ class Service:
         limit = self.clock() + self.settings.stop_timeout + SHUTDOWN_GRACE
         while True:
             now = self.clock()
-            waiting = [p.name for p in self.registry.points() if busy(p.state, now)]
+            waiting = [p.name for p in self.registry.points() if busy(p, now)]
             if not waiting:
                 return
             if now >= limit:
@@ -385,6 +403,7 @@ class Service:
                     e.heartbeat.lapsed,
                     e.heartbeat.lapses,
                     e.heartbeat.recoveries,
+                    e.heartbeat.source,
                 )
                 for e in control.heartbeats
             ),

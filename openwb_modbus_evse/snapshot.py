@@ -42,6 +42,7 @@ class HeartbeatSnapshot:
     lapsed: bool
     lapses: int
     recoveries: int
+    source: str  # where its last request came from ("" if unknown)
 
 
 @dataclass(frozen=True)

@@ -147,20 +147,22 @@ def show(point: Viewable, now: float) -> Shown:
     )
 
 
-def _interrupting(state: cp.State) -> bool:
+def _interrupted(state: cp.State) -> bool | None:
+    """During a requested pilot interruption (until the station reports its PWM again): whether
+    a vehicle was plugged in before it; None otherwise."""
     seq = state.sequence
-    return seq is not None and seq.seconds is not None and seq.stage is cp.Stage.HOLD
+    if seq is not None and seq.seconds is not None and seq.stage is cp.Stage.HOLD:
+        return seq.plugged
+    return state.resume_plugged
 
 
 def _plugged(state: cp.State, data: StationData) -> bool:
-    if _interrupting(state):
-        assert state.sequence is not None
-        return state.sequence.plugged
-    return data.pilot.plugged
+    held = _interrupted(state)
+    return data.pilot.plugged if held is None else held
 
 
 def _fault(state: cp.State, data: StationData) -> tuple[int, str]:
-    if data.pilot.is_fault and not _interrupting(state):
+    if data.pilot.is_fault and _interrupted(state) is None:
         return FAULT_ERROR, f"control-pilot fault (state {data.pilot.state})"
     if state.switch_failed:
         return FAULT_WARNING, "the phase-switch command failed: charging stays stopped"
@@ -243,7 +245,7 @@ def reasons(
     if now - state.data_at > point.max_data_age:
         return [Reason("no_data", f"no report from the station for {_ago(now - state.data_at)}")]
     seq = state.sequence
-    if data.pilot.is_fault and not _interrupting(state):
+    if data.pilot.is_fault and _interrupted(state) is None:
         found.append(Reason("fault", f"control-pilot fault (state {data.pilot.state})"))
     if state.switch_failed:
         found.append(
@@ -264,26 +266,36 @@ def reasons(
             found.append(
                 Reason("phase_switch", f"phase switch to {seq.phases} phase(s): {seq.stage.value}")
             )
+    elif state.resume_plugged is not None:  # the station still shows state F
+        found.append(
+            Reason("cp_interruption", "pilot interruption over: waiting for the station to resume")
+        )
     if found:
         return found
-    if not data.pilot.plugged:
+    if not _plugged(state, data):
         return [Reason("no_vehicle", "no vehicle is plugged in")]
     controller = config.controller
+    limits: list[Reason] = []
     if state.enforce_heartbeat and state.heartbeat_lapsed:
         if heartbeat is None:
-            text = f"the controller {controller} is not running: no heartbeat, nothing charges"
-            return [Reason("heartbeat_none", text)]
-        if not heartbeat.received:
+            code = "heartbeat_none"
+            text = f"the controller {controller} is not running: no heartbeat"
+        elif not heartbeat.received:
+            code = "heartbeat_none"
+            text = f"no heartbeat from the controller {controller} yet (its first {heartbeat.what})"
+        else:
+            code = "heartbeat_lapsed"
             text = (
-                f"no heartbeat from the controller {controller} yet: charging waits for its "
-                f"first {heartbeat.what}"
+                f"the controller {controller}'s heartbeat lapsed: no {heartbeat.what} for "
+                f"{_ago(heartbeat.age_s)} (timeout {heartbeat.timeout_s:g} s)"
             )
-            return [Reason("heartbeat_none", text)]
-        text = (
-            f"the controller {controller}'s heartbeat lapsed: no {heartbeat.what} for "
-            f"{_ago(heartbeat.age_s)} (timeout {heartbeat.timeout_s:g} s)"
+        failsafe = min(config.failsafe_ca, state.requested_ca)
+        if failsafe < cp.MIN_CURRENT_CA:
+            return [Reason(code, text)]
+        # failsafe_current: charging goes on, at most at that current, until it comes back.
+        limits.append(
+            Reason(code, f"{text}; the failsafe current {_amps(failsafe)} applies", False)
         )
-        return [Reason("heartbeat_lapsed", text)]
     if state.requested_ca == 0:
         who = (
             "the owner stopped charging (manual)"
@@ -306,7 +318,6 @@ def reasons(
                 "supply", "the shared supply has no share for this station now: it waits its turn"
             )
         ]
-    limits: list[Reason] = []
     if cap is not None and cap < demand:
         limits.append(Reason("supply", f"the shared supply grants {_amps(cap)}", False))
     if cable < state.requested_ca:

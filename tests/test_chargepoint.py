@@ -684,3 +684,22 @@ def test_a_closing_within_the_minimum_off_time_waits_and_is_not_lost():
     s = cp.tick(s, 61.0)
     assert cp.target(s, 61.0) == cp.Target(26, True)
     assert cp.next_deadline(s) is None
+
+
+# --- failsafe current ------------------------------------------------------------------------
+
+
+def test_a_lapsed_heartbeat_offers_the_failsafe_current_never_more_than_requested():
+    config = replace(CFG, failsafe_ca=800)
+    s = cp.set_current(connected(config, pilot=Pilot.C_6V), 1600, 0)
+    assert cp.offered_pwm(s) == 26
+    lapsed = cp.set_heartbeat_lapsed(s, True, 1)
+    assert cp.allowed_ca(lapsed) == 800 and cp.offered_pwm(lapsed) == 13  # 8 A: 13 %
+    low = cp.set_heartbeat_lapsed(cp.set_current(s, 600, 0), True, 1)
+    assert cp.allowed_ca(low) == 600  # the controller asked for less
+    paused = cp.set_heartbeat_lapsed(cp.set_current(s, 0, 0), True, 1)
+    assert cp.offered_pwm(paused) == cp.PWM_OFF  # a pause stays a pause
+    unenforced = cp.set_heartbeat_enforced(lapsed, False, 1)
+    assert cp.allowed_ca(unenforced) == 1600
+    default = cp.set_heartbeat_lapsed(cp.set_current(connected(pilot=Pilot.C_6V), 1600, 0), True, 1)
+    assert cp.offered_pwm(default) == cp.PWM_OFF  # failsafe 0 (the default): stop

@@ -4,6 +4,7 @@ openWB's own module, the whole bridge and virtual stations over TCP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -403,7 +404,10 @@ async def test_the_last_will_marks_every_charge_point_faulted_when_the_service_d
         svc.proc.wait()
         await asyncio.sleep(0.3)
         for duo in (0, 1):
-            assert (await Primary(broker.port, duo=duo).read(0.3))["fault_state"] == 2
+            values = await Primary(broker.port, duo=duo).read(0.3)
+            assert values["fault_state"] == 2 and "not running" in values["fault_str"]
+            # No stale power or charging is left for the primary (it was charging on duo 0).
+            assert values["power"] == 0 and values["charge_state"] is False
     finally:
         await station.stop()
         svc.stop()
@@ -452,3 +456,61 @@ async def test_status_shows_which_controller_drives_each_lp(broker, mqtt_setting
     rows = await read_status("127.0.0.1", rig.modbus_port, metrics_port=free_port())
     assert [r.controller for r in rows] == [None, None]
     assert format_table(rows).splitlines()[1].endswith(" -")
+
+
+# --- what the primary sees when things go wrong (issue 18) ----------------------------------
+
+
+async def watch(port: int, topic_filter: str, seconds: float) -> list[tuple[str, object]]:
+    """Every message (topic tail, JSON value) under ``topic_filter`` for ``seconds``, in order."""
+    import json
+
+    import aiomqtt
+
+    seen = []
+    async with aiomqtt.Client("127.0.0.1", port, clean_session=True) as client:
+        await client.subscribe(topic_filter)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                async for message in client.messages:
+                    payload = bytes(message.payload)
+                    tail = message.topic.value.rsplit("/", 1)[-1]
+                    seen.append((tail, json.loads(payload) if payload else None))
+    return seen
+
+
+async def test_a_refused_phase_switch_is_a_warning_until_a_command_goes_through(
+    broker, mqtt_settings, make_rig
+):
+    rig = await make_rig(mqtt_settings)  # no phase_switch_command: wired for 3 phases only
+    primary = Primary(broker.port)
+    async with primary.beating():
+        await charging_at_16(rig, primary)
+        await primary.send("phases_to_use", 1)
+        await asyncio.sleep(0.3)
+        values = await primary.read(0.3)
+        assert values["fault_state"] == 1 and "phase_switch_command" in values["fault_str"]
+        await primary.send("phases_to_use", 3)  # what the station has: accepted
+        await asyncio.sleep(0.3)
+        values = await primary.read(0.3)
+        assert values["fault_state"] == 0 and values["fault_str"] == ""
+
+
+async def test_a_requested_pilot_interruption_keeps_the_vehicle_plugged_and_no_fault(
+    broker, mqtt_settings, make_rig
+):
+    rig = await make_rig(mqtt_settings)
+    primary = Primary(broker.port)
+    async with primary.beating():
+        station = await charging_at_16(rig, primary)
+        base = "openWB/internal_chargepoint/0/get/"
+        watching = asyncio.create_task(watch(broker.port, base + "+", 3.0))
+        await asyncio.sleep(0.3)
+        await primary.send("cp_interruption_duration", 1)
+        await station.wait_for(lambda s: s.pwm == 0, timeout=3)  # state F
+        await station.wait_for(lambda s: s.pwm == 26 and s.contactor, timeout=4)
+        seen = await watching
+    plug = [v for name, v in seen if name == "plug_state"]
+    faults = [v for name, v in seen if name == "fault_state"]
+    assert False not in plug, seen  # the session goes on
+    assert 2 not in faults, seen  # no "control-pilot fault" flash

@@ -240,3 +240,26 @@ async def test_heartbeat_lapse_and_offline_are_explained(make_rig, settings):
     assert re.fullmatch(
         r"the station is offline for \d+ s \(the station closed the connection\)", text
     ), text
+
+
+def test_a_lapse_with_a_failsafe_current_limits_instead_of_stopping():
+    config = cp.ChargePointConfig(failsafe_ca=800)
+    state = offered(cp.set_heartbeat_lapsed(plugged(config), True, 0), pilot=Pilot.B_9V)
+    assert state.data is not None and state.data.pwm == 13  # 8 A offered
+    found = why(state, heartbeat=BEAT)
+    assert (
+        "heartbeat_lapsed",
+        "the controller modbus's heartbeat lapsed: no Modbus request for 75 s (timeout 60 s); "
+        "the failsafe current 8 A applies",
+        False,
+    ) in found
+    assert found[0][0] == "vehicle_not_asking"  # what blocks comes first
+
+
+def test_after_a_pilot_interruption_until_the_station_resumes():
+    state = cp.State(
+        **{**vars(plugged()), "resume_plugged": True, "data": idle_data(pilot=Pilot.MINUS_12V)}
+    )
+    assert why(state) == [
+        ("cp_interruption", "pilot interruption over: waiting for the station to resume", True)
+    ]

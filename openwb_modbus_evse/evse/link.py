@@ -152,6 +152,7 @@ class Session:
         self._ended = asyncio.Event()
         self._notified = False
         self._last_sent: tuple[Target, float] | None = None
+        self._sent_at: float | None = None  # when the latest command went out
         self._retry_at: float | None = None
         self._loop = asyncio.get_running_loop()
         self._log_limit = RateLimit(LOG_LINES_PER_SECOND, LOG_BURST)
@@ -160,6 +161,13 @@ class Session:
     def name(self) -> str:
         """How the station is called in logs."""
         return self.hooks.name if self.serial else self.peer
+
+    @property
+    def unconfirmed(self) -> bool:
+        """A command went out that no report since has shown (the station may have applied it
+        already: its latest report is older)."""
+        sent = self._sent_at
+        return sent is not None and (self.latest_at is None or self.latest_at <= sent)
 
     async def wait_closed(self) -> None:
         """Return once the session has ended."""
@@ -398,6 +406,7 @@ class Session:
             self._retry_at = self._last_sent[1] + self.link.poll_interval
             if now < self._retry_at:
                 return False
+        self._sent_at = now
         if want.pwm != data.pwm:  # PWM first: a stop must announce itself to the vehicle
             await self.set_pwm(want.pwm)
         if want.contactor != data.contactor:

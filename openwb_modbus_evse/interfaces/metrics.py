@@ -149,13 +149,21 @@ class _SnapshotCollector(Collector):
         recoveries = CounterMetricFamily(
             f"{PREFIX}_heartbeat_recoveries", "Heartbeat recoveries.", labels=beat_labels
         )
+        source = GaugeMetricFamily(
+            f"{PREFIX}_heartbeat_source_info",
+            "1, labelled with where the controller's last heartbeat came from (Modbus: the "
+            "client address).",
+            labels=[*beat_labels, "source"],
+        )
         for beat in snap.heartbeats:
             beat_label = [beat.controller, beat.scope]
+            if beat.source:
+                source.add_metric([*beat_label, beat.source], 1)
             beat_age.add_metric(beat_label, beat.age_s)
             beat_lapsed.add_metric(beat_label, int(beat.lapsed))
             lapses.add_metric(beat_label, beat.lapses)
             recoveries.add_metric(beat_label, beat.recoveries)
-        yield from (beat_age, beat_lapsed, lapses, recoveries)
+        yield from (beat_age, beat_lapsed, lapses, recoveries, source)
         mqtt = snap.mqtt
         if mqtt is not None:
             yield GaugeMetricFamily(

@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 _VERSION = f"openwb-modbus-evse {version('openwb-modbus-evse')}"
 # Log lines caused by what peers publish: a burst, then one every 10 s (refusals stay counted).
 LOG_BURST, LOG_PER_SECOND = 30, 0.1
+# What the primary reads once the service is gone without a clean stop.
+_WILL = {
+    "fault_state": FAULT_ERROR,
+    "fault_str": "openwb-modbus-evse is not running: it stopped without a clean shutdown or "
+    "lost its connection to the MQTT broker",
+    "power": 0.0,
+    "charge_state": False,
+}
 # Commands that act once: a retained copy of them is an old command, not a new one.
 _ONE_SHOT = ("trigger_phase_switch", "cp_interruption_duration")
 
@@ -101,8 +109,9 @@ def _r(value: float) -> float:
     return round(value, 2)
 
 
-def get_values(point: Viewable | None, tree: Tree, now: float) -> dict[str, Any]:
-    """Every get/ topic of the tree and its JSON value, as the view shows the charge point."""
+def get_values(point: Viewable | None, tree: Tree, now: float, refused: str = "") -> dict[str, Any]:
+    """Every get/ topic of the tree and its JSON value, as the view shows the charge point;
+    ``refused``: why the primary's last command was refused (a warning until one goes through)."""
     if point is None:
         what = f"LP{tree.lp}" if tree.lp else f"station {tree.serial}"
         return {
@@ -120,10 +129,10 @@ def get_values(point: Viewable | None, tree: Tree, now: float) -> dict[str, Any]
     fault, text = shown.fault, shown.fault_text
     controller = point.state.config.controller
     if fault < FAULT_WARNING and controller != OPENWB_MQTT:
-        fault, text = (
-            FAULT_WARNING,
-            (f"controlled over {controller}, not by this openWB: commands are refused"),
-        )
+        fault = FAULT_WARNING
+        text = f"controlled over {controller}, not by this openWB: commands are refused"
+    elif fault < FAULT_WARNING and refused:
+        fault, text = FAULT_WARNING, f"command refused: {refused}"
     return {
         "power": _r(shown.power_w),
         "imported": _r(shown.energy_wh),
@@ -261,12 +270,17 @@ class OpenWbSecondary:
             for prefix in sorted({t.prefix for t in self.trees})
         }
         self.parent_cp: dict[Tree, str] = {}
+        self._refusals: dict[Tree, str] = {}  # the last command refused, until one goes through
         self._closing = False
         self._timers: dict[Tree, asyncio.TimerHandle] = {}
         self._warned_no_tree: set[str] = set()
         self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST)
         for tree in self.trees:
-            connection.add_will(tree.get_base + "fault_state", str(FAULT_ERROR))
+            # If the service dies (or loses the broker), the primary must read an error with a
+            # text and no stale power or charging; a broker keeps one will per client, so each
+            # of these is a will of its own (mqtt/connection.py holds one client per will).
+            for name, value in _WILL.items():
+                connection.add_will(tree.get_base + name, json.dumps(value))
             for name in (*COMMANDS, "parent_cp"):
                 connection.subscribe(
                     tree.set_base + name, lambda m, t=tree, n=name: self._command(t, n, m)
@@ -317,7 +331,8 @@ class OpenWbSecondary:
     def publish(self, tree: Tree) -> None:
         """Publish the tree's values (the connection sends only what changed)."""
         point = self.point_of(tree)
-        for name, value in get_values(point, tree, self.clock()).items():
+        refused = self._refusals.get(tree, "")
+        for name, value in get_values(point, tree, self.clock(), refused).items():
             self.mqtt.publish(tree.get_base + name, json.dumps(value), retain=True)
         # What the view shows changes by time alone too (data going stale, the plug hold ending).
         timer = self._timers.pop(tree, None)
@@ -384,9 +399,14 @@ class OpenWbSecondary:
         if command is not None:
             try:
                 self.control.execute(OPENWB_MQTT, [(point, command)], origin=f"MQTT {topic}")
-            except cp.Refused:
-                return  # counted and logged by the control path
+            except cp.Refused as refusal:  # counted and logged by the control path
+                if self._refusals.get(tree) != str(refusal):
+                    self._refusals[tree] = str(refusal)  # the primary shows it (fault 1)
+                    self.publish(tree)
+                return
         self.control.accepted(f"MQTT {topic}")
+        if self._refusals.pop(tree, None) is not None:
+            self.publish(tree)
 
     def _parent_cp(self, tree: Tree, value: Any) -> None:
         if not isinstance(value, str | int) or isinstance(value, bool):

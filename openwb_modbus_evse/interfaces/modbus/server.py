@@ -205,8 +205,10 @@ class _Framer(FramerSocket):
 class ModbusObserver:
     """Receives every response the server sends (for the heartbeat and for metrics)."""
 
-    def response(self, function_code: int, exception_code: int | None, controller: bool) -> None:
-        """A request was answered; ``exception_code`` None means success.
+    def response(
+        self, function_code: int, exception_code: int | None, controller: bool, host: str
+    ) -> None:
+        """A request from ``host`` was answered; ``exception_code`` None means success.
 
         ``controller`` is true if the client may write (only a controller keeps the heartbeat).
         """
@@ -304,7 +306,8 @@ class _Connection(ServerRequestHandler):
         response.transaction_id = request.transaction_id
         response.dev_id = request.dev_id
         code = response.exception_code if isinstance(response, ExceptionResponse) else None
-        self.server.observer.response(response.function_code & 0x7F, code, self.may_write)
+        observer = self.server.observer
+        observer.response(response.function_code & 0x7F, code, self.may_write, self.host)
         if self.transport is not None:
             # Not pymodbus' send(), which drops a request received meanwhile (a client's
             # habit: it clears its receive buffer before a request).
