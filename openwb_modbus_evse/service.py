@@ -381,7 +381,11 @@ class Service:
                     history=self.history.series(point.identity.serial),
                     heartbeat=(
                         HeartbeatInfo(
-                            heartbeat.what, heartbeat.age(), heartbeat.timeout, heartbeat.received
+                            heartbeat.what,
+                            heartbeat.age(),
+                            heartbeat.timeout,
+                            heartbeat.received,
+                            heartbeat.source,
                         )
                         if heartbeat
                         else None

@@ -184,6 +184,7 @@ class HeartbeatInfo:
     age_s: float  # seconds since the last request
     timeout_s: float
     received: bool  # a request has come since start-up
+    source: str = ""  # where the last request came from (a client address; "" unknown)
 
 
 @dataclass(frozen=True)

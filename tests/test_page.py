@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -162,5 +163,7 @@ def test_page_shows_what_status_json_reads(demo, tmp_path):
         assert card["pilot"] == "C · contactor closed"
         assert card["reasons"] == ""  # charging as asked: nothing to explain
         assert card["rssi_dbm"] == "-62 dBm"
-        assert "contactor on" in card["log"]  # the virtual station's own log line
+        # The virtual station's own log lines (the last six: the demo's controller adds a
+        # "pwm N%" line to LP1 every 5 s, which pushes "contactor on" out on a slow machine).
+        assert re.search(r"contactor on|pwm \d+%", card["log"]), card["log"]
     assert "<svg" in dom and 'class="line"' in dom  # the power charts have data

@@ -221,6 +221,7 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     assert station.serial not in json.dumps(status)  # no full station ID for anyone on the LAN
     assert "contactor on" in cp["log"]
     assert 0 <= cp["heartbeat_age_s"] < 5 and not cp["heartbeat_lapsed"]
+    assert cp["heartbeat_source"] == "127.0.0.1"  # the Modbus client that wrote
 
     # kept after it leaves once its LP is remembered (lp_remember_after)
     await eventually(lambda: station.serial in rig.bridge.registry.store.lp_assignments())

@@ -43,6 +43,7 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "heartbeat_age_s": (
             round(point.heartbeat_age_s, 1) if point.heartbeat_age_s is not None else None
         ),
+        "heartbeat_source": point.heartbeat.source if point.heartbeat else "",
         "heartbeat_enforced": state.enforce_heartbeat,
         "heartbeat_lapsed": state.heartbeat_lapsed,
         "fault": shown.fault,

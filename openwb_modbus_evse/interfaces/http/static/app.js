@@ -312,7 +312,8 @@ function controllerText(cp) {
     return `manual (the owner): ${choice}, kept until changed`;
   }
   const beat = cp.heartbeat_lapsed ? "heartbeat lapsed"
-    : cp.heartbeat_age_s === null ? "no heartbeat yet" : `heartbeat ${fixed(cp.heartbeat_age_s, 0)} s ago`;
+    : cp.heartbeat_age_s === null ? "no heartbeat yet"
+      : `heartbeat ${fixed(cp.heartbeat_age_s, 0)} s ago${cp.heartbeat_source ? ` from ${cp.heartbeat_source}` : ""}`;
   return `${cp.controller}, ${beat}`;
 }
 
