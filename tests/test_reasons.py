@@ -263,3 +263,10 @@ def test_after_a_pilot_interruption_until_the_station_resumes():
     assert why(state) == [
         ("cp_interruption", "pilot interruption over: waiting for the station to resume", True)
     ]
+
+
+def test_the_contactor_about_to_close_and_limits_below_6_a():
+    state = offered(plugged(), pilot=Pilot.C_6V)  # asks, offered, the contactor not yet closed
+    assert why(state) == [("contactor_closing", "the contactor is about to close", True)]
+    tiny = cp.set_current(plugged(cp.ChargePointConfig(max_current_a=5)), 1600, 0)
+    assert why(tiny) == [("limit", "the station's limits leave less than 6 A", True)]
