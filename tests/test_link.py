@@ -187,9 +187,10 @@ async def test_notify_between_request_and_response_and_coalescing(link):
     station.send(p.notify() * 3)
     request = await station.next_request(timeout=0.15)  # well before the 0.2 s poll
     assert request.type is p.RequestType.COLLECT_DATA
-    # A notify between that request and its response is fine, and causes one more collect.
+    # A notify between that request and its response is fine, and causes one more collect (at
+    # the latest with the next regular poll: a notify brings one extra poll a second at most).
     station.send(p.notify() + p.encode_data(idle_data(pwm=30), 4))
-    request = await station.next_request(timeout=0.15)
+    request = await station.next_request(timeout=0.5)
     assert request.type is p.RequestType.COLLECT_DATA
     station.send(p.encode_data(idle_data(pwm=31), 4))
     await eventually(lambda: link.session(SERIAL).latest.pwm == 31)
@@ -383,3 +384,20 @@ async def test_a_response_whose_caller_gave_up_answers_nobody_else(link):
     assert gave_up.cancelled()
     assert not session.closed and link.recorder.errors == []
     await station.close()
+
+
+async def test_a_notify_after_every_report_brings_at_most_one_extra_poll_a_second(link):
+    """A station (or a peer) that notifies after every report must not drive a poll loop."""
+    station = await RawStation.connect(link.port, SERIAL)
+    await station.next_request()
+    station.send(p.encode_data(idle_data(), 4))
+    await eventually(lambda: SERIAL in link.sessions)
+    loop = asyncio.get_running_loop()
+    polls, started = 0, loop.time()
+    while loop.time() - started < 2.0:
+        request = await station.next_request(timeout=1.0)
+        assert request.type is p.RequestType.COLLECT_DATA
+        polls += 1
+        station.send(p.encode_data(idle_data(), 4) + p.notify())
+    # 0.2 s polls: 10 in 2 s, plus at most one extra a second (before: one per report, hundreds)
+    assert polls <= 10 + 2 + 1, polls

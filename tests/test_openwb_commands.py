@@ -108,21 +108,28 @@ class Clock:
         return self.now
 
 
-def test_heartbeat_counts_only_newer_live_timestamps_whatever_the_primary_clock_says():
+def test_heartbeat_counts_live_timestamps_that_change_whatever_the_primary_clock_says():
     clock, changes = Clock(), []
     hb = PrimaryHeartbeat("", Heartbeat(80, clock, changes.append, lapsed=True))
     assert hb.clock.lapsed  # nothing charges before the first live heartbeat
     assert not hb.received(1e9, retained=True)  # a replay sets the baseline only
     assert hb.clock.lapsed and changes == []
-    assert not hb.received(1e9, retained=False)  # live, but not newer
-    assert hb.received(1e9 + 10, retained=False)  # newer: fresh
+    assert not hb.received(1e9, retained=False)  # live, but the same: a duplicate
+    assert hb.received(1e9 + 10, retained=False)  # changed: fresh
     assert not hb.clock.lapsed and changes == [False]
     clock.now += 79
-    assert hb.received(1e9 + 11 - 600, retained=False) is False  # older (clock stepped back)
-    clock.now += 1
-    assert hb.clock.check() and changes == [False, True]  # 80 s after the last fresh one
-    # A primary whose clock is far from ours: only the order of its own timestamps matters.
-    assert hb.received(1e9 + 20, retained=False) and changes == [False, True, False]
+    assert hb.received(1e9 + 11 - 600, retained=False)  # the primary's clock stepped back
+    clock.now += 79
+    assert not hb.clock.check()  # still alive: 79 s after that one
+    # One far-future timestamp from any client of the broker stops nothing afterwards.
+    assert hb.received(4102444800, retained=False)
+    for step in range(1, 4):
+        clock.now += 10
+        assert hb.received(1e9 + 11 - 600 + 10 * step, retained=False)
+    assert changes == [False] and not hb.clock.lapsed
+    clock.now += 80
+    assert hb.clock.check() and changes == [False, True]  # 80 s after the last one
+    assert hb.received(1e9 + 500, retained=False) and changes == [False, True, False]
 
 
 def test_parse_heartbeat():

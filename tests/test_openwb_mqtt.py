@@ -514,3 +514,15 @@ async def test_a_requested_pilot_interruption_keeps_the_vehicle_plugged_and_no_f
     faults = [v for name, v in seen if name == "fault_state"]
     assert False not in plug, seen  # the session goes on
     assert 2 not in faults, seen  # no "control-pilot fault" flash
+
+
+async def test_one_far_future_heartbeat_from_anyone_stops_nothing(broker, mqtt_settings, make_rig):
+    rig = await make_rig(mqtt_settings)
+    primary = Primary(broker.port)
+    async with primary.beating():
+        station = await charging_at_16(rig, primary)
+        attacker = Primary(broker.port)
+        await attacker.publish(attacker.global_topic("global_data"), '{"heartbeat": 4102444800}')
+        await asyncio.sleep(HEARTBEAT_TIMEOUT + 1.0)  # the primary's own beats go on
+        assert station.pwm == 26 and station.contactor
+        assert not rig.bridge.openwb.heartbeats[""].clock.lapsed

@@ -41,6 +41,20 @@ LOG_LINES_PER_SECOND = 0.5
 READ_SIZE = 64 * 1024
 
 
+# A station that sends a notify after every report must not drive a poll loop: a notify brings at
+# most one extra poll per this many seconds (the regular polls go on).
+NOTIFY_POLL_INTERVAL = 1.0
+# A vehicle sees at most a few PWM changes per second: a lower current is sent at once, a higher
+# one at most this long after the previous PWM change (a write flood is coalesced).
+PWM_RAISE_INTERVAL = 0.5
+
+
+def _offers(pwm: int) -> int:
+    """An order of what a duty cycle offers: IEC 61851's 10..96 % rise with the current; 100 %
+    (stop) and 0 % (state F) offer nothing."""
+    return pwm if 10 <= pwm <= 96 else 0
+
+
 class SessionClosed(ConnectionError):
     """The session ended while a request was waiting."""
 
@@ -151,6 +165,8 @@ class Session:
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
         self._notified = False
+        self._notify_poll_at = 0.0  # the earliest time a notify may bring a poll
+        self._pwm_sent_at = -PWM_RAISE_INTERVAL  # when the latest PWM command went out
         self._last_sent: tuple[Target, float] | None = None
         self._sent_at: float | None = None  # when the latest command went out
         self._retry_at: float | None = None
@@ -358,7 +374,7 @@ class Session:
             while True:
                 event = await self._next_event()
                 if isinstance(event, Notify):
-                    if self.serial is not None:
+                    if self.serial is not None and not self._notified:  # coalesced, as the poll
                         for listener in self.link.listeners:
                             listener.notified(self)
                     self._notified = True
@@ -382,12 +398,16 @@ class Session:
             now = self._loop.time()
             self.hooks.tick(now)
             sent = await self._reconcile(now)
-            if sent or self._notified or now >= next_poll:
+            notify_due = self._notified and now >= self._notify_poll_at
+            if sent or notify_due or now >= next_poll:
+                if notify_due and not sent:
+                    self._notify_poll_at = now + NOTIFY_POLL_INTERVAL
                 self._notified = False
                 await self.collect()  # after commands: confirms them (or shows they failed)
                 next_poll = self._loop.time() + poll
                 continue
-            times = (next_poll, self.hooks.next_deadline(), self._retry_at)
+            notify_at = self._notify_poll_at if self._notified else None
+            times = (next_poll, self.hooks.next_deadline(), self._retry_at, notify_at)
             wake_at = min(t for t in times if t is not None)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -406,8 +426,13 @@ class Session:
             self._retry_at = self._last_sent[1] + self.link.poll_interval
             if now < self._retry_at:
                 return False
+        raise_at = self._pwm_sent_at + PWM_RAISE_INTERVAL
+        if want.pwm != data.pwm and _offers(want.pwm) > _offers(data.pwm) and now < raise_at:
+            self._retry_at = raise_at  # a higher current waits; a lower one would not
+            return False
         self._sent_at = now
         if want.pwm != data.pwm:  # PWM first: a stop must announce itself to the vehicle
+            self._pwm_sent_at = now
             await self.set_pwm(want.pwm)
         if want.contactor != data.contactor:
             await self.set_contactor(want.contactor)

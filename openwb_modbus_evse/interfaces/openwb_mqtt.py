@@ -12,11 +12,11 @@ Every set topic is cleared after handling (an empty retained publish), and one-s
 (phase-switch trigger, pilot interruption) are only carried out when they arrive live, never
 from a retained replay after a reconnect.
 
-The primary's heartbeat (``global_data``) counts when its timestamp is newer than the previous
-one, timed by arrival on our monotonic clock (the two clocks need not agree); a retained replay
-only sets the baseline. Each prefix has its own heartbeat, applied to the charge points of that
-prefix that this interface controls. It starts lapsed: nothing charges on a stale retained
-set_current until a live heartbeat arrives.
+The primary's heartbeat (``global_data``) counts when it arrives live with a timestamp other than
+the previous one, timed by arrival on our monotonic clock (the two clocks need not agree, and
+either may step); a retained replay only sets the baseline. Each prefix has its own heartbeat,
+applied to the charge points of that prefix that this interface controls. It starts lapsed:
+nothing charges on a stale retained set_current until a live heartbeat arrives.
 """
 
 from __future__ import annotations
@@ -226,10 +226,14 @@ class PrimaryHeartbeat:
         self.parent_ip: str | None = None
 
     def received(self, timestamp: float, retained: bool) -> bool:
-        """A heartbeat arrived; True if it counts as fresh (and refreshed the clock)."""
-        fresh = not retained and (self.last_timestamp is None or timestamp > self.last_timestamp)
-        if self.last_timestamp is None or timestamp > self.last_timestamp:
-            self.last_timestamp = timestamp
+        """A heartbeat arrived; True if it counts as fresh (and refreshed the clock).
+
+        Fresh: it arrived live and its timestamp differs from the last one. Not "newer": a
+        single far-future timestamp (from any client of the broker) would make every real one
+        look old, and a primary whose clock steps back would stop its stations until it caught
+        up. A retained replay only sets the baseline."""
+        fresh = not retained and timestamp != self.last_timestamp
+        self.last_timestamp = timestamp
         if fresh:
             self.clock.refresh()
         return fresh
