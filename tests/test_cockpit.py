@@ -222,7 +222,7 @@ async def test_every_control_from_the_page(cockpit, tmp_path):
     await eventually(lambda: not rig.point(two.serial).state.connected)
     await browser.eval(f"{card('lp5')}.querySelector('[data-action=forget]').click()")
     await browser.wait_for(f"!{card('lp5')}")
-    message = await browser.eval("document.getElementById('admin-message').textContent")
+    message = await browser.wait_for("document.getElementById('admin-message').textContent")
     assert message == "LP5: forget: done"
     assert rig.point(two.serial) is None
 
