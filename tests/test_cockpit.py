@@ -39,13 +39,17 @@ def field(key: str, name: str) -> str:
 
 
 async def click(browser: Browser, key: str, action: str, **inputs: object) -> str:
-    """Fill the card's inputs, click its button, and return the message it shows at the end."""
-    for name, value in inputs.items():
-        await browser.eval(
-            f"{card(key)}.querySelector('[name={name}]').value = {json.dumps(str(value))}"
-        )
-    await browser.eval(f"{card(key)}.querySelector('[data-field=message]').textContent = ''")
-    await browser.eval(f"{card(key)}.querySelector('[data-action=\"{action}\"]').click()")
+    """Fill the card's inputs and click its button as a person would (one script, so that no
+    refresh comes in between), and return the message it shows at the end."""
+    fills = "".join(
+        f"c.querySelector('[name={name}]').value = {json.dumps(str(value))}; "
+        f"c.querySelector('[name={name}]').dispatchEvent(new Event('change')); "
+        for name, value in inputs.items()
+    )
+    await browser.eval(
+        f"(c => {{ c.querySelector('[data-field=message]').textContent = ''; {fills}"
+        f"c.querySelector('[data-action=\"{action}\"]').click(); }})({card(key)})"
+    )
     return await browser.wait_for(
         f"(t => t && !t.endsWith('…') && t)({field(key, 'message')})", timeout=30
     )

@@ -250,10 +250,15 @@ function controls(card) {
     el("div", { class: "ctl wide" }, el("span", { class: "muted" }, "Firmware"), file,
       button("Upload", "firmware"), el("progress", { max: 1, value: 0, hidden: true })),
     el("p", { class: "message", "data-field": "message", role: "status" }));
+  // The owner's choice stays in the list until it is sent, whatever the refreshes show meanwhile.
+  select.addEventListener("change", () => { select.dataset.chosen = "1"; });
   box.addEventListener("click", (event) => {
     const action = event.target.closest("button")?.dataset.action;
     if (!action) return;
-    if (action === "controller") act(card, `switch to ${select.value}`, "POST", "controller", { controller: select.value });
+    if (action === "controller") {
+      act(card, `switch to ${select.value}`, "POST", "controller", { controller: select.value })
+        .then(() => { delete select.dataset.chosen; });
+    }
     if (action === "current") act(card, `set ${amps.value} A`, "POST", "current", { amps: Number(amps.value) });
     if (action === "stop") act(card, "stop", "POST", "stop");
     if (action === "cp-interruption") act(card, `pilot interruption ${seconds.value} s`, "POST", "cp-interruption", { seconds: Number(seconds.value) });
@@ -266,7 +271,7 @@ function controls(card) {
 
 function updateControls(card, cp) {
   const select = card.querySelector("select[name=controller]");
-  if (document.activeElement !== select) {
+  if (document.activeElement !== select && !select.dataset.chosen) {
     const names = controllers.length ? controllers : [cp.controller];
     if ([...select.options].map((o) => o.value).join() !== names.join()) {
       select.replaceChildren(...names.map((name) => el("option", { value: name }, name)));
