@@ -184,18 +184,27 @@ async def test_every_control_from_the_page(cockpit, tmp_path):
 
     # The chart: a time axis, kW, and the value under the pointer (api/history, fetched once a
     # minute by the page: here at once).
-    await browser.eval("loadHistory().then(refresh)")
+    await browser.wait_for(
+        "(async () => { await loadHistory(); await refresh(); "
+        "return histories.get('lp1')?.w.some((w) => w !== null) })()",
+        timeout=20,
+    )
     ticks = await browser.eval(
         f"[...{card('lp1')}.querySelectorAll('svg .tick')].map(t => t.textContent)"
     )
     assert "0 kW" in ticks and any(":" in t for t in ticks), ticks
     tip = await browser.eval(
         f"""(() => {{
+          // Sweep the pointer from the right edge leftwards until it is over a minute with
+          // data (the newest minutes may not be drawn yet on a busy machine).
           const svg = {card("lp1")}.querySelector('svg.chart');
-          const lines = svg.querySelectorAll('.line');
-          const r = lines[lines.length - 1].getBoundingClientRect();
-          svg.dispatchEvent(new MouseEvent('mousemove', {{clientX: r.left + r.width / 2,
-            clientY: r.top + 1, bubbles: true}}));
+          const r = svg.getBoundingClientRect();
+          const tip = {card("lp1")}.querySelector('.tip');
+          for (let x = r.right - 1; x > r.left; x -= 2) {{
+            svg.dispatchEvent(new MouseEvent('mousemove', {{clientX: x, clientY: r.top + 10,
+              bubbles: true}}));
+            if (!tip.hidden && tip.textContent.endsWith(' kW')) break;
+          }}
           return {card("lp1")}.querySelector('.tip').textContent;
         }})()"""
     )
