@@ -109,7 +109,7 @@ $(VENV)/bin/bench_%: bench/bench_%.c | $(PYTHON)
 
 # Renews docs/page.png and docs/page-phone.png (the README's) from the browser test.
 screenshot: install-test
-	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_page.py
+	OPENWB_SCREENSHOT=docs/page.png $(PYTHON) -m pytest -q tests/test_cockpit.py -k screenshots
 
 clean:
 	rm -rf $(VENV) $(HA_VENV) .pytest_cache .ruff_cache .hypothesis

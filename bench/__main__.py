@@ -20,6 +20,7 @@ from pathlib import Path
 from bench.capacity import bench_capacity
 from bench.dimming import bench_dim
 from bench.heartbeat import bench_heartbeat
+from bench.history import bench_history
 from bench.idle import bench_idle
 from bench.latency import bench_bridge, bench_homeassistant, bench_latency, bench_mqtt
 from bench.ocpp import bench_ocpp
@@ -40,6 +41,7 @@ PARTS = (
     "scrape",
     "idle",
     "ocpp",
+    "history",
 )
 
 
@@ -171,6 +173,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         "scrape": bench_scrape,
         "idle": bench_idle,
         "ocpp": bench_ocpp,
+        "history": bench_history,
     }
     for part in args.only:
         await benches[part](args, workdir)

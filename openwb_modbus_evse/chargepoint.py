@@ -63,6 +63,8 @@ class ChargePointConfig:
     # The controller switches the contactor (bridge-mqtt): it stays open until allowed.
     contactor_by_request: bool = False
     failsafe_ca: int = 0  # offered while the controller's heartbeat is lapsed (0: stop)
+    # The controller keeps a heartbeat; the owner's manual override has none: its choice stays.
+    heartbeat: bool = True
 
 
 class Stage(StrEnum):
@@ -150,6 +152,7 @@ def initial_state(config: ChargePointConfig) -> State:
         phases=config.phases,
         supply_cap_ca=0 if config.supply_limited else None,
         contactor_allowed=not config.contactor_by_request,
+        enforce_heartbeat=config.heartbeat,
     )
 
 
@@ -490,6 +493,13 @@ def reassign(state: State, now: float) -> State:
     )
 
 
+def change_controller(state: State, config: ChargePointConfig, now: float) -> State:
+    """Another controller drives the charge point from now on (``config`` names it): what the
+    old one wrote (current, phase target, heartbeat enforcement, contactor permission) no
+    longer applies; a sequence in progress runs to its end."""
+    return reassign(replace(state, config=config), now)
+
+
 def set_heartbeat_lapsed(state: State, lapsed: bool, now: float) -> State:
     """No controller has asked anything for the heartbeat timeout (or one came back)."""
     return settle(replace(state, heartbeat_lapsed=lapsed), now)
@@ -638,6 +648,10 @@ class ChargePoint:
         self._implausible_log = RateLimit(per_second=1 / 60, burst=3, kind="implausible_report")
         #: The last log lines the station sent (escaped and shortened by the link).
         self.recent_log: deque[str] = deque(maxlen=RECENT_LOG_LINES)
+        #: When (monotonic) and why the station's last session ended (None: not yet).
+        self.last_disconnect: tuple[float, str] | None = None
+        #: The energy counter when the vehicle was plugged in (None: no vehicle seen plugged).
+        self.plugged_at_wh: float | None = None
 
     @property
     def name(self) -> str:
@@ -674,9 +688,20 @@ class ChargePoint:
                     more,
                 )
         self.commit(observe(self.state, data, now))
+        # Only state A ends a vehicle's session: a fault or a pilot interruption hides it.
+        if data.pilot is Pilot.A_12V and problem is None:
+            self.plugged_at_wh = None
+        elif data.pilot.plugged and self.plugged_at_wh is None:
+            self.plugged_at_wh = self.energy.wh
+
+    @property
+    def session_wh(self) -> float | None:
+        """Energy since the vehicle was plugged in (None: no vehicle)."""
+        return None if self.plugged_at_wh is None else self.energy.wh - self.plugged_at_wh
 
     def disconnected(self, now: float, reason: str) -> None:
         """The station's session ended."""
+        self.last_disconnect = (now, reason)
         self.energy.interrupt()
         self.commit(disconnect(self.state, now))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -331,6 +332,11 @@ def config_reference() -> None:
 @click.option("--modbus-port", default=1502, show_default=True, help="Modbus TCP port.")
 @click.option("--metrics-port", default=9502, show_default=True, help="Prometheus port.")
 @click.option(
+    "--admin-token",
+    default=None,
+    help="Token for the actions (page controls, CLI).  [default: a new one, printed at start]",
+)
+@click.option(
     "--mqtt-host",
     default="",
     help="An MQTT broker: the stations appear in Home Assistant, which drives LP2.",
@@ -344,16 +350,24 @@ def demo(
     metrics_port: int,
     mqtt_host: str,
     mqtt_port: int,
+    admin_token: str | None,
 ) -> None:
     """The service, two virtual stations with vehicles and a controller, all in one process."""
     from .tools.demo import run_demo
 
     _setup_logging("INFO")
+    if admin_token is None:
+        admin_token = secrets.token_urlsafe(18)
+    else:
+        try:
+            config_mod.check_admin_token("admin_token", admin_token)
+        except config_mod.ConfigError as err:
+            raise click.BadParameter(str(err), param_hint="--admin-token") from None
     ports = {"evse_port": evse_port, "modbus_port": modbus_port, "metrics_port": metrics_port}
 
     async def run(stop: asyncio.Event) -> None:
         try:
-            await run_demo(stop, state_db, host, mqtt=(mqtt_host, mqtt_port), **ports)
+            await run_demo(stop, state_db, host, admin_token, mqtt=(mqtt_host, mqtt_port), **ports)
         except OSError as err:  # a port in use: one line, as serve says it
             raise click.ClickException(
                 f"{err} (is the service or another demo running? Stop it, or give the demo "
@@ -430,6 +444,30 @@ def forget(url: str, token: str, serial: str) -> None:
 @main.command()
 @_admin
 @click.argument("serial")
+@click.argument("name", type=click.Choice(config_mod.CONTROLLERS))
+def controller(url: str, token: str, serial: str, name: str) -> None:
+    """Let controller NAME drive station SERIAL from now on ("manual": the owner)."""
+    body = json.dumps({"controller": name}).encode()
+    _call(url, token, "POST", f"/api/stations/{serial}/controller", body=body)
+    click.echo(f"station {serial} is driven by {name} now")
+
+
+@main.command()
+@_admin
+@click.argument("serial")
+@click.argument("amps", type=click.FloatRange(0, 32))
+def current(url: str, token: str, serial: str, amps: float) -> None:
+    """Charge station SERIAL at AMPS (0 stops); its controller must be "manual"."""
+    body = json.dumps({"amps": amps}).encode()
+    _call(url, token, "POST", f"/api/stations/{serial}/current", body=body)
+    click.echo(
+        f"station {serial}: {amps:g} A, kept until changed" if amps else f"{serial}: stopped"
+    )
+
+
+@main.command()
+@_admin
+@click.argument("serial")
 @click.argument("image", type=click.File("rb"))
 @click.option(
     "--timeout",
@@ -440,7 +478,26 @@ def forget(url: str, token: str, serial: str) -> None:
 )
 def firmware(url: str, token: str, serial: str, image: Any, timeout: float) -> None:
     """Update the firmware of station SERIAL with IMAGE (it must not be charging)."""
+    from .evse.protocol import MAX_FIRMWARE_SIZE
+
     data = image.read()
+    # What the service would refuse at once is said before "sending": a wrong token, an
+    # unknown, absent or charging station, an empty or too large image.
+    if not data or len(data) > MAX_FIRMWARE_SIZE:
+        raise click.ClickException(
+            f"the image must be 1..{MAX_FIRMWARE_SIZE} bytes, {image.name} has {len(data)}"
+        )
+    serial = serial.upper()
+    found = _call(url, token, "GET", "/api/stations")["stations"]
+    station = next((s for s in found if s["serial"] == serial), None)
+    if station is None:
+        raise click.ClickException(f"404: no station {serial}")
+    if not station["connected"]:
+        raise click.ClickException(f"409: {station['name']} is not connected")
+    if station["charging"]:
+        raise click.ClickException(
+            f"409: {station['name']} is charging (or its contactor is closed); stop it first"
+        )
     click.echo(f"sending {len(data)} bytes to {serial}; waiting for it to restart ...")
     done = _call(
         url,

@@ -42,7 +42,7 @@ ADMIN_TOKEN_MIN_LENGTH = 16  # guessing it over the LAN must be hopeless
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVERYONE = parse_networks(["0.0.0.0/0", "::/0"])
 #: Who may drive a charge point (``controller``); every interface reads, only this one writes.
-CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "ocpp", "homeassistant")
+CONTROLLERS = ("modbus", "openwb-mqtt", "bridge-mqtt", "ocpp", "homeassistant", "manual")
 MQTT_CONTROLLERS = ("openwb-mqtt", "bridge-mqtt", "homeassistant")  # need mqtt_host
 #: The Rust dehneevse-mqtt-bridge's default topics (publish, subscribe).
 RUST_BRIDGE_TOPICS = ("from_dehneEVSE", "to_dehneEVSE")
@@ -147,7 +147,8 @@ def _log_level(key: str, value: Any) -> str:
     return _one_of(*LOG_LEVELS)(key, _str(key, value).upper())
 
 
-def _admin_token(key: str, value: Any) -> str:
+def check_admin_token(key: str, value: Any) -> str:
+    """An admin token: empty (actions off) or long enough to be hopeless to guess."""
     token = _optional_str(key, value)
     if token and (len(token) < ADMIN_TOKEN_MIN_LENGTH or not token.isascii() or " " in token):
         raise ConfigError(
@@ -715,7 +716,7 @@ class Settings:
     admin_token: str = field(
         default="",
         metadata=key_info(
-            _admin_token,
+            check_admin_token,
             "Bearer token for the HTTP actions; empty = actions off.",
             more=f"At least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. from `openssl rand -hex "
             "16`. The CLI's move, forget and firmware commands send it (--token).",
@@ -733,8 +734,10 @@ class Settings:
             more='"modbus", "openwb-mqtt" (an openWB primary over MQTT), "bridge-mqtt" (the '
             'Rust bridge\'s messages, see bridge_topics) or "homeassistant" (the entities of '
             'ha_discovery, see docs/home-assistant.md), which need mqtt_host; "ocpp" (an OCPP '
-            "central system, needs ocpp_url). Every interface reads; writes from the others are "
-            "refused.",
+            'central system, needs ocpp_url); "manual" (the owner, from the status page or the '
+            "CLI, with admin_token; no heartbeat: the choice stays until changed). Every "
+            "interface reads; writes from the others are refused. The status page can switch a "
+            "station's controller at runtime (kept in state_db).",
             section="Controllers and MQTT (see docs/openwb-primary.md)",
             cli_type=click.Choice(CONTROLLERS),
         ),

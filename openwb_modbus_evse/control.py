@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: The controller kinds (``controller`` of a station, config.CONTROLLERS): every interface
 #: reads, only the station's own controller writes.
-MODBUS, OPENWB_MQTT, BRIDGE_MQTT, OCPP, HOMEASSISTANT = CONTROLLERS
+MODBUS, OPENWB_MQTT, BRIDGE_MQTT, OCPP, HOMEASSISTANT, MANUAL = CONTROLLERS
 
 # Log lines a peer can cause (one per command): a burst, then one per second, per kind; what is
 # left out is counted and said with the next line.

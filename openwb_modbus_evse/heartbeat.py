@@ -38,6 +38,7 @@ class Heartbeat:
         self.lapse_reason = ""  # why lapse() lapsed it (empty: a timeout)
         self.lapses = 0
         self.recoveries = 0
+        self.received = False  # a request has come since start-up
         self._recovered = asyncio.Event()
 
     @property
@@ -53,6 +54,7 @@ class Heartbeat:
         """A request arrived (from ``source``, e.g. a client address, shown on the page)."""
         self.last_request = self._clock()
         self.source = source
+        self.received = True
         if self.lapsed:
             self.lapsed = False
             self.recoveries += 1

@@ -40,6 +40,13 @@ class RateLimit:
             _LEFT_OUT[self.kind] += 1
         return False
 
+    def available(self, now: float) -> bool:
+        """True if an event could happen at ``now``, without using it up."""
+        tokens = self._tokens
+        if self._at is not None:
+            tokens = min(self.burst, tokens + (now - self._at) * self.per_second)
+        return tokens >= 1
+
     def take_dropped(self) -> int:
         """How many events were refused since the last call."""
         dropped, self.dropped = self.dropped, 0

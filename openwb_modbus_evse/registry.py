@@ -13,6 +13,7 @@ loop turn, then wakes their stations' sessions so they act on the new state at o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -23,8 +24,8 @@ from typing import Any
 from . import chargepoint as cp
 from . import view
 from .actions import ActionError, ActionErrorKind
-from .config import MAX_LP, Settings, StationConfig
-from .control import BRIDGE_MQTT, Control
+from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConfig
+from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
 from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
 from .limits import Network
@@ -45,6 +46,9 @@ STALE_POLLS = 3  # data older than this many poll intervals counts as none
 RELEASED_ENERGY_KEPT = 32
 
 Listener = Callable[[list[cp.ChargePoint]], None]
+# State-file records: a station's controller chosen at runtime, and the manual controller's
+# current (centiamps), both by serial.
+CONTROLLER_RECORD, MANUAL_RECORD = "controller/", "manual/"
 
 
 class Registry:
@@ -82,6 +86,8 @@ class Registry:
         self._listeners: list[Listener] = []
         self._dirty: dict[str, cp.ChargePoint] = {}
         self._flush_pending = False
+        self._controllers: dict[str, str] = {}  # chosen at runtime, by serial (state file)
+        self._manual_ca: dict[str, int] = {}  # the manual controller's current, by serial
 
     # --- read API (what interfaces get) -----------------------------------------------------
 
@@ -119,6 +125,17 @@ class Registry:
         self.store = store
         energy = self._stored_energy = self._store.energy_wh()
         self._saved_energy = dict(energy)
+        for key, value in store.records(CONTROLLER_RECORD).items():
+            serial = key.removeprefix(CONTROLLER_RECORD)
+            if self._usable_controller(value) is None:
+                self._controllers[serial] = value
+            else:
+                log.warning(
+                    "station %s: stored controller %r cannot run here; ignored", serial, value
+                )
+        for key, value in store.records(MANUAL_RECORD).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._manual_ca[key.removeprefix(MANUAL_RECORD)] = value
         reports = self._store.records(REPORT_RECORD)
         self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
         self._saved_reports = dict(self._stored_reports)
@@ -183,7 +200,7 @@ class Registry:
 
     def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
         station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
-        controller = self.settings.controller_of(serial)
+        controller = self.controller_of(serial)
         identity = cp.Identity(
             serial=serial,
             lp=lp,
@@ -202,6 +219,7 @@ class Registry:
             contactor_min_off=self.settings.contactor_min_off,
             contactor_by_request=controller == BRIDGE_MQTT,
             failsafe_ca=round(station.failsafe_current * 100),
+            heartbeat=controller != MANUAL,
         )
         point = cp.ChargePoint(
             identity,
@@ -215,8 +233,16 @@ class Registry:
         if lp is not None:
             self._by_lp[lp] = point
         self._control.sync(point)
+        if controller == MANUAL and self._manual_ca.get(serial):
+            self._apply_manual(point, self._manual_ca[serial])
         self._changed(point)
         return point
+
+    def _apply_manual(self, point: cp.ChargePoint, centiamps: int) -> None:
+        """The owner's kept choice applies again (start-up): through the control path."""
+        # A refusal is counted and logged there; the station stays stopped.
+        with contextlib.suppress(cp.Refused):
+            self._control.execute(MANUAL, [(point, Command(Kind.CURRENT, centiamps))])
 
     def _restore(self, point: cp.ChargePoint) -> None:
         """Take over what was kept of the station's last report (see :meth:`save_energy`)."""
@@ -472,6 +498,8 @@ class Registry:
                 "charging": cp.busy(p.state),
                 "configured": self.settings.station_by_serial(p.identity.serial) is not None,
                 "remembered": p.identity.serial in remembered,
+                "controller": p.state.config.controller,
+                "serial_number": p.identity.serial_number,
             }
             for p in self.points()
         ]
@@ -516,6 +544,7 @@ class Registry:
         # openWB tree is per LP) may be another one: a current offered for the old LP must not
         # charge here.
         point.commit(cp.reassign(point.state, self._clock()))
+        self._forget_manual(serial)  # the owner's current was for the old LP too
         self._control.sync(point)
         self._changed(point)
         log.info("station %s is LP%d from now on (moved by an operator)", serial, lp)
@@ -534,9 +563,80 @@ class Registry:
         self._store.forget_lp(serial)
         self._store.save_records({CLAIM_RECORD + serial: None})
         self._claims.discard(serial)
+        self._forget_manual(serial)  # should it come back, it starts stopped
         self._kept.discard(serial)
         self._drop(point)
         log.info("station %s (%s) forgotten by an operator", serial, point.name)
+
+    # --- the controller of a station, and the owner's manual choices ----------------------------
+
+    def controller_of(self, serial: str) -> str:
+        """Who drives the station: chosen at runtime (kept in the state file), else configured."""
+        return self._controllers.get(serial) or self.settings.controller_of(serial)
+
+    def _usable_controller(self, controller: object) -> str | None:
+        """Why ``controller`` cannot drive a station with these settings (None: it can)."""
+        if controller not in CONTROLLERS:
+            return f"controller must be one of {', '.join(CONTROLLERS)}"
+        if controller in MQTT_CONTROLLERS and not self.settings.mqtt_host:
+            return f"{controller} needs mqtt_host in the config"
+        if controller == BRIDGE_MQTT and not self.settings.bridge_topics:
+            return f"{controller} needs bridge_topics in the config"
+        return None
+
+    def usable_controllers(self) -> list[str]:
+        """The controllers a station can be switched to with these settings."""
+        return [c for c in CONTROLLERS if self._usable_controller(c) is None]
+
+    def set_controller(self, serial: str, controller: str) -> None:
+        """Let ``controller`` drive the station from now on, also after restarts. What the old
+        controller wrote stops applying; the new one starts from nothing (manual: stopped)."""
+        point = self._points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        problem = self._usable_controller(controller)
+        if problem is not None:
+            raise ActionError(ActionErrorKind.BAD_REQUEST, problem)
+        old = point.state.config
+        if old.controller == controller:
+            return
+        default = self.settings.controller_of(serial)
+        self._store.save_records(
+            {
+                CONTROLLER_RECORD + serial: None if controller == default else controller,
+                MANUAL_RECORD + serial: None,
+            }
+        )
+        self._controllers.pop(serial, None)
+        if controller != default:
+            self._controllers[serial] = controller
+        self._manual_ca.pop(serial, None)
+        config = replace(
+            old,
+            controller=controller,
+            contactor_by_request=controller == BRIDGE_MQTT,
+            heartbeat=controller != MANUAL,
+        )
+        point.commit(cp.change_controller(point.state, config, self._clock()))
+        self._control.sync(point)
+        log.info(
+            "station %s (%s): controller %s -> %s", serial, point.name, old.controller, controller
+        )
+
+    def _forget_manual(self, serial: str) -> None:
+        if self._manual_ca.pop(serial, None) is not None:
+            self._store.save_records({MANUAL_RECORD + serial: None})
+
+    def manual(self, serial: str, command: Command) -> None:
+        """The owner's command for a station driven by ``manual``, through the control path;
+        a current is kept (state file) until changed. Raises Refused or ActionError."""
+        point = self._points.get(serial)
+        if point is None:
+            raise ActionError(ActionErrorKind.NOT_FOUND, f"no station {serial}")
+        self._control.execute(MANUAL, [(point, command)], origin="owner")
+        if command.kind is Kind.CURRENT:
+            self._manual_ca[serial] = int(command.value)
+            self._store.save_records({MANUAL_RECORD + serial: int(command.value)})
 
     # --- energy -----------------------------------------------------------------------------
 

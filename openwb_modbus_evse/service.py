@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from . import chargepoint as cp
-from .config import ConfigError, Settings
+from .config import EVERYONE, ConfigError, Settings
 from .control import MODBUS, Control
 from .dimming import HTTP as DIM_HTTP
 from .dimming import MQTT as DIM_MQTT
@@ -24,6 +24,8 @@ from .dimming import Dimming
 from .evse.link import StationLink
 from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
+from .history import RECORD as HISTORY_RECORD
+from .history import SAVE_INTERVAL as HISTORY_SAVE_INTERVAL
 from .history import PowerHistory
 from .interfaces.bridge_mqtt import RustBridgeApi
 from .interfaces.homeassistant import HomeAssistantApi
@@ -36,15 +38,15 @@ from .interfaces.modbus.server import WRITE_CODES, ChargePointServer, ModbusObse
 from .interfaces.ocpp import OcppInterface
 from .interfaces.openwb_mqtt import OpenWbSecondary
 from .interfaces.site_mqtt import SiteMqtt
-from .limits import FD_RESERVE, ConnectionLimiter, raise_fd_limit
+from .limits import FD_RESERVE, ConnectionLimiter, Network, raise_fd_limit
 from .mqtt.connection import MqttConnection, MqttSettings
 from .phaseswitch import PhaseSwitcher
 from .ratelimit import left_out_totals
 from .registry import Registry
 from .snapshot import HeartbeatSnapshot, MqttSnapshot, PointSnapshot, Snapshot, SupplySnapshot
-from .store import Store
+from .store import Store, StoreError
 from .supply import SupplyLimit
-from .view import show
+from .view import HeartbeatInfo, show
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,54 @@ class _RequestObserver(ModbusObserver):
             if not self.writers or host in self.writers:
                 self._heartbeat.refresh(host)
         self._metrics.response(function_code, exception_code)
+
+
+def _who(networks: tuple[Network, ...]) -> str:
+    if set(networks) >= set(EVERYONE):
+        return "everyone"
+    return ", ".join(str(n) for n in networks) or "no one"
+
+
+def _where(host: str) -> str:
+    return "every interface" if host in ("", "0.0.0.0", "::") else host
+
+
+def access_summary(s: Settings) -> list[str]:
+    """Who may connect and who may write, for the log at start-up (the first hour's surprise:
+    the defaults let everyone on the network write)."""
+    stations = (
+        "only stations in [[station]] or known_stations are served"
+        if s.unknown_stations == "hold"
+        else "any station is served"
+    )
+    lines = [f"access: stations connect on {_where(s.evse_host)}:{s.evse_port}; {stations}"]
+    if s.modbus_port:
+        lines.append(
+            f"access: Modbus on {_where(s.modbus_host)}:{s.modbus_port}: "
+            f"{_who(s.modbus_allow)} may connect, {_who(s.modbus_write_allow)} may write "
+            "(set currents, phases, pilot interruptions)"
+            + (
+                "; restrict with modbus_allow / modbus_write_allow"
+                if set(s.modbus_write_allow) >= set(EVERYONE)
+                else ""
+            )
+        )
+    if s.mqtt_host:
+        lines.append(
+            f"access: MQTT broker {s.mqtt_host}:{s.mqtt_port}: whoever may publish there "
+            "drives the stations whose controller is openwb-mqtt or bridge-mqtt"
+        )
+    if s.metrics_port:
+        actions = (
+            "actions (owner's controls, move, forget, firmware) need the admin token"
+            if s.admin_token
+            else "actions are off (no admin_token)"
+        )
+        lines.append(
+            f"access: HTTP on {_where(s.metrics_host)}:{s.metrics_port}: everyone may read the "
+            f"status page and /metrics; {actions}"
+        )
+    return lines
 
 
 class Service:
@@ -201,12 +251,16 @@ class Service:
             asyncio.create_task(self.registry.save_energy_periodically()),
         ]
         if self.web is not None:
+            assert self.registry.store is not None
+            self.history.load(self.registry.store.records(HISTORY_RECORD))
             self._tasks.append(asyncio.create_task(self._sample_power()))
         if self.supply is not None:
             self._tasks.append(asyncio.create_task(self._balance_supply_periodically()))
         if self.dimming is not None and s.dim_command:
             self._tasks.append(asyncio.create_task(self.dimming.poll()))
         self._running = True
+        for line in access_summary(s):
+            log.info("%s", line)
 
     def _check_fd_budget(self) -> None:
         """Every listener's cap must fit into the open-file limit (raised if it can be).
@@ -278,6 +332,9 @@ class Service:
             await self.ocpp.stop()  # its queue stays in the state file
         await self.link.close()
         self.registry.save_energy(final=True)
+        if self.web is not None:
+            self.history.seal()
+            self.save_history()
         if self.registry.store is not None:
             self.registry.store.close()
         if self._running:
@@ -316,6 +373,7 @@ class Service:
             self.balance_supply()
 
     async def _sample_power(self) -> None:
+        saved = self.clock()
         while True:
             now = self.clock()
             powers = []
@@ -323,7 +381,24 @@ class Service:
                 shown = show(point, now)
                 powers.append((point.identity.serial, shown.power_w if shown.data else None))
             self.history.sample(powers, time.time())
+            if now - saved >= HISTORY_SAVE_INTERVAL:  # in batches: not with every sample
+                saved = now
+                self.save_history()
             await asyncio.sleep(self.history.interval)
+
+    def save_history(self) -> None:
+        """Write the power history's changed minutes to the state file (a batch)."""
+        store = self.registry.store
+        if store is None:
+            return
+        records = self.history.changed_records()
+        if not records:
+            return
+        try:
+            store.save_records(records)
+        except StoreError as err:  # e.g. a full disk: the chart goes on, saved next time
+            self.history.unsaved(records)
+            log.error("%s", err)
 
     # --- what the HTTP side encodes ---------------------------------------------------------
 
@@ -353,7 +428,20 @@ class Service:
                     recent_log=tuple(point.recent_log),
                     firmware=session.firmware if session else None,
                     heartbeat_age_s=heartbeat.age() if heartbeat else None,
-                    history=tuple(self.history.series(point.identity.serial)),
+                    history=self.history.series(point.identity.serial),
+                    heartbeat=(
+                        HeartbeatInfo(
+                            heartbeat.what,
+                            heartbeat.age(),
+                            heartbeat.timeout,
+                            heartbeat.received,
+                            heartbeat.source,
+                        )
+                        if heartbeat
+                        else None
+                    ),
+                    last_disconnect=point.last_disconnect,
+                    session_wh=point.session_wh,
                     ocpp=self.ocpp.snapshot(point) if self.ocpp is not None else None,
                 )
             )
@@ -383,7 +471,8 @@ class Service:
             ),
             sessions=len(self.link.sessions),
             connections=tuple((limiter.listener, limiter.open) for limiter in self.limiters()),
-            history_interval_s=self.history.interval,
+            history_interval_s=self.history.bucket,
+            supply_limit_a=self.settings.supply_max_current or None,
             log_lines_left_out=tuple(sorted(left_out_totals().items())),
             ocpp_messages=self.ocpp.messages() if self.ocpp is not None else (),
             supply=self._supply_snapshot(),

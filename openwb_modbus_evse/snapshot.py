@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import chargepoint as cp
+from .view import HeartbeatInfo
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,11 @@ class PointSnapshot:
     recent_log: tuple[str, ...]
     firmware: int | None  # of the connected station
     heartbeat_age_s: float | None  # of its controller's heartbeat (None: it has none)
-    history: tuple[tuple[float, float | None], ...]  # power samples for the page
+    # Power for the page: (unix time of the first value, average W per minute or None).
+    history: tuple[float, tuple[int | None, ...]]
+    heartbeat: HeartbeatInfo | None = None  # of its controller (None: it runs none)
+    last_disconnect: tuple[float, str] | None = None  # when (monotonic) and why
+    session_wh: float | None = None  # energy since the vehicle was plugged in
     ocpp: OcppSnapshot | None = None  # its OCPP connection, if it has one
 
 
@@ -86,8 +91,9 @@ class Snapshot:
     mqtt: MqttSnapshot | None
     sessions: int  # established station sessions
     connections: tuple[tuple[str, int], ...]  # open connections by listener
-    history_interval_s: float
+    history_interval_s: float  # seconds per history value
     log_lines_left_out: tuple[tuple[str, int], ...]  # by kind (ratelimit.left_out_totals)
     # OCPP messages by (direction "in"/"out", action, result), counted since start
     ocpp_messages: tuple[tuple[str, str, str, int], ...] = ()
     supply: SupplySnapshot | None = None  # None: no shared supply
+    supply_limit_a: float | None = None  # supply_max_current (None: no shared supply)

@@ -171,3 +171,172 @@ def _fault(state: cp.State, data: StationData) -> tuple[int, str]:
             f"no heartbeat from the controller ({state.config.controller}): charging is stopped"
         )
     return FAULT_OK, ""
+
+
+# --- why not charging ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeartbeatInfo:
+    """The heartbeat of the controller that drives a charge point, as :func:`reasons` needs it."""
+
+    what: str  # what refreshes it, e.g. "Modbus request"
+    age_s: float  # seconds since the last request
+    timeout_s: float
+    received: bool  # a request has come since start-up
+    source: str = ""  # where the last request came from (a client address; "" unknown)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a charge point does not charge (``blocking``), or charges less than asked."""
+
+    code: str
+    text: str
+    blocking: bool = True
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds // 60 % 60} min"
+
+
+def _amps(centiamps: int) -> str:
+    return f"{centiamps / 100:g} A"
+
+
+def reasons(
+    point: Viewable,
+    now: float,
+    heartbeat: HeartbeatInfo | None = None,
+    last_disconnect: tuple[float, str] | None = None,
+) -> list[Reason]:
+    """Why ``point`` does not charge at ``now``, in the state machine's own terms, the one that
+    blocks first; then what limits the current below the request. Empty: it charges as asked.
+
+    ``heartbeat`` is that of its controller (None: the controller runs none);
+    ``last_disconnect`` when and why its station's last session ended.
+    """
+    state = point.state
+    config = state.config
+    data = state.data
+    found: list[Reason] = []
+    if not state.connected:
+        if state.data_at is None and last_disconnect is None:
+            return [Reason("offline", "the station has not connected since the service started")]
+        since = last_disconnect[0] if last_disconnect else state.data_at
+        assert since is not None
+        why = f" ({last_disconnect[1]})" if last_disconnect else ""
+        return [Reason("offline", f"the station is offline for {_ago(now - since)}{why}")]
+    if point.identity.lp is None:
+        text = (
+            "the station is not served (all LPs taken, or not in known_stations with "
+            'unknown_stations = "hold"): it is kept safe'
+        )
+        return [Reason("not_served", text)]
+    if data is None or state.data_at is None:
+        return [Reason("no_data", "the station is connected but has not reported yet")]
+    problem = cp.implausible(data)
+    if problem is not None:
+        return [Reason("fault", f"implausible report, treated as a fault: {problem}")]
+    if now - state.data_at > point.max_data_age:
+        return [Reason("no_data", f"no report from the station for {_ago(now - state.data_at)}")]
+    seq = state.sequence
+    if data.pilot.is_fault and _interrupted(state) is None:
+        found.append(Reason("fault", f"control-pilot fault (state {data.pilot.state})"))
+    if state.switch_failed:
+        found.append(
+            Reason(
+                "fault",
+                "the phase-switch command failed: charging stays stopped until the "
+                "next phase switch",
+            )
+        )
+    if seq is not None:
+        if seq.seconds is not None:
+            left = f": {_ago(seq.until - now)} left" if seq.until is not None else ""
+            stage = "stopping first" if seq.stage is cp.Stage.STOPPING else f"state F{left}"
+            found.append(
+                Reason("cp_interruption", f"pilot interruption of {seq.seconds} s, {stage}")
+            )
+        else:
+            found.append(
+                Reason("phase_switch", f"phase switch to {seq.phases} phase(s): {seq.stage.value}")
+            )
+    elif state.resume_plugged is not None:  # the station still shows state F
+        found.append(
+            Reason("cp_interruption", "pilot interruption over: waiting for the station to resume")
+        )
+    if found:
+        return found
+    if not _plugged(state, data):
+        return [Reason("no_vehicle", "no vehicle is plugged in")]
+    controller = config.controller
+    limits: list[Reason] = []
+    if state.enforce_heartbeat and state.heartbeat_lapsed:
+        if heartbeat is None:
+            code = "heartbeat_none"
+            text = f"the controller {controller} is not running: no heartbeat"
+        elif not heartbeat.received:
+            code = "heartbeat_none"
+            text = f"no heartbeat from the controller {controller} yet (its first {heartbeat.what})"
+        else:
+            code = "heartbeat_lapsed"
+            text = (
+                f"the controller {controller}'s heartbeat lapsed: no {heartbeat.what} for "
+                f"{_ago(heartbeat.age_s)} (timeout {heartbeat.timeout_s:g} s)"
+            )
+        failsafe = min(config.failsafe_ca, state.requested_ca)
+        if failsafe < cp.MIN_CURRENT_CA:
+            return [Reason(code, text)]
+        # failsafe_current: charging goes on, at most at that current, until it comes back.
+        limits.append(
+            Reason(code, f"{text}; the failsafe current {_amps(failsafe)} applies", False)
+        )
+    if state.requested_ca == 0:
+        who = (
+            "the owner stopped charging (manual)"
+            if controller == "manual"
+            else (f"the controller {controller} requests no current")
+        )
+        return [Reason("no_current", who)]
+    cable = cp.cable_limit_ca(state)
+    if cable == 0:
+        return [Reason("cable", "no charging cable is detected (or its coding is unknown)")]
+    if not state.contactor_allowed:
+        return [Reason("contactor", f"the controller {controller} keeps the contactor open")]
+    demand = cp.demand_ca(state)
+    if demand == 0:
+        return [Reason("limit", "the station's limits leave less than 6 A")]
+    cap = state.supply_cap_ca
+    if cap is not None and cap < cp.MIN_CURRENT_CA:
+        return [
+            Reason(
+                "supply", "the shared supply has no share for this station now: it waits its turn"
+            )
+        ]
+    if cap is not None and cap < demand:
+        limits.append(Reason("supply", f"the shared supply grants {_amps(cap)}", False))
+    if cable < state.requested_ca:
+        limits.append(Reason("cable", f"the cable allows {_amps(cable)}", False))
+    station_ca = round(config.max_current_a * 100)
+    if station_ca < state.requested_ca:
+        limits.append(Reason("station", f"the station allows {_amps(station_ca)}", False))
+    if cp.charging(state):
+        if not cp.drawing(state):
+            limits.insert(0, Reason("vehicle_idle", "the vehicle draws no current now", False))
+        return limits
+    if state.closed_not_before is not None and not data.contactor:
+        left = _ago(state.closed_not_before - now)
+        text = f"the contactor rests after opening (contactor_min_off): {left} left"
+        return [Reason("contactor_wait", text), *limits]
+    if cp.offered_amps(data.pwm) == 0:
+        return [Reason("pwm_pending", "waiting for the station to offer the current"), *limits]
+    if not data.pilot.requests_power:
+        text = "the vehicle does not ask for power (state B): full, or waiting for its own timer"
+        return [Reason("vehicle_not_asking", text), *limits]
+    return [Reason("contactor_closing", "the contactor is about to close"), *limits]

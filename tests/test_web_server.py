@@ -175,15 +175,16 @@ async def test_a_broken_collector_answers_500_and_the_next_scrape_works(rig, mon
 
 
 def test_power_history_is_bounded_and_forgets_gone_stations():
-    history = PowerHistory(interval=5, window=60)
-    assert history.size == 13
-    for i in range(100):
-        history.sample([("A", 1000.4 + i), ("B", None)], at=float(i))
-    assert len(history.series("A")) == 13
-    assert history.series("A")[-1] == (99.0, 1099) and history.series("A")[0] == (87.0, 1087)
-    assert history.series("B")[-1] == (99.0, None)  # no data: a gap in the chart
-    history.sample([("A", 5.0)], at=100.0)
-    assert history.series("B") == []
+    history = PowerHistory(interval=5, bucket=60, window=600)
+    assert history.size == 10
+    for i in range(0, 1200, 5):  # 20 minutes, a sample every 5 s
+        history.sample([("A", 1000.4 + i // 60), ("B", None)], at=float(i))
+    start, values = history.series("A")
+    assert len(values) == 10 and start == 600.0  # the last 10 minutes, the open one included
+    assert values[0] == 1010 and values[-1] == 1019  # average W of each minute
+    assert history.series("B") == (600.0, (None,) * 10)  # no data: a gap in the chart
+    history.sample([("A", 5.0)], at=1200.0)
+    assert history.series("B") == (0.0, ())
 
 
 async def get_json(rig, path: str) -> dict:
@@ -220,6 +221,7 @@ async def test_status_json_shows_each_charge_point_as_modbus_does(rig):
     assert station.serial not in json.dumps(status)  # no full station ID for anyone on the LAN
     assert "contactor on" in cp["log"]
     assert 0 <= cp["heartbeat_age_s"] < 5 and not cp["heartbeat_lapsed"]
+    assert cp["heartbeat_source"] == "127.0.0.1"  # the Modbus client that wrote
 
     # kept after it leaves once its LP is remembered (lp_remember_after)
     await eventually(lambda: station.serial in rig.bridge.registry.store.lp_assignments())

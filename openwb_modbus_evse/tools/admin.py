@@ -36,6 +36,10 @@ def call(
             message = json.loads(err.read())["error"]
         except (ValueError, KeyError, TypeError):
             message = err.reason
+        if err.code == 401:
+            message += " (pass it with --token TOKEN or OPENWB_MODBUS_EVSE_TOKEN=TOKEN)"
+        elif err.code == 403 and "wrong" in str(message):
+            message += " (the admin_token in the service's config)"
         raise AdminError(f"{err.code}: {message}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         reason = getattr(err, "reason", None) or err

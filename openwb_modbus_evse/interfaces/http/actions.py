@@ -15,8 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ... import chargepoint as cp
 from ...actions import ActionError, ActionErrorKind
-from ...config import MAX_LP
+from ...config import CONTROLLERS, MAX_LP
+from ...control import Command, Kind
 from ...dimming import HTTP, BadLimit, Dimming, limit_from_json
 from ...evse.protocol import MAX_FIRMWARE_SIZE
 from ...firmware import FirmwareUpdater
@@ -76,6 +78,16 @@ class AdminApi:
             "/api/stations/{serial}/firmware", self._guard("firmware update", self._firmware)
         )
         app.router.add_post("/api/supply/limit", self._guard("supply limit", self._supply_limit))
+        # The owner's controls: through the control path as controller "manual".
+        app.router.add_post("/api/stations/{serial}/current", self._guard("current", self._current))
+        app.router.add_post("/api/stations/{serial}/stop", self._guard("stop", self._stop))
+        app.router.add_post(
+            "/api/stations/{serial}/cp-interruption",
+            self._guard("pilot interruption", self._cp_interruption),
+        )
+        app.router.add_post(
+            "/api/stations/{serial}/controller", self._guard("controller", self._controller)
+        )
 
     def _guard(self, action: str, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.Response:
@@ -89,6 +101,15 @@ class AdminApi:
             except ActionError as err:
                 log.warning("action %s by %s: %s", what, client, err)
                 return _error(_STATUS[err.kind], str(err))
+            except cp.Refused as refusal:  # logged and counted by the control path
+                status = 400 if refusal.kind is cp.RefusalKind.BAD_VALUE else 409
+                text = str(refusal)
+                if refusal.kind is cp.RefusalKind.NOT_CONTROLLER:
+                    text += ": switch its controller to manual first"
+                return _error(status, text)
+            except StoreError as err:
+                log.error("action %s by %s: %s", what, client, err)
+                return _error(502, str(err))
             log.info("action %s by %s: done", what, client)
             return response
 
@@ -98,7 +119,7 @@ class AdminApi:
         if not self._token:
             return _error(403, "actions are off: set admin_token in the config to use them")
         guesses = self._guesses.get(address_key(client))
-        if guesses is not None and not guesses.allow(time.monotonic()):
+        if guesses is not None and not guesses.available(time.monotonic()):
             # Guessing is throttled per address: a few tries, then one every few seconds.
             wait = round(1 / TOKEN_TRIES_PER_SECOND)
             return _error(
@@ -119,10 +140,8 @@ class AdminApi:
 
     def _wrong_token(self, client: str) -> None:
         key = address_key(client)
-        bucket = self._guesses.pop(key, None)
-        if bucket is None:
-            bucket = RateLimit(TOKEN_TRIES_PER_SECOND, TOKEN_TRIES)
-            bucket.allow(time.monotonic())  # this wrong one counts
+        bucket = self._guesses.pop(key, None) or RateLimit(TOKEN_TRIES_PER_SECOND, TOKEN_TRIES)
+        bucket.allow(time.monotonic())  # each wrong one uses a try; a right one none
         self._guesses[key] = bucket  # the most recent last: the oldest go first when full
         while len(self._guesses) > GUESSERS_KEPT:
             self._guesses.pop(next(iter(self._guesses)))
@@ -135,7 +154,12 @@ class AdminApi:
     # --- LP assignment ----------------------------------------------------------------------
 
     async def _stations(self, request: web.Request) -> web.Response:
-        return web.json_response({"stations": self._registry.stations()})
+        return web.json_response(
+            {
+                "stations": self._registry.stations(),
+                "controllers": self._registry.usable_controllers(),
+            }
+        )
 
     async def _move(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -190,6 +214,48 @@ class AdminApi:
                 "dimming_limit_a": None if limit is None else limit / 100,
             }
         )
+
+    # --- the owner's controls (controller "manual") -------------------------------------------
+
+    async def _current(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        amps = body.get("amps")
+        if isinstance(amps, bool) or not isinstance(amps, int | float) or not 0 <= amps <= 32:
+            raise ActionError(
+                ActionErrorKind.BAD_REQUEST, 'send {"amps": A} with A 0 (stop) or 6..32'
+            )
+        centiamps = round(amps * 100)
+        self._registry.manual(
+            request.match_info["serial"].upper(), Command(Kind.CURRENT, centiamps)
+        )
+        return web.json_response({"ok": True, "amps": centiamps / 100})
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        self._registry.manual(request.match_info["serial"].upper(), Command(Kind.CURRENT, 0))
+        return web.json_response({"ok": True, "amps": 0})
+
+    async def _cp_interruption(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        seconds = body.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int):
+            raise ActionError(
+                ActionErrorKind.BAD_REQUEST,
+                f'send {{"seconds": N}} with N in 1..{cp.CP_INTERRUPTION_MAX_S}',
+            )
+        command = Command(Kind.CP_INTERRUPTION, seconds)
+        self._registry.manual(request.match_info["serial"].upper(), command)
+        return web.json_response({"ok": True, "seconds": seconds})
+
+    async def _controller(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        controller = body.get("controller")
+        if not isinstance(controller, str):
+            raise ActionError(
+                ActionErrorKind.BAD_REQUEST,
+                f'send {{"controller": C}} with C one of {", ".join(CONTROLLERS)}',
+            )
+        self._registry.set_controller(request.match_info["serial"].upper(), controller)
+        return web.json_response({"ok": True, "controller": controller})
 
     async def _forget(self, request: web.Request) -> web.Response:
         self._registry.forget(request.match_info["serial"].upper())

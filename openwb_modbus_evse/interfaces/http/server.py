@@ -26,7 +26,7 @@ from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
 from .gate import Gate
 from .origin import middleware, own_names
-from .status import status_json
+from .status import history_json, status_json
 from .throttle import Throttled
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,14 @@ class WebServer:
         self.status = Throttled(
             snapshot, lambda snap: json.dumps(_status(snap)).encode(), self._worker
         )
+        self.history = Throttled(
+            snapshot, lambda snap: json.dumps(history_json(snap)).encode(), self._worker
+        )
         guard = middleware(own_names() if hosts is None else hosts)
         app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[guard])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/history", self._history)
         admin.add_routes(app)
         static = resources.files(__package__) / "static"
         for name, route, kind in _PAGE_FILES:
@@ -135,12 +139,20 @@ class WebServer:
         await self._server.wait_closed()
         self.exposition.close()
         self.status.close()
+        self.history.close()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._server = None
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(
             body=await self.status.body(),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _history(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=await self.history.body(),
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )

@@ -11,7 +11,7 @@ from typing import Any
 
 from ... import chargepoint as cp
 from ...snapshot import PointSnapshot, Snapshot
-from ...view import show
+from ...view import reasons, show
 
 
 def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
@@ -33,7 +33,9 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "supply_granted_a": None if state.supply_cap_ca is None else state.supply_cap_ca / 100,
         "power_w": round(shown.power_w),  # whole watts, as the register
         "energy_wh": int(shown.energy_wh),
+        "session_wh": None if point.session_wh is None else int(point.session_wh),
         "voltages_v": list(shown.voltages_v),
+        "phases_in_use": shown.phases_in_use,
         "currents_a": list(shown.currents_a),
         "pilot": data.pilot.state if data else None,
         "contactor": data.contactor if data else None,
@@ -41,6 +43,7 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "heartbeat_age_s": (
             round(point.heartbeat_age_s, 1) if point.heartbeat_age_s is not None else None
         ),
+        "heartbeat_source": point.heartbeat.source if point.heartbeat else "",
         "heartbeat_enforced": state.enforce_heartbeat,
         "heartbeat_lapsed": state.heartbeat_lapsed,
         "fault": shown.fault,
@@ -50,7 +53,11 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         "firmware": point.firmware,
         "data_age_s": round(now - state.data_at, 1) if state.data_at is not None else None,
         "log": list(point.recent_log),
-        "history": [list(sample) for sample in point.history],
+        # Why it does not charge (blocking) or charges less than asked, in words.
+        "reasons": [
+            {"code": r.code, "text": r.text, "blocking": r.blocking}
+            for r in reasons(point, now, point.heartbeat, point.last_disconnect)
+        ],
         "ocpp": _ocpp_json(point),
     }
 
@@ -73,8 +80,28 @@ def _ocpp_json(point: PointSnapshot) -> dict[str, Any] | None:
 
 def status_json(snapshot: Snapshot) -> dict[str, Any]:
     """The whole page: charge points in LP order (unserved stations last)."""
+    points = [charge_point_json(p, snapshot.now) for p in snapshot.points]
     return {
         "time": snapshot.wall,
-        "history_interval_s": snapshot.history_interval_s,
-        "charge_points": [charge_point_json(p, snapshot.now) for p in snapshot.points],
+        "total_power_w": sum(p["power_w"] for p in points),
+        "supply_limit_a": snapshot.supply_limit_a,
+        "charge_points": points,
+    }
+
+
+def history_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The power charts: average W per minute (null: no data) from ``start`` (unix time), per
+    charge point. Apart from /api/status: it changes once a minute and is 50 times larger."""
+    return {
+        "time": snapshot.wall,
+        "step_s": snapshot.history_interval_s,
+        "charge_points": [
+            {
+                "lp": p.identity.lp,
+                "serial_number": p.identity.serial_number,
+                "start": p.history[0],
+                "w": list(p.history[1]),
+            }
+            for p in snapshot.points
+        ],
     }
