@@ -268,6 +268,7 @@ class _Connection(ServerRequestHandler):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._take_requests()  # those that waited in the buffer
         self._read_as_allowed()
 
     def _read_as_allowed(self) -> None:
@@ -305,7 +306,7 @@ class _Connection(ServerRequestHandler):
     def _take_requests(self) -> None:
         used = self.callback_data(self.recv_buffer)
         self.recv_buffer = self.recv_buffer[used:]
-        if self._pending >= MAX_PENDING:
+        if self._pending >= MAX_PENDING or self._write_paused:
             self._read_as_allowed()  # the rest waits, unread, until answers went out
         elif len(self.recv_buffer) > MAX_FRAME and self.transport is not None:
             self.server.bad_frame(self.host, f"{len(self.recv_buffer)} bytes without a frame")
@@ -325,7 +326,7 @@ class _Connection(ServerRequestHandler):
         """
         self._last_request = self.loop.time()
         used = 0
-        while used < len(data) and self._pending < MAX_PENDING:
+        while used < len(data) and self._pending < MAX_PENDING and not self._write_paused:
             try:
                 n, pdu = self.framer.handleFrame(data[used:], 0, 0)
             except BadFrame as err:
