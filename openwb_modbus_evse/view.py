@@ -82,14 +82,16 @@ def freshness(point: Viewable, now: float) -> Freshness:
     return Freshness.NONE
 
 
-def next_change(point: Viewable) -> float | None:
-    """When :func:`freshness` changes by time alone (None: it does not, until a change)."""
+def next_change(point: Viewable, now: float) -> float | None:
+    """When, after ``now``, :func:`freshness` changes by time alone (None: it does not, until
+    the state changes)."""
     state = point.state
     if state.data_at is None:
         return None
+    times = [state.data_at + PLUG_HOLD]
     if state.connected and state.data is not None and cp.implausible(state.data) is None:
-        return state.data_at + point.max_data_age
-    return state.data_at + PLUG_HOLD
+        times.append(state.data_at + point.max_data_age)
+    return min((t for t in times if t > now), default=None)
 
 
 def show(point: Viewable, now: float) -> Shown:

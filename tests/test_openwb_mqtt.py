@@ -4,7 +4,6 @@ openWB's own module, the whole bridge and virtual stations over TCP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import pytest
@@ -467,16 +466,22 @@ async def watch(port: int, topic_filter: str, seconds: float) -> list[tuple[str,
 
     import aiomqtt
 
-    seen = []
-    async with aiomqtt.Client("127.0.0.1", port, clean_session=True) as client:
-        await client.subscribe(topic_filter)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                async for message in client.messages:
-                    payload = bytes(message.payload)
-                    tail = message.topic.value.rsplit("/", 1)[-1]
-                    seen.append((tail, json.loads(payload) if payload else None))
-    return seen
+    seen: list[tuple[str, object]] = []
+
+    async def collect() -> None:
+        async with aiomqtt.Client("127.0.0.1", port, clean_session=True) as client:
+            await client.subscribe(topic_filter)
+            async for message in client.messages:
+                payload = bytes(message.payload)
+                tail = message.topic.value.rsplit("/", 1)[-1]
+                seen.append((tail, json.loads(payload) if payload else None))
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    # aiomqtt on Python 3.11 may swallow a cancellation: do not wait for it for ever.
+    await asyncio.wait({task}, timeout=2)
+    return list(seen)
 
 
 async def test_a_refused_phase_switch_is_a_warning_until_a_command_goes_through(

@@ -48,7 +48,8 @@ def test_the_documented_rule_step_by_step():
         FAULT_OK,
     )
     assert fresh.power_w > 10_000 and fresh.phases_in_use == 3 and fresh.offered_a == 15.6
-    assert next_change(point) == 10 + 15  # data stale after max_data_age
+    assert next_change(point, 10) == 10 + 15  # data stale after max_data_age
+    assert next_change(point, 26) == 10 + 300  # then the plug hold ends
 
     point.state = cp.disconnect(point.state, 11)
     for now in (11, 30, 10 + 300):  # 300 s: the station's own safety timeout
@@ -56,7 +57,8 @@ def test_the_documented_rule_step_by_step():
         assert held.freshness is Freshness.HOLD and held.plugged and not held.charging, now
         assert held.power_w == held.offered_a == 0 and held.voltages_v == (None, None, None)
         assert held.fault == FAULT_WARNING and "not connected" in held.fault_text
-    assert next_change(point) == 10 + 300
+    assert next_change(point, 11) == 10 + 300
+    assert next_change(point, 310.1) is None  # nothing changes by time alone any more
     gone = show(point, 10 + 300.1)
     assert gone.freshness is Freshness.NONE and not gone.plugged and gone.fault == FAULT_ERROR
 

@@ -33,8 +33,9 @@ from ..mqtt.connection import Message, MqttConnection
 from ..ratelimit import RateLimit
 from ..registry import Registry
 from ..store import StoreError
-from ..view import next_change, show
+from ..view import show
 from . import homeassistant_messages as m
+from .rerender import ViewTimers
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class HomeAssistantApi:
         self.choices: dict[str, m.Choice] = {}
         self.announced: set[str] = set()  # serials whose discovery message is out
         self._energy_kwh: dict[str, float] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers = ViewTimers[str](clock, self._refresh)
         self._republish: asyncio.TimerHandle | None = None
         self._discovery: dict[str, tuple[m.Station, bytes]] = {}  # by serial, until withdrawn
         self._pending: set[str] = set()  # serials to publish once the station has its command
@@ -158,28 +159,16 @@ class HomeAssistantApi:
             m.availability_topic(self.service_id, serial), m.availability(shown), retain=retain
         )
         self.announced.add(serial)
-        # What the view shows changes by time alone too (data going stale).
-        timer = self._timers.pop(serial, None)
-        if timer is not None:
-            timer.cancel()
-        when = next_change(point)
-        if when is not None and not self._closing:
-            delay = max(0.0, when - now) + 0.01
-            self._timers[serial] = asyncio.get_running_loop().call_later(
-                delay, self._refresh, serial
-            )
+        self._timers.rendered(serial, point)
 
     def _refresh(self, serial: str) -> None:
-        self._timers.pop(serial, None)
         point = self.registry.get(serial)
         if point is not None and point.identity.lp is not None:
             self.publish(point)
 
     def withdraw(self, serial: str) -> None:
         """The station is gone for good: its device disappears from Home Assistant."""
-        timer = self._timers.pop(serial, None)
-        if timer is not None:
-            timer.cancel()
+        self._timers.cancel(serial)
         for topic in (
             m.discovery_topic(self.prefix, serial),
             m.state_topic(serial),
@@ -413,9 +402,7 @@ class HomeAssistantApi:
     async def stop(self) -> None:
         """Say the service is offline (its entities become unavailable)."""
         self._closing = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self._timers.close()
         if self._republish is not None:
             self._republish.cancel()
         self.save()

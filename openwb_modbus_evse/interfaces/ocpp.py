@@ -811,8 +811,8 @@ class StationLink:
         if self._view_timer is not None:
             self._view_timer.cancel()
             self._view_timer = None
-        when = next_change(self.point)
-        if when is not None and when > now:
+        when = next_change(self.point, now)
+        if when is not None:
             loop = asyncio.get_running_loop()
             self._view_timer = loop.call_later(when - now + 0.001, self.changed)
 

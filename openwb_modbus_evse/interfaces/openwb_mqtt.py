@@ -21,7 +21,6 @@ nothing charges on a stale retained set_current until a live heartbeat arrives.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -38,7 +37,8 @@ from ..heartbeat import Heartbeat
 from ..mqtt.connection import Message, MqttConnection
 from ..ratelimit import RateLimit
 from ..registry import Registry
-from ..view import FAULT_ERROR, FAULT_WARNING, Viewable, next_change, show
+from ..view import FAULT_ERROR, FAULT_WARNING, Viewable, show
+from .rerender import ViewTimers
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class OpenWbSecondary:
         self.parent_cp: dict[Tree, str] = {}
         self._refusals: dict[Tree, str] = {}  # the last command refused, until one goes through
         self._closing = False
-        self._timers: dict[Tree, asyncio.TimerHandle] = {}
+        self._timers = ViewTimers[Tree](clock, self.publish)
         self._warned_no_tree: set[str] = set()
         self._log_limit = RateLimit(LOG_PER_SECOND, LOG_BURST, kind="openwb_mqtt")
         for tree in self.trees:
@@ -338,14 +338,7 @@ class OpenWbSecondary:
         refused = self._refusals.get(tree, "")
         for name, value in get_values(point, tree, self.clock(), refused).items():
             self.mqtt.publish(tree.get_base + name, json.dumps(value), retain=True)
-        # What the view shows changes by time alone too (data going stale, the plug hold ending).
-        timer = self._timers.pop(tree, None)
-        if timer is not None:
-            timer.cancel()
-        when = next_change(point) if point is not None else None
-        if when is not None and not self._closing:
-            delay = max(0.0, when - self.clock()) + 0.01
-            self._timers[tree] = asyncio.get_running_loop().call_later(delay, self.publish, tree)
+        self._timers.rendered(tree, point)
 
     def _changed(self, points: list[cp.ChargePoint]) -> None:
         if self._closing:
@@ -464,9 +457,7 @@ class OpenWbSecondary:
     async def stop(self) -> None:
         """Tell the primary the service is gone (fault 2)."""
         self._closing = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self._timers.close()
         for tree in self.trees:
             self.publish(tree)
             self.mqtt.publish(tree.get_base + "fault_state", str(FAULT_ERROR), retain=True)
