@@ -50,6 +50,7 @@ async def bench_dim(args: argparse.Namespace, workdir: Path) -> None:
                     raise BenchError(f"dimmed to {amps} A, expected PWM {pwm}, got {request.pwm}")
                 to_pwm.append(at - t0)
                 await station.expect(is_collect, timeout=5.0)
+                await station.paced(at)
             await mqtt.publish(TOPIC, "")
     finally:
         if client is not None:

@@ -49,6 +49,7 @@ async def bench_latency(args: argparse.Namespace, workdir: Path) -> None:
             pwm_first += at < t1
             # The bridge confirms with a collect-data; the next write starts from a calm state.
             await station.expect(is_collect, timeout=5.0)
+            await station.paced(at)
     finally:
         if client is not None:
             client.close()
@@ -121,6 +122,7 @@ async def bench_mqtt(args: argparse.Namespace, workdir: Path) -> None:
                     raise BenchError(f"sent {amps} A, expected PWM {pwm}, got {request.pwm}")
                 to_pwm.append(at - t0)
                 await station.expect(is_collect, timeout=5.0)
+                await station.paced(at)
     finally:
         await close_stations([station])
         bridge.child.stop()
@@ -188,8 +190,7 @@ async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
                     raise BenchError(f"sent {amps} A, expected PWM {pwm}, got {request.pwm}")
                 to_pwm.append(at - t0)
                 await station.expect(is_collect, timeout=5.0)
-                # Below the interface's command rate limit (50/s), as a person or evcc would be.
-                await asyncio.sleep(max(0.0, t0 + 0.025 - time.perf_counter()))
+                await station.paced(at)  # also below the interface's command rate limit (50/s)
     finally:
         await close_stations([station])
         bridge.child.stop()
@@ -268,6 +269,7 @@ async def bench_bridge(args: argparse.Namespace, workdir: Path) -> None:
                 to_pwm.append(at - t0)
                 to_response.append(answered - t0)
                 polled, _ = await station.expect(is_collect, timeout=5.0)
+                await station.paced(at)
                 poll_to_message.append(await next_of("response_collect_data") - polled)
     finally:
         await close_stations([station])

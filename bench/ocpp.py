@@ -90,6 +90,7 @@ async def bench_ocpp(args: argparse.Namespace, workdir: Path) -> None:
                 raise BenchError(f"SetChargingProfile answered {result.status}")
             at, _ = await first.expect(is_pwm(pwm), timeout=5.0)
             to_pwm.append(at - start)
+            await first.paced(at)
         await asyncio.sleep(2.0)  # the last command settles
         meter = CpuMeter(bridge.child)
         await asyncio.sleep(STEADY_S)

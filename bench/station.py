@@ -10,6 +10,7 @@ from bench.processes import HOST
 from bench.report import BenchError
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.evse.connection import NEED_DATA, Connection, Response, Role
+from openwb_modbus_evse.evse.link import PWM_RAISE_INTERVAL
 from openwb_modbus_evse.tools.simulator import vehicle_amps
 
 FIRMWARE = 4
@@ -118,6 +119,13 @@ class MiniStation(asyncio.Protocol):
         assert self.requests is not None
         while not self.requests.empty():
             self.requests.get_nowait()
+
+    @staticmethod
+    async def paced(at: float) -> None:
+        """Wait until the service would send the next higher PWM at once: it coalesces raises
+        that come sooner than PWM_RAISE_INTERVAL after a PWM change (a write flood), and a
+        controller writes every few seconds, not as fast as it can."""
+        await asyncio.sleep(max(0.0, at + PWM_RAISE_INTERVAL - time.perf_counter()))
 
     async def expect(
         self, match: Callable[[p.Request], bool], timeout: float

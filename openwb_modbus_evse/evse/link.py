@@ -46,8 +46,9 @@ READ_SIZE = 64 * 1024
 NOTIFY_POLL_INTERVAL = 1.0
 SESSION_LOG_BURST = 20
 # A vehicle sees at most a few PWM changes per second: a lower current is sent at once, a higher
-# one at most this long after the previous PWM change (a write flood is coalesced).
-PWM_RAISE_INTERVAL = 0.5
+# one at most this long after the previous PWM change (a write flood is coalesced; a controller
+# that writes every few seconds never waits).
+PWM_RAISE_INTERVAL = 0.2
 
 
 def _offers(pwm: int) -> int:
