@@ -12,10 +12,11 @@ import json
 
 import aiomqtt
 import pytest
+import test_rust_bridge
 from conftest import Broker, eventually, station_config
 from conftest import metric as scraped
 from test_guards_registry import KeepAlive
-from test_rust_bridge import PUBLISH, SUBSCRIBE, Client, commands, readme_request
+from test_rust_bridge import PUBLISH, SUBSCRIBE, commands, readme_request, running
 from test_supply_service import Watch
 
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
@@ -24,6 +25,7 @@ from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 VEHICLE = VehicleConfig(plug_in_after=None, reaction_s=0.05, max_current_a=32)
 MODBUS_STATION = virtual_serial(2)
 METRIC = "openwb_modbus_evse_heartbeat"
+client = test_rust_bridge.client  # the subscriber fixture, shared
 
 
 @pytest.fixture
@@ -38,21 +40,6 @@ def mqtt_settings(settings, broker):
             station_config(3, 3, controller="bridge-mqtt"),
         ),
     )
-
-
-@pytest.fixture
-async def client(broker):
-    async with aiomqtt.Client("127.0.0.1", broker.port) as raw:
-        await raw.subscribe(PUBLISH)
-        client = Client(raw)
-        yield client
-        await client.close()
-
-
-async def running(make_rig, settings, **changes):
-    rig = await make_rig(settings, **changes)
-    await eventually(lambda: rig.bridge.mqtt.connected)
-    return rig
 
 
 def metric(rig, name: str) -> float | None:

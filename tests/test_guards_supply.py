@@ -15,9 +15,10 @@ from dataclasses import replace
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from test_supply import report
 
 from openwb_modbus_evse import chargepoint as cp
-from openwb_modbus_evse.evse.protocol import Pilot, Proximity, StationData
+from openwb_modbus_evse.evse.protocol import StationData
 from openwb_modbus_evse.supply import Claim, SupplyLimit, Turn, shares
 
 CONFIG = cp.ChargePointConfig(supply_limited=True, stop_timeout=6.0)
@@ -37,19 +38,7 @@ class Vehicle:
         return round(cp.offered_amps(self.pwm) * 100)
 
     def data(self) -> StationData:
-        offered = self.offered_ca()
-        pilot = Pilot.A_12V if not self.plugged else Pilot.C_6V if offered else Pilot.B_9V
-        amps = offered * 10 if self.contactor and pilot is Pilot.C_6V else 0
-        return StationData(
-            contactor=self.contactor,
-            pwm=self.pwm,
-            pilot=pilot,
-            proximity=Proximity.CABLE_32A,
-            voltages_mv=(230_000,) * 3,
-            currents_ma=(amps, amps, amps),
-            rssi_dbm=-60,
-            uptime_ms=0,
-        )
+        return report(self.pwm, self.contactor, self.plugged)
 
 
 class Service:

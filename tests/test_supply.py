@@ -128,6 +128,24 @@ def test_grant_never_raises_the_sum_of_what_may_be_offered_above_the_limit(raw, 
 CONFIG = cp.ChargePointConfig(supply_limited=True, stop_timeout=6.0)
 
 
+def report(pwm: int, contactor: bool, plugged: bool) -> StationData:
+    """What a station with this PWM and contactor reports; its vehicle, when plugged in, asks for
+    power while a current is offered and draws all of it once the contactor is closed."""
+    offered = round(cp.offered_amps(pwm) * 100)
+    pilot = Pilot.A_12V if not plugged else Pilot.C_6V if offered else Pilot.B_9V
+    amps = offered * 10 if contactor and pilot is Pilot.C_6V else 0
+    return StationData(
+        contactor=contactor,
+        pwm=pwm,
+        pilot=pilot,
+        proximity=Proximity.CABLE_32A,
+        voltages_mv=(230_000,) * 3,
+        currents_ma=(amps, amps, amps),
+        rssi_dbm=-60,
+        uptime_ms=0,
+    )
+
+
 class Station:
     """A station and vehicle as the bridge sees them through reports."""
 
@@ -143,19 +161,7 @@ class Station:
         return round(cp.offered_amps(self.pwm) * 100)
 
     def data(self) -> StationData:
-        offered = self.offered_ca()
-        pilot = Pilot.A_12V if not self.plugged else Pilot.C_6V if offered else Pilot.B_9V
-        amps = offered * 10 if self.contactor and pilot is Pilot.C_6V else 0
-        return StationData(
-            contactor=self.contactor,
-            pwm=self.pwm,
-            pilot=pilot,
-            proximity=Proximity.CABLE_32A,
-            voltages_mv=(230_000,) * 3,
-            currents_ma=(amps, amps, amps),
-            rssi_dbm=-60,
-            uptime_ms=0,
-        )
+        return report(self.pwm, self.contactor, self.plugged)
 
 
 KINDS = ["write", "plug", "unplug", "command", "report", "sync", "sync", "sync", "drop"]
