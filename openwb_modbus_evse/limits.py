@@ -1,11 +1,16 @@
 """Bounds for a TCP listener: who may connect, how many at once, and a file-descriptor budget.
 
 A LAN peer that opens connections and never talks must not use up the process's file
-descriptors: every listener admits at most ``max_total`` connections and ``max_per_address``
-from one address (one /64 for IPv6), refuses the rest right after accept (the socket is closed
-at once), counts the refusals and logs them at most once a minute. :func:`raise_fd_limit` makes
-sure the caps of all listeners fit into the process's open-file limit, so accept() itself never
-fails for want of one.
+descriptors: every listener holds at most ``max_total`` connections and ``max_per_address``
+from one address (one /64 for IPv6). Nor may such a peer keep out the clients that matter, so a
+full listener makes room rather than turning the newcomer away: it closes a connection that has
+not got past its handshake (half-open) first, else the longest idle one of the address that holds
+the most (of the newcomer's own address, when that one is at its cap). Connections marked
+protected (a controller that wrote, a known station, an allowed network) are never closed for a
+newcomer; only when nothing else is left is the newcomer refused (the socket closed at once).
+Evictions and refusals are counted and logged at most once a minute. :func:`raise_fd_limit`
+makes sure the caps of all listeners fit into the process's open-file limit, so accept() itself
+never fails for want of one.
 """
 
 from __future__ import annotations
@@ -80,15 +85,103 @@ def address_key(host: str) -> str:
 
 
 class LimiterObserver:
-    """Receives refusals (for metrics)."""
+    """Receives refusals and evictions (for metrics)."""
 
     def connection_refused(self, listener: str, reason: str) -> None:
         """A connection to ``listener`` was refused for ``reason`` (a :class:`Refusal`)."""
 
+    def connection_evicted(self, listener: str, reason: str) -> None:
+        """A connection to ``listener`` was closed for a newcomer (an :class:`Eviction`)."""
+
+
+class Eviction:
+    """Which kind of connection was closed to make room (metric label values)."""
+
+    HALF_OPEN = "half_open"  # never got past its handshake
+    IDLE = "idle"  # the longest idle one of the address holding the most
+
+
+class Slot:
+    """One admitted connection's place: what the choice of a victim looks at.
+
+    ``established``: past its handshake (a station's registration, a first Modbus request, a
+    first complete HTTP request head); before that it is half-open. ``protected``: it keeps its
+    place whatever comes (a controller that wrote, a known station, an allowed network).
+    ``busy``: the listener is serving a request on it now (an HTTP handler runs): not closed
+    under it, but the slot is not protected once the answer is out.
+    """
+
+    __slots__ = (
+        "_close",
+        "_guard",
+        "_limiter",
+        "busy",
+        "established",
+        "host",
+        "key",
+        "last_active",
+        "opened",
+        "released",
+    )
+
+    def __init__(
+        self, limiter: ConnectionLimiter, host: str, close: Callable[[], None], now: float
+    ) -> None:
+        self._limiter = limiter
+        self.host = host
+        self.key = address_key(host)
+        self._close = close
+        self.opened = self.last_active = now
+        self.established = False
+        self.busy = False
+        self._guard: Callable[[], bool] | bool = False
+        self.released = False
+
+    def touch(self) -> None:
+        """The peer did something (a request, a report): it is not idle now."""
+        self.last_active = self._limiter.clock()
+
+    def establish(self) -> None:
+        """The connection is past its handshake: no longer among the first to go."""
+        if not self.established:
+            self.established = True
+            self._limiter._half_open.pop(self, None)
+        self.touch()
+
+    def protect(self, when: Callable[[], bool] | None = None) -> None:
+        """Keep this connection's place: always, or while ``when()`` says so (asked when a
+        victim is chosen, so that it follows e.g. the registry)."""
+        self._guard = True if when is None else when
+
+    @property
+    def protected(self) -> bool:
+        """True if no newcomer may take this place."""
+        guard = self._guard
+        return guard if isinstance(guard, bool) else guard()
+
+    @property
+    def closable(self) -> bool:
+        """True if a newcomer may take this place (neither protected nor busy)."""
+        return not self.busy and not self.protected
+
+    def release(self) -> None:
+        """Give the place back (idempotent: an evicted connection's was given back already)."""
+        self._limiter._release(self)
+
+    def evict(self) -> None:
+        """Give the place back and close the connection."""
+        self.release()
+        self._close()
+
 
 @dataclass
 class ConnectionLimiter:
-    """Admits connections to one listener within its caps; release what you admitted."""
+    """Admits connections to one listener within its caps; release the slots it gives.
+
+    When a cap is reached, a newcomer does not simply lose: the limiter closes another
+    connection that matters less (:meth:`victim`) and admits the newcomer in its place. Only
+    when every connection it could close is protected is the newcomer refused.
+    """
 
     listener: str  # "modbus", "evse", "http": for logs and metrics
     max_total: int
@@ -98,40 +191,112 @@ class ConnectionLimiter:
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
-        self.open = 0
-        self._by_address: dict[str, int] = {}
+        # Insertion-ordered, so the oldest come first.
+        self._slots: dict[Slot, None] = {}
+        self._half_open: dict[Slot, None] = {}
+        self._by_address: dict[str, dict[Slot, None]] = {}
         self._log_limit = RateLimit(1 / LOG_INTERVAL, burst=1, kind=f"{self.listener}_refused")
+        self._evict_log = RateLimit(1 / LOG_INTERVAL, burst=1, kind=f"{self.listener}_evicted")
 
     @classmethod
     def unbounded(cls, listener: str) -> ConnectionLimiter:
         """A limiter that admits everyone (a listener used on its own, e.g. in tools)."""
         return cls(listener, max_total=2**31, max_per_address=2**31)
 
-    def admit(self, host: str) -> str | None:
-        """Take a slot for a connection from ``host``; the refusal reason if there is none."""
-        if self.allow is not None and not address_in(host, self.allow):
-            reason = Refusal.NOT_ALLOWED
-        elif self.open >= self.max_total:
-            reason = Refusal.TOTAL
-        elif self._by_address.get(address_key(host), 0) >= self.max_per_address:
-            reason = Refusal.PER_ADDRESS
-        else:
-            key = address_key(host)
-            self.open += 1
-            self._by_address[key] = self._by_address.get(key, 0) + 1
-            return None
-        self._refused(host, reason)
-        return reason
+    @property
+    def open(self) -> int:
+        """Connections admitted and not released."""
+        return len(self._slots)
 
-    def release(self, host: str) -> None:
-        """Give back the slot of an admitted connection from ``host``."""
+    def slots(self) -> list[Slot]:
+        """The admitted connections' slots, oldest first."""
+        return list(self._slots)
+
+    def admit(self, host: str, close: Callable[[], None]) -> Slot | None:
+        """A slot for a connection from ``host`` (``close`` closes it, should it be evicted),
+        making room if a cap is reached; None if it is refused (counted and logged)."""
+        if self.allow is not None and not address_in(host, self.allow):
+            self._refused(host, Refusal.NOT_ALLOWED)
+            return None
         key = address_key(host)
-        self.open -= 1
-        left = self._by_address[key] - 1
-        if left:
-            self._by_address[key] = left
-        else:
-            del self._by_address[key]
+        while len(own := self._by_address.get(key, {})) >= self.max_per_address:
+            victim = self._oldest_idle(own)
+            if victim is None:
+                self._refused(host, Refusal.PER_ADDRESS)
+                return None
+            self._evict(victim, host)
+        while len(self._slots) >= self.max_total:
+            victim = self.victim()
+            if victim is None:
+                self._refused(host, Refusal.TOTAL)
+                return None
+            self._evict(victim, host)
+        slot = Slot(self, host, close, self.clock())
+        self._slots[slot] = None
+        self._half_open[slot] = None
+        self._by_address.setdefault(key, {})[slot] = None
+        return slot
+
+    def victim(self) -> Slot | None:
+        """The connection that goes when the listener is full: the oldest half-open one, else
+        the longest idle one of the address that holds the most; never a protected or busy one."""
+        for slot in self._half_open:
+            if slot.closable:
+                return slot
+        best: Slot | None = None
+        best_rank = (0, 0.0)
+        for slot in self._slots:
+            if not slot.closable:
+                continue
+            rank = (len(self._by_address[slot.key]), -slot.last_active)
+            if best is None or rank > best_rank:
+                best, best_rank = slot, rank
+        return best
+
+    @staticmethod
+    def _oldest_idle(slots: Iterable[Slot]) -> Slot | None:
+        """Among one address's slots: its oldest half-open one, else its longest idle one."""
+        best: Slot | None = None
+        for slot in slots:
+            if not slot.closable:
+                continue
+            if not slot.established:
+                return slot  # the oldest half-open one: slots are in the order they came
+            if best is None or slot.last_active < best.last_active:
+                best = slot
+        return best
+
+    def _evict(self, victim: Slot, newcomer: str) -> None:
+        reason = Eviction.IDLE if victim.established else Eviction.HALF_OPEN
+        victim.evict()
+        if self.observer is not None:
+            self.observer.connection_evicted(self.listener, reason)
+        now = self.clock()
+        if self._evict_log.allow(now):
+            log.warning(
+                "%s: closed the %s connection from %s (open %.0f s, idle %.0f s) to admit one "
+                "from %s (at most %d, %d per address)%s",
+                self.listener,
+                reason.replace("_", "-"),
+                victim.host,
+                now - victim.opened,
+                now - victim.last_active,
+                newcomer,
+                self.max_total,
+                self.max_per_address,
+                self._evict_log.left_out(),
+            )
+
+    def _release(self, slot: Slot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        del self._slots[slot]
+        self._half_open.pop(slot, None)
+        own = self._by_address[slot.key]
+        del own[slot]
+        if not own:
+            del self._by_address[slot.key]
 
     def _refused(self, host: str, reason: str) -> None:
         if self.observer is not None:

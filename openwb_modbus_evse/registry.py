@@ -113,6 +113,11 @@ class Registry:
         session = self.session(point.identity.serial)
         return session is not None and session.unconfirmed
 
+    def keeps(self, serial: str) -> bool:
+        """A known station: configured in [[station]], or its LP remembered or claimed (its
+        charge point stays when it disconnects)."""
+        return serial in self._kept or self.settings.station_by_serial(serial) is not None
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
         order of subscription; before the stations' sessions are woken)."""

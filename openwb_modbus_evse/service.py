@@ -152,6 +152,7 @@ class Service:
             limiter=ConnectionLimiter(
                 "evse", s.evse_max_connections, s.evse_max_per_address, observer=self.metrics
             ),
+            known=self.registry.keeps,  # a known station's connection keeps its place
         )
         self.firmware = FirmwareUpdater(self.registry, self.clock)
         # The Modbus heartbeat; it applies to the charge points whose controller is "modbus".
@@ -229,6 +230,9 @@ class Service:
                     observer=self.metrics,
                 ),
                 write_allow=s.modbus_write_allow,
+                # An allowed network's connections keep their place when the port is full; with
+                # everyone allowed to write, only those that did.
+                keep=None if set(s.modbus_write_allow) >= set(EVERYONE) else s.modbus_write_allow,
                 idle_timeout=s.modbus_idle_timeout,
             )
             await self.modbus.start(s.modbus_host, s.modbus_port)

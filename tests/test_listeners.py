@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import RawStation, eventually, free_port
+from conftest import RawStation, eventually, free_port, station_config
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.config import ConfigError, build
@@ -61,37 +61,53 @@ async def modbus_client(port: int) -> AsyncModbusTcpClient:
 # --- the limiter on its own -------------------------------------------------------------------
 
 
+def _closer(closed: list[str], name: str):
+    return lambda: closed.append(name)
+
+
 def test_limiter_caps_total_and_per_address_and_releases():
     clock = Clock()
+    closed: list[str] = []
     limiter = ConnectionLimiter("modbus", max_total=3, max_per_address=2, clock=clock)
-    assert limiter.admit("10.0.0.1") is None and limiter.admit("10.0.0.1") is None
-    assert limiter.admit("10.0.0.1") == Refusal.PER_ADDRESS
-    assert limiter.admit("10.0.0.2") is None
-    assert limiter.admit("10.0.0.3") == Refusal.TOTAL
-    assert limiter.open == 3
-    limiter.release("10.0.0.1")
-    assert limiter.admit("10.0.0.3") is None and limiter.open == 3
+    a1 = limiter.admit("10.0.0.1", _closer(closed, "a1"))
+    a2 = limiter.admit("10.0.0.1", _closer(closed, "a2"))
+    assert a1 is not None and a2 is not None
+    a1.protect()
+    a2.protect()
+    assert limiter.admit("10.0.0.1", _closer(closed, "a3")) is None  # its own are protected
+    b1 = limiter.admit("10.0.0.2", _closer(closed, "b1"))
+    assert b1 is not None
+    b1.protect()
+    assert limiter.admit("10.0.0.3", _closer(closed, "c1")) is None  # full of protected ones
+    assert limiter.open == 3 and not closed
+    a1.release()
+    a1.release()  # idempotent
+    assert limiter.admit("10.0.0.3", _closer(closed, "c1")) is not None and limiter.open == 3
+    assert not closed
 
 
 def test_ipv6_addresses_count_per_64_against_the_per_address_cap():
+    closed: list[str] = []
     limiter = ConnectionLimiter("modbus", max_total=10, max_per_address=2)
-    assert limiter.admit("2001:db8:1:2::a") is None
-    assert limiter.admit("2001:db8:1:2:ffff::b") is None
-    assert limiter.admit("2001:db8:1:2::c") == Refusal.PER_ADDRESS  # the same /64
-    assert limiter.admit("2001:db8:1:3::a") is None  # another /64
-    limiter.release("2001:db8:1:2::a")
-    assert limiter.admit("2001:db8:1:2::d") is None
+    first = limiter.admit("2001:db8:1:2::a", _closer(closed, "first"))
+    assert first is not None
+    assert limiter.admit("2001:db8:1:2:ffff::b", _closer(closed, "second")) is not None
+    # The same /64: its own oldest half-open connection makes room.
+    assert limiter.admit("2001:db8:1:2::c", _closer(closed, "third")) is not None
+    assert closed == ["first"] and first.released and limiter.open == 2
+    assert limiter.admit("2001:db8:1:3::a", _closer(closed, "other")) is not None  # another /64
+    assert closed == ["first"] and limiter.open == 3
 
 
 def test_limiter_refuses_addresses_outside_the_allow_list():
     limiter = ConnectionLimiter(
         "modbus", 10, 10, allow=parse_networks(["192.168.1.0/24", "fd00::1"])
     )
-    assert limiter.admit("192.168.1.77") is None
-    assert limiter.admit("fd00::1") is None
-    assert limiter.admit("192.168.2.1") == Refusal.NOT_ALLOWED
-    assert limiter.admit("fd00::2") == Refusal.NOT_ALLOWED
-    assert limiter.admit("not an address") == Refusal.NOT_ALLOWED
+    assert limiter.admit("192.168.1.77", lambda: None) is not None
+    assert limiter.admit("fd00::1", lambda: None) is not None
+    assert limiter.admit("192.168.2.1", lambda: None) is None
+    assert limiter.admit("fd00::2", lambda: None) is None
+    assert limiter.admit("not an address", lambda: None) is None
     assert limiter.open == 2
 
 
@@ -99,10 +115,10 @@ def test_refusals_are_logged_at_most_once_a_minute_with_a_count(caplog):
     clock = Clock()
     limiter = ConnectionLimiter("evse", max_total=0, max_per_address=1, clock=clock)
     for _ in range(1000):
-        limiter.admit("10.0.0.1")
+        limiter.admit("10.0.0.1", lambda: None)
         clock.now += 0.01  # 1000 refusals in 10 s
     clock.now = 61.0
-    limiter.admit("10.0.0.9")
+    limiter.admit("10.0.0.9", lambda: None)
     lines = [r.getMessage() for r in caplog.records if r.name == "openwb_modbus_evse.limits"]
     assert len(lines) == 2
     assert "refused a connection from 10.0.0.1 (total" in lines[0]
@@ -182,29 +198,63 @@ def test_serve_refuses_caps_that_do_not_fit_the_open_file_limit(tmp_path):
 # --- the Modbus listener ----------------------------------------------------------------------
 
 
+async def _open_from(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(100), 2) == b""
+    except ConnectionResetError:
+        return True
+
+
 async def test_modbus_connections_are_capped_per_address_and_in_total(make_rig, settings):
-    rig = await make_rig(settings, modbus_max_connections=5, modbus_max_per_address=3)
+    # 127.0.0.1 is an allowed network: its connections keep their place once they asked.
+    rig = await make_rig(
+        settings,
+        modbus_max_connections=5,
+        modbus_max_per_address=3,
+        modbus_write_allow=parse_networks(["127.0.0.1"]),
+    )
     await rig.station(1)
-    idle = [await asyncio.open_connection("127.0.0.1", rig.modbus_port) for _ in range(3)]
-    assert await closed_at_once(rig.modbus_port)
+    limiter = rig.bridge.modbus.limiter
+    clients = [await rig.client() for _ in range(3)]
+    for client in clients:
+        assert not (await client.read_input_registers(lp_base(1), count=1, device_id=1)).isError()
+    assert await closed_at_once(rig.modbus_port)  # its own keep their place: refused
     assert refused(rig.bridge, "modbus", Refusal.PER_ADDRESS) == 1
-    _, writer = idle.pop()
-    writer.close()
-    await eventually(lambda: rig.bridge.modbus.limiter.open == 2)
+    # Another address's silent connections fill the rest; at the total cap, a newcomer from a
+    # third address takes the oldest silent one's place.
+    silent = [await _open_from(rig.modbus_port, "127.0.0.2") for _ in range(2)]
+    await eventually(lambda: limiter.open == 5)
+    _, newcomer = await _open_from(rig.modbus_port, "127.0.0.3")
+    assert await closed_by_server(silent[0][0])
+    assert limiter.open == 5 and refused(rig.bridge, "modbus", Refusal.TOTAL) == 0
+    clients[0].close()
+    await eventually(lambda: limiter.open == 4)
     client = await rig.client()  # the freed slot is usable
     rr = await client.read_input_registers(lp_base(1), count=100, device_id=1)
     assert not rr.isError()
-    for _, w in idle:
+    for _, w in [*silent, (None, newcomer)]:
         w.close()
 
 
 async def test_modbus_total_cap(make_rig, settings):
-    rig = await make_rig(settings, modbus_max_connections=2, modbus_max_per_address=10)
-    idle = [await asyncio.open_connection("127.0.0.1", rig.modbus_port) for _ in range(2)]
-    assert await closed_at_once(rig.modbus_port)
+    rig = await make_rig(
+        settings,
+        modbus_max_connections=2,
+        modbus_max_per_address=10,
+        modbus_write_allow=parse_networks(["127.0.0.0/8"]),
+    )
+    await rig.station(1)
+    clients = [await rig.client() for _ in range(2)]
+    for client in clients:
+        assert not (await client.read_input_registers(lp_base(1), count=1, device_id=1)).isError()
+    assert await closed_at_once(rig.modbus_port)  # every connection keeps its place: refused
     assert refused(rig.bridge, "modbus", Refusal.TOTAL) == 1
-    for _, w in idle:
-        w.close()
+    for client in clients:
+        assert not (await client.read_input_registers(lp_base(1), count=1, device_id=1)).isError()
 
 
 async def test_idle_modbus_connections_are_closed_polling_ones_are_not(make_rig, settings):
@@ -270,19 +320,27 @@ async def test_a_read_only_address_gets_exception_1_for_writes_and_changes_nothi
 # --- the station listener ---------------------------------------------------------------------
 
 
-async def test_station_connections_are_capped_and_a_station_gets_a_freed_slot(make_rig, settings):
-    rig = await make_rig(settings, evse_max_connections=100, evse_max_per_address=2)
+async def test_station_connections_are_capped_and_a_station_takes_a_silent_ones_place(
+    make_rig, settings
+):
+    rig = await make_rig(
+        settings,
+        evse_max_connections=100,
+        evse_max_per_address=2,
+        station=(station_config(1, lp=1), station_config(2, lp=2)),
+    )
     port = rig.bridge.link.port
     half_open = [await RawStation.connect(port) for _ in range(2)]  # no handshake
+    first = await rig.station(1)  # takes the place of the oldest silent one
+    assert await half_open[0].closed_by_peer()
+    second = await rig.station(2)
+    assert await half_open[1].closed_by_peer()
+    assert rig.bridge.link.limiter.open == 2
+    # Two known stations hold the address's places: a third connection is refused.
     extra = await RawStation.connect(port)
     assert await extra.closed_by_peer()
     assert refused(rig.bridge, "evse", Refusal.PER_ADDRESS) == 1
-    await half_open[0].close()
-    await eventually(lambda: rig.bridge.link.limiter.open == 1)
-    station = await rig.station(1)  # registers within the freed slot
-    assert station.serial in rig.bridge.link.sessions
-    for raw in half_open[1:]:
-        await raw.close()
+    assert {first.serial, second.serial} <= set(rig.bridge.link.sessions)
 
 
 async def test_a_client_that_does_not_read_its_responses_is_not_read_either(make_rig, settings):

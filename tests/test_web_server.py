@@ -76,13 +76,18 @@ async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
             idle.append(await _connect(port, "127.0.0.2"))
         await asyncio.sleep(0.1)
         assert limiter.open == limiter.max_per_address
-        reader, writer = await _connect(port, "127.0.0.2")
-        assert await _refused(reader)
-        writer.close()
-        # ... do not lock out another address, until the total cap is reached
-        for source in ("127.0.0.3", "127.0.0.3", "127.0.0.5") * 4:
+        # ... at its cap, the address's own oldest silent one makes room (and gets the 503)
+        idle.append(await _connect(port, "127.0.0.2"))
+        assert await _refused(idle[0][0])
+        assert limiter.open == limiter.max_per_address
+        # ... the total cap holds; newcomers from elsewhere take silent ones' places (3 here)
+        for source in ("127.0.0.3", "127.0.0.3", "127.0.0.5") * 5:
             idle.append(await _connect(port, source))
         await asyncio.sleep(0.1)
+        assert limiter.open == limiter.max_total
+        # With every connection busy (requests running) there is nothing to close: refused.
+        for slot in limiter.slots():
+            slot.busy = True
         reader, writer = await _connect(port, "127.0.0.4")
         assert await _refused(reader)
         writer.close()
@@ -90,14 +95,14 @@ async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
     finally:
         for _, writer in idle:
             writer.close()
-    # closed connections free their slots; the refusals are counted by reason
+    # closed connections free their slots; evictions and refusals are counted by reason
     await eventually(lambda: limiter.open == 0)
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
     ):
         text = await response.text()
-    assert 'connections_refused_total{listener="http",reason="per_address"} 1.0' in text
+    assert 'connections_evicted_total{listener="http",reason="half_open"} 4.0' in text
     assert 'connections_refused_total{listener="http",reason="total"} 1.0' in text
     assert 'openwb_modbus_evse_connections{listener="http"} 1.0' in text  # this scrape
 

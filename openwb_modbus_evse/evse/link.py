@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from ..limits import ConnectionLimiter, address_in, host_of
+from ..limits import ConnectionLimiter, Slot, address_in, host_of
 from ..ratelimit import RateLimit
 from . import protocol as p
 from .connection import NEED_DATA, Connection, Event, Notify, Response, Role
@@ -45,6 +45,7 @@ READ_SIZE = 64 * 1024
 # most one extra poll per this many seconds (the regular polls go on).
 NOTIFY_POLL_INTERVAL = 1.0
 SESSION_LOG_BURST = 20
+EVICTED = "closed to make room for a newcomer (the listener is full)"
 # A vehicle sees at most a few PWM changes per second: a lower current is sent at once, a higher
 # one at most this long after the previous PWM change (a write flood is coalesced; a controller
 # that writes every few seconds never waits).
@@ -143,9 +144,14 @@ class Session:
     """One station's TCP connection."""
 
     def __init__(
-        self, link: StationLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        link: StationLink,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        slot: Slot | None = None,
     ) -> None:
         self.link = link
+        self.slot = slot  # its place in the link's connection limiter
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
@@ -239,6 +245,8 @@ class Session:
         if data.log_lines:
             data = replace(data, log_lines=self._log_station_lines(data.log_lines, now))
         self.latest, self.latest_at = data, now
+        if self.slot is not None:
+            self.slot.touch()
         self.hooks.observe(data, now)
         for listener in self.link.listeners:
             listener.polled(self, data)
@@ -316,6 +324,7 @@ class Session:
             first = await self._collect_data()
             self.serial = handshake.serial
             await self.link._register(self)
+            self._hold_place(self.serial)
             self.link.log_session(
                 logging.INFO,
                 "station %s (%s, firmware %d) connected from %s",
@@ -343,6 +352,14 @@ class Session:
                     await reader_task
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
+
+    def _hold_place(self, serial: str) -> None:
+        """A registered station is past its handshake; a known one keeps its place for good
+        (while the registry keeps its serial), so a flood cannot close it to make room."""
+        if self.slot is not None:
+            self.slot.establish()
+            known = self.link.known
+            self.slot.protect(when=lambda: known(serial))
 
     def _check_address(self, serial: str) -> None:
         network = self.link.address_for(serial)
@@ -472,6 +489,7 @@ class StationLink:
         | None = None,
         observer: LinkObserver | None = None,
         limiter: ConnectionLimiter | None = None,
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         if not 0 < poll_interval < p.STATION_IDLE_TIMEOUT:
             raise ValueError(
@@ -488,6 +506,9 @@ class StationLink:
         self.address_for = address_for or (lambda serial: None)
         self.observer = observer or LinkObserver()
         self.limiter = limiter or ConnectionLimiter.unbounded("evse")
+        # Whether a serial is a known station's (configured, or its LP kept): its connection
+        # keeps its place when the listener is full.
+        self.known = known or (lambda serial: False)
         self.listeners: list[StationListener] = []
         self.sessions: dict[str, Session] = {}
         self._all: set[Session] = set()
@@ -540,16 +561,18 @@ class StationLink:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host = host_of(writer.get_extra_info("peername"))
-        if self.limiter.admit(host) is not None:
+        # Evicted only from within a later admit(), so after ``session`` below exists.
+        slot = self.limiter.admit(host, lambda: session.close(EVICTED))
+        if slot is None:
             writer.transport.abort()
             return
+        session = Session(self, reader, writer, slot)
         try:
-            await self._serve(reader, writer)
+            await self._serve(session)
         finally:
-            self.limiter.release(host)
+            slot.release()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(self, reader, writer)
+    async def _serve(self, session: Session) -> None:
         self._all.add(session)
         task = asyncio.current_task()
         assert task is not None

@@ -329,6 +329,12 @@ class Metrics(LinkObserver, LimiterObserver):
             ["listener", "reason"],
             registry=self.registry,
         )
+        self._connections_evicted = Counter(
+            f"{PREFIX}_connections_evicted",
+            "Connections closed to admit a newcomer, by listener and the kind closed.",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
         self._commands_refused = Counter(
             f"{PREFIX}_commands_refused",
             "Controller commands refused, by interface and reason.",
@@ -376,6 +382,9 @@ class Metrics(LinkObserver, LimiterObserver):
 
     def connection_refused(self, listener: str, reason: str) -> None:
         self._connections_refused.labels(listener, reason).inc()
+
+    def connection_evicted(self, listener: str, reason: str) -> None:
+        self._connections_evicted.labels(listener, reason).inc()
 
     def command_refused(self, interface: str, reason: str) -> None:
         """Count one controller command that was refused."""

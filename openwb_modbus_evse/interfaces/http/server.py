@@ -24,7 +24,7 @@ from ...limits import ConnectionLimiter
 from ...snapshot import Snapshot, SupplySnapshot
 from ..metrics import Metrics
 from .actions import MAX_REQUEST_BODY, AdminApi
-from .gate import Gate
+from .gate import Gate, busy_while
 from .origin import middleware, own_names
 from .status import history_json, status_json
 from .throttle import Throttled
@@ -94,7 +94,9 @@ class WebServer:
             snapshot, lambda snap: json.dumps(history_json(snap)).encode(), self._worker
         )
         guard = middleware(own_names() if hosts is None else hosts)
-        app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=[guard])
+        app = web.Application(
+            client_max_size=MAX_REQUEST_BODY, middlewares=[busy_while(lambda: self.gate), guard]
+        )
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/history", self._history)

@@ -8,6 +8,8 @@ Each client connection is a :class:`_Connection` (pymodbus' request handler, sub
 admitted by the listener's :class:`~openwb_modbus_evse.limits.ConnectionLimiter`, closed after
 ``idle_timeout`` without a request, may write only from an address in ``write_allow``, and is
 dropped when its MBAP header is malformed (a stream that lost its framing cannot be resynced).
+A connection is half-open until its first request; from then on, one of a controller (an address
+that has written successfully, or one in ``keep``) keeps its place when the listener is full.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
@@ -36,7 +39,7 @@ from pymodbus.simulator.simcore import SimCore
 from ... import chargepoint as cp
 from ...config import LPS_PER_UNIT, MAX_LP
 from ...control import MODBUS, Command, Control, Kind
-from ...limits import LOG_INTERVAL, ConnectionLimiter, Network, address_in, host_of
+from ...limits import LOG_INTERVAL, ConnectionLimiter, Network, Slot, address_in, host_of
 from ...ratelimit import RateLimit
 from .registers import (
     LP_BASE,
@@ -230,7 +233,7 @@ class _Connection(ServerRequestHandler):
         super().__init__(owner, None, None, None)
         self.host = "?"
         self.may_write = False
-        self._admitted = False
+        self._slot: Slot | None = None  # admitted: its place in the limiter
         self._last_request = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._pending = 0  # requests taken but not yet answered
@@ -239,12 +242,12 @@ class _Connection(ServerRequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         owner = self.server
         self.host = host_of(transport.get_extra_info("peername"))
-        if owner.limiter.admit(self.host) is not None:
+        self._slot = owner.limiter.admit(self.host, transport.abort)
+        if self._slot is None:
             if self.listener is not None:
                 self.listener.active_connections.pop(self.unique_id, None)
             transport.abort()
             return
-        self._admitted = True
         self.may_write = owner.write_allow is None or address_in(self.host, owner.write_allow)
         self._last_request = self.loop.time()
         if owner.idle_timeout is not None:
@@ -252,9 +255,9 @@ class _Connection(ServerRequestHandler):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._admitted:
-            self._admitted = False
-            self.server.limiter.release(self.host)
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
         super().connection_lost(exc)
@@ -325,6 +328,8 @@ class _Connection(ServerRequestHandler):
         entry point (``run_coroutine_threadsafe``).
         """
         self._last_request = self.loop.time()
+        if self._slot is not None:
+            self._slot.touch()
         used = 0
         while used < len(data) and self._pending < MAX_PENDING and not self._write_paused:
             try:
@@ -336,9 +341,20 @@ class _Connection(ServerRequestHandler):
             if pdu is None:
                 break
             used += n
+            if self._slot is not None and not self._slot.established:
+                self._established(self._slot)
             self._pending += 1
             self.loop.create_task(self._answer(pdu)).add_done_callback(self._answered)
         return used
+
+    def _established(self, slot: Slot) -> None:
+        """The first request: past the handshake; a controller's connection keeps its place."""
+        slot.establish()
+        owner = self.server
+        if self.host in owner.writers or (
+            owner.keep is not None and address_in(self.host, owner.keep)
+        ):
+            slot.protect()
 
     async def _answer(self, request: ModbusPDU) -> None:
         if request.function_code in WRITE_CODES and not self.may_write:
@@ -354,6 +370,10 @@ class _Connection(ServerRequestHandler):
         response.transaction_id = request.transaction_id
         response.dev_id = request.dev_id
         code = response.exception_code if isinstance(response, ExceptionResponse) else None
+        if code is None and response.function_code in WRITE_CODES:
+            self.server.wrote(self.host)
+            if self._slot is not None:
+                self._slot.protect()  # a controller: a flood must not close its connection
         observer = self.server.observer
         observer.response(response.function_code & 0x7F, code, self.may_write, self.host)
         if self.transport is not None:
@@ -361,6 +381,9 @@ class _Connection(ServerRequestHandler):
             # habit: it clears its receive buffer before a request).
             self.transport.write(self.framer.buildFrame(response))  # type: ignore[attr-defined]
 
+
+#: Addresses that have written, remembered so that their new connections keep their place.
+WRITERS_KEPT = 16
 
 #: The exception a client gets for a write from an address not in ``modbus_write_allow``.
 WRITE_DENIED = ExcCodes.ILLEGAL_FUNCTION
@@ -406,6 +429,7 @@ class _Server(ModbusTcpServer):
         *,
         limiter: ConnectionLimiter,
         write_allow: tuple[Network, ...] | None,
+        keep: tuple[Network, ...] | None,
         idle_timeout: float | None,
         observer: ModbusObserver,
         read: Reader,
@@ -417,12 +441,22 @@ class _Server(ModbusTcpServer):
         self.framer = _Framer  # type: ignore[assignment]
         self.limiter = limiter
         self.write_allow = write_allow
+        self.keep = keep
+        # Addresses that have written successfully, the latest last (bounded: the oldest go).
+        self.writers: OrderedDict[str, None] = OrderedDict()
         self.idle_timeout = idle_timeout
         self.observer = observer
         self._bad_frame_log = RateLimit(1 / LOG_INTERVAL, burst=1, kind="modbus_bad_frame")
 
     def callback_new_connection(self) -> _Connection:
         return _Connection(self)
+
+    def wrote(self, host: str) -> None:
+        """``host`` has written successfully: its later connections keep their place too."""
+        self.writers[host] = None
+        self.writers.move_to_end(host)
+        if len(self.writers) > WRITERS_KEPT:
+            self.writers.popitem(last=False)
 
     def bad_frame(self, host: str, what: str) -> None:
         """Log a dropped connection, rate-limited."""
@@ -449,6 +483,7 @@ class ChargePointServer:
         observer: ModbusObserver | None = None,
         limiter: ConnectionLimiter | None = None,
         write_allow: tuple[Network, ...] | None = None,
+        keep: tuple[Network, ...] | None = None,
         idle_timeout: float | None = None,
         regmap: RegisterMap = REGISTER_MAP,
     ) -> None:
@@ -460,6 +495,7 @@ class ChargePointServer:
         self._observer = observer or ModbusObserver()
         self.limiter = limiter or ConnectionLimiter.unbounded("modbus")
         self._write_allow = write_allow
+        self._keep = keep  # whose connections keep their place (None: only those that wrote)
         self._idle_timeout = idle_timeout
         self._regmap = regmap
         self._server: _Server | None = None
@@ -499,6 +535,7 @@ class ChargePointServer:
             (host, port),
             limiter=self.limiter,
             write_allow=self._write_allow,
+            keep=self._keep,
             idle_timeout=self._idle_timeout,
             observer=self._observer,
             read=self.read,
