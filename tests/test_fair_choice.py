@@ -138,7 +138,9 @@ def test_an_evicted_slot_is_given_back_once(caplog):
 HOSTS = [f"10.0.0.{i}" for i in range(1, 6)]
 Op = st.one_of(
     st.tuples(st.just("admit"), st.sampled_from(HOSTS)),
-    st.tuples(st.sampled_from(["touch", "establish", "protect", "release"]), st.integers(0, 30)),
+    st.tuples(
+        st.sampled_from(["touch", "establish", "protect", "busy", "release"]), st.integers(0, 30)
+    ),
     st.tuples(st.just("wait"), st.integers(1, 5)),
 )
 
@@ -150,9 +152,9 @@ Op = st.one_of(
     ops=st.lists(Op, max_size=60),
 )
 def test_the_choice_keeps_the_rules(max_total, max_per_address, ops):
-    """Whatever happens: the caps hold, a protected slot is never the victim, a half-open one
-    goes before an established one, the victim's address holds the most, and a newcomer is
-    refused only when every slot it could take is protected."""
+    """Whatever happens: the caps hold, a protected or busy slot is never the victim, a
+    half-open one goes before an established one, the victim's address holds the most, and a
+    newcomer is refused only when every slot it could take is protected or busy."""
     book = Book(max_total, max_per_address)
     limiter = book.limiter
     live: list[Slot] = []
@@ -163,7 +165,10 @@ def test_the_choice_keeps_the_rules(max_total, max_per_address, ops):
         if op != "admit":
             if live:
                 slot = live[arg % len(live)]
-                getattr(slot, op)()
+                if op == "busy":
+                    slot.busy = not slot.busy
+                else:
+                    getattr(slot, op)()
                 if op == "release":
                     live.remove(slot)
             continue
@@ -171,7 +176,7 @@ def test_the_choice_keeps_the_rules(max_total, max_per_address, ops):
         own_full = sum(s.key == key for s in live) >= max_per_address
         pool = [s for s in live if s.key == key] if own_full else live
         full = own_full or len(live) >= max_total
-        candidates = [s for s in pool if not s.protected]
+        candidates = [s for s in pool if not s.protected and not s.busy]
         before = len(book.closed)
         slot = book.admit(arg)
         closed = book.closed[before:]

@@ -107,6 +107,37 @@ async def test_connection_caps_per_address_and_in_total(rig, monkeypatch):
     assert 'openwb_modbus_evse_connections{listener="http"} 1.0' in text  # this scrape
 
 
+async def test_a_running_request_is_never_closed_to_make_room(rig, monkeypatch):
+    port = rig.bridge.metrics_port
+    limiter = rig.bridge.web.gate.limiter
+    monkeypatch.setattr(limiter, "max_total", 3)
+    monkeypatch.setattr(limiter, "max_per_address", 3)
+    go = asyncio.Event()
+    body = rig.bridge.web.exposition.body
+
+    async def slow_body() -> bytes:
+        await go.wait()
+        return await body()
+
+    monkeypatch.setattr(rig.bridge.web.exposition, "body", slow_body)
+
+    async def scrape(source: str) -> bytes:  # by hand: aiohttp would retry a closed one
+        reader, writer = await _connect(port, source)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            return (await asyncio.wait_for(reader.read(), 5))[:12]
+        finally:
+            writer.close()
+
+    running = [asyncio.create_task(scrape("127.0.0.2")) for _ in range(3)]
+    await eventually(lambda: sum(s.busy for s in limiter.slots()) == 3)
+    reader, writer = await _connect(port, "127.0.0.3")
+    assert await _refused(reader)  # every connection answers a request: nothing to close
+    writer.close()
+    go.set()
+    assert await asyncio.gather(*running) == [b"HTTP/1.1 200"] * 3
+
+
 async def test_a_connection_that_never_finishes_is_closed_after_its_lifetime(make_rig, settings):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(web_server, "CONNECTION_MAX_AGE", 0.3)
