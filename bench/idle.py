@@ -21,7 +21,8 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 async def open_idle(port: int, count: int) -> list[Connection]:
-    """Open ``count`` connections that never send anything (a refused one is closed at once)."""
+    """Open ``count`` connections that never send anything (one closed to make room, or
+    refused, sees EOF)."""
     connections = []
     for start in range(0, count, CONNECT_BATCH):
         batch = min(CONNECT_BATCH, count - start)
@@ -104,7 +105,8 @@ async def bench_idle(args: argparse.Namespace, workdir: Path) -> None:
         [
             *(f"bridge: {o}" for o in options),
             "  one minimal charging station; the controller's connection is opened first",
-            "idle held open: connections the bridge kept (the rest were refused at accept by "
-            "modbus_max_connections / modbus_max_per_address, all from one address here)",
+            "idle held open: connections the bridge kept; at modbus_max_connections / "
+            "modbus_max_per_address (all from one address here) each newer one took the place "
+            "of the oldest silent one (the controller, which wrote, keeps its place)",
         ],
     )
