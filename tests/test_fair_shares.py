@@ -114,9 +114,9 @@ async def test_an_http_flood_does_not_keep_a_scrape_out(make_rig, settings):
         assert _evicted(rig, "http", "half_open") >= 1
 
 
-async def test_half_open_station_connections_do_not_keep_a_station_out(make_rig, settings):
-    """19 addresses with connections that never send a handshake fill the station port; a new
-    station is served, and a known station that reconnects too."""
+async def test_half_open_station_connections_do_not_keep_a_new_station_out(make_rig, settings):
+    """19 addresses with connections that never send a handshake fill the station port (issue
+    19: they kept a new station out); a new station is served, a known one keeps its place."""
     rig = await make_rig(
         settings,
         evse_max_connections=20,
@@ -130,14 +130,30 @@ async def test_half_open_station_connections_do_not_keep_a_station_out(make_rig,
         assert known.serial in link.sessions  # a known station keeps its connection
         newcomer = await rig.station(2)  # served during the flood
         assert _evicted(rig, "evse", "half_open") >= 19
-    async with _flood(link.port, _sources(19), per_address=2):
-        # The new station is established: half-open ones go before it.
-        assert newcomer.serial in link.sessions
+        # More of them: the registered stations are past their handshake, the silent ones go.
+        async with _flood(link.port, _sources(19), per_address=1):
+            assert {known.serial, newcomer.serial} <= set(link.sessions)
+            assert link.limiter.open == 20
+
+
+async def test_a_known_station_that_reconnects_during_a_flood_is_served(make_rig, settings):
+    """The connection of a known station drops while silent connections fill the port, and
+    they take its slot at once; when it comes back, it is served."""
+    rig = await make_rig(
+        settings,
+        evse_max_connections=20,
+        evse_max_per_address=2,
+        station=(station_config(1, lp=1),),
+    )
+    known = await rig.station(1)
+    link = rig.bridge.link
+    async with _flood(link.port, _sources(19), per_address=1):
         await known.stop()
         await eventually(lambda: known.serial not in link.sessions)
-        again = await rig.station(1)  # the known station reconnects during the flood
-        assert again.serial in link.sessions and newcomer.serial in link.sessions
-        assert link.limiter.open <= 20
+        async with _flood(link.port, _sources(19), per_address=1):  # its slot is taken
+            assert link.limiter.open == 20
+            again = await rig.station(1)  # reconnects during the flood
+            assert again.serial in link.sessions and link.limiter.open == 20
 
 
 async def test_a_silent_connection_cannot_take_the_place_of_a_registered_station(
