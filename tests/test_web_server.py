@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -136,6 +137,35 @@ async def test_a_running_request_is_never_closed_to_make_room(rig, monkeypatch):
     writer.close()
     go.set()
     assert await asyncio.gather(*running) == [b"HTTP/1.1 200"] * 3
+
+
+async def test_a_client_that_does_not_read_its_answer_does_not_keep_its_place(rig, monkeypatch):
+    port = rig.bridge.metrics_port
+    limiter = rig.bridge.web.gate.limiter
+    monkeypatch.setattr(limiter, "max_total", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.2", 0))
+    sock.connect(("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        await eventually(lambda: limiter.open == 1)
+        (transport,) = rig.bridge.web.gate._open
+        # Small kernel buffers on both sides, so that the answers pile up in the transport.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for _ in range(40):  # pipelined; never read (app.js: 20 kB, served at once)
+            writer.write(b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        (slot,) = limiter.slots()
+        # Its answers wait in the transport (aiohttp takes no more until they flow), and the
+        # connection is no longer busy: its handlers are done.
+        await eventually(lambda: transport.get_write_buffer_size() > 20_000 and not slot.busy)
+        await asyncio.sleep(0.2)
+        assert transport.get_write_buffer_size() > 20_000 and not slot.busy
+        async with aiohttp.ClientSession() as session:
+            assert await scrape_status(session, f"http://127.0.0.1:{port}/metrics") == 200
+        assert slot.released
+    finally:
+        writer.close()
 
 
 async def test_a_connection_that_never_finishes_is_closed_after_its_lifetime(make_rig, settings):

@@ -7,7 +7,7 @@ idle connection of the address holding the most; with nothing to close: a short 
 closed), hands the connection to aiohttp, gives the slot back when the connection is lost, and
 closes it after ``max_age`` at the latest. A connection is half-open until the head of its
 first request is complete (closed for a newcomer, it gets the same 503), busy from a complete
-head until its answer is written (never closed under a running request: :func:`busy_while`), and
+head until its handler is done (never closed under a running request: :func:`busy_while`), and
 otherwise idle since its last bytes. No HTTP connection is protected: a scraper reconnects, and
 the rule alone keeps a flood from locking it out.
 """
@@ -61,8 +61,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def busy_while(gate: Callable[[], Gate | None]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """An aiohttp middleware (the outermost): the connection is busy until the answer is
-    written, so a newcomer never closes it under a running request."""
+    """An aiohttp middleware (the outermost): the connection is busy while its request is
+    handled, so a newcomer never closes it under a running request.
+
+    Not while the answer is written: a client that does not read it would hold its place for
+    the connection's whole lifetime. An answer that fits the transport's buffer is written
+    without yielding to the event loop, so no newcomer comes in between.
+    """
 
     @web.middleware
     async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -72,12 +77,7 @@ def busy_while(gate: Callable[[], Gate | None]) -> Callable[..., Awaitable[web.S
             return await handler(request)
         slot.busy = True
         try:
-            response = await handler(request)
-            # Written here rather than after the middleware returns (aiohttp then finds it
-            # done), so that the connection is busy until the last byte went out.
-            await response.prepare(request)
-            await response.write_eof()
-            return response
+            return await handler(request)
         finally:
             slot.busy = False
             slot.touch()
