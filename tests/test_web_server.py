@@ -153,14 +153,20 @@ async def test_a_client_that_does_not_read_its_answer_does_not_keep_its_place(ri
         (transport,) = rig.bridge.web.gate._open
         # Small kernel buffers on both sides, so that the answers pile up in the transport.
         transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        for _ in range(40):  # pipelined; never read (app.js: 20 kB, served at once)
-            writer.write(b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         (slot,) = limiter.slots()
-        # Its answers wait in the transport (aiohttp takes no more until they flow), and the
-        # connection is no longer busy: its handlers are done.
-        await eventually(lambda: transport.get_write_buffer_size() > 20_000 and not slot.busy)
+        request = b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # 20 kB, served at once
+        # One request at a time, never reading, until the answers fill the transport's buffer
+        # (aiohttp waits for them to flow) ...
+        for _ in range(10):
+            if transport.get_write_buffer_size() >= 64 * 1024:
+                break
+            writer.write(request)
+            await eventually(lambda: not slot.busy)
+            await asyncio.sleep(0.02)
+        # ... and one more, which aiohttp does not take: the connection is not busy.
+        writer.write(request)
         await asyncio.sleep(0.2)
-        assert transport.get_write_buffer_size() > 20_000 and not slot.busy
+        assert transport.get_write_buffer_size() >= 64 * 1024 and not slot.busy
         async with aiohttp.ClientSession() as session:
             assert await scrape_status(session, f"http://127.0.0.1:{port}/metrics") == 200
         assert slot.released

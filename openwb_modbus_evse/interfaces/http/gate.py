@@ -6,9 +6,9 @@ so every connection passes this gate first. It takes a slot from the listener's
 idle connection of the address holding the most; with nothing to close: a short 503, then
 closed), hands the connection to aiohttp, gives the slot back when the connection is lost, and
 closes it after ``max_age`` at the latest. A connection is half-open until the head of its
-first request is complete (closed for a newcomer, it gets the same 503), busy from a complete
-head until its handler is done (never closed under a running request: :func:`busy_while`), and
-otherwise idle since its last bytes. No HTTP connection is protected: a scraper reconnects, and
+first request is complete (closed for a newcomer, it gets the same 503), busy while a handler
+runs (never closed under a running request: :func:`busy_while`), and otherwise idle since its
+last bytes. No HTTP connection is protected: a scraper reconnects, and
 the rule alone keeps a flood from locking it out.
 """
 
@@ -95,7 +95,7 @@ class _Doorman(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._slot: Slot | None = None
-        self._tail = b""  # the last bytes before a request head is complete (split "\r\n\r\n")
+        self._tail = b""  # the last bytes before the first head is complete (split "\r\n\r\n")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; not an asyncio.Transport instance under uvloop, so no isinstance.
@@ -130,13 +130,13 @@ class _Doorman(asyncio.Protocol):
         slot = self._slot
         assert slot is not None
         slot.touch()
-        if not slot.busy:
-            # The head of a request is complete: busy until it is answered (busy_while). A
-            # pipelined request's head that arrives meanwhile makes it busy in busy_while.
+        if not slot.established:
+            # The head of its first request is complete. Busy only once aiohttp runs the
+            # handler (busy_while): a client that sent a head aiohttp does not take yet (its
+            # previous answer unread) must not be able to hold its place with it.
             seen = self._tail + data
             if _HEAD_END in seen:
                 slot.establish()
-                slot.busy = True
                 self._tail = b""
             else:
                 self._tail = seen[-3:]
