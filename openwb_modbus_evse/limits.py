@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import resource
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -112,6 +113,7 @@ class Slot:
     """
 
     __slots__ = (
+        "_address",
         "_close",
         "_guard",
         "_limiter",
@@ -125,11 +127,17 @@ class Slot:
     )
 
     def __init__(
-        self, limiter: ConnectionLimiter, host: str, close: Callable[[], None], now: float
+        self,
+        limiter: ConnectionLimiter,
+        address: _Address,
+        host: str,
+        close: Callable[[], None],
+        now: float,
     ) -> None:
         self._limiter = limiter
+        self._address = address
         self.host = host
-        self.key = address_key(host)
+        self.key = address.key
         self._close = close
         self.opened = self.last_active = now
         self.established = False
@@ -140,12 +148,16 @@ class Slot:
     def touch(self) -> None:
         """The peer did something (a request, a report): it is not idle now."""
         self.last_active = self._limiter.clock()
+        if not self.released:  # to the end of the idle orders: the longest idle come first
+            self._limiter._idle.move_to_end(self)
+            self._address.idle.move_to_end(self)
 
     def establish(self) -> None:
         """The connection is past its handshake: no longer among the first to go."""
         if not self.established:
             self.established = True
             self._limiter._half_open.pop(self, None)
+            self._address.half_open.pop(self, None)
         self.touch()
 
     def protect(self, when: Callable[[], bool] | None = None) -> None:
@@ -174,13 +186,45 @@ class Slot:
         self._close()
 
 
+class _Address:
+    """One address's (an IPv6 /64's) slots, in the orders the choice of a victim walks."""
+
+    __slots__ = ("half_open", "idle", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.idle: OrderedDict[Slot, None] = OrderedDict()  # the longest idle first
+        self.half_open: OrderedDict[Slot, None] = OrderedDict()  # the oldest first
+
+    def victim(self) -> Slot | None:
+        """Its oldest half-open slot that may go, else its longest idle one."""
+        for slot in self.half_open:
+            if slot.closable:
+                return slot
+        return self.longest_idle()
+
+    def longest_idle(self) -> Slot | None:
+        """Its longest idle slot that may go."""
+        for slot in self.idle:
+            if slot.closable:
+                return slot
+        return None
+
+
+#: Addresses with the most slots that are compared one by one; more than this many tied, the
+#: listener's idle order is walked instead (a flood from many addresses with one slot each).
+_COMPARED_ADDRESSES = 8
+
+
 @dataclass
 class ConnectionLimiter:
     """Admits connections to one listener within its caps; release the slots it gives.
 
     When a cap is reached, a newcomer does not simply lose: the limiter closes another
     connection that matters less (:meth:`victim`) and admits the newcomer in its place. Only
-    when every connection it could close is protected is the newcomer refused.
+    when every connection it could close is protected is the newcomer refused. Finding that
+    connection takes a few steps, not one per connection: a flood of accepts must not cost a
+    scan of every slot each.
     """
 
     listener: str  # "modbus", "evse", "http": for logs and metrics
@@ -191,10 +235,12 @@ class ConnectionLimiter:
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
-        # Insertion-ordered, so the oldest come first.
-        self._slots: dict[Slot, None] = {}
-        self._half_open: dict[Slot, None] = {}
-        self._by_address: dict[str, dict[Slot, None]] = {}
+        self._slots: dict[Slot, None] = {}  # in the order they came
+        # OrderedDicts: taking from the front and moving to the end stay O(1) under churn.
+        self._half_open: OrderedDict[Slot, None] = OrderedDict()  # the oldest first
+        self._idle: OrderedDict[Slot, None] = OrderedDict()  # the longest idle first
+        self._by_address: dict[str, _Address] = {}
+        self._holding: dict[int, set[str]] = {}  # number of slots -> the addresses holding it
         self._log_limit = RateLimit(1 / LOG_INTERVAL, burst=1, kind=f"{self.listener}_refused")
         self._evict_log = RateLimit(1 / LOG_INTERVAL, burst=1, kind=f"{self.listener}_evicted")
 
@@ -219,8 +265,8 @@ class ConnectionLimiter:
             self._refused(host, Refusal.NOT_ALLOWED)
             return None
         key = address_key(host)
-        while len(own := self._by_address.get(key, {})) >= self.max_per_address:
-            victim = self._oldest_idle(own)
+        while (own := self._by_address.get(key)) and len(own.idle) >= self.max_per_address:
+            victim = own.victim()
             if victim is None:
                 self._refused(host, Refusal.PER_ADDRESS)
                 return None
@@ -231,10 +277,16 @@ class ConnectionLimiter:
                 self._refused(host, Refusal.TOTAL)
                 return None
             self._evict(victim, host)
-        slot = Slot(self, host, close, self.clock())
+        address = self._by_address.get(key)
+        if address is None:
+            address = self._by_address[key] = _Address(key)
+        slot = Slot(self, address, host, close, self.clock())
+        self._move(key, len(address.idle), +1)
         self._slots[slot] = None
         self._half_open[slot] = None
-        self._by_address.setdefault(key, {})[slot] = None
+        self._idle[slot] = None
+        address.half_open[slot] = None
+        address.idle[slot] = None
         return slot
 
     def victim(self) -> Slot | None:
@@ -243,28 +295,27 @@ class ConnectionLimiter:
         for slot in self._half_open:
             if slot.closable:
                 return slot
-        best: Slot | None = None
-        best_rank = (0, 0.0)
-        for slot in self._slots:
-            if not slot.closable:
-                continue
-            rank = (len(self._by_address[slot.key]), -slot.last_active)
-            if best is None or rank > best_rank:
-                best, best_rank = slot, rank
-        return best
+        for count in sorted(self._holding, reverse=True):
+            keys = self._holding[count]
+            if len(keys) <= _COMPARED_ADDRESSES:
+                found = [s for k in keys if (s := self._by_address[k].longest_idle())]
+                if found:
+                    return min(found, key=lambda s: s.last_active)
+            else:
+                for slot in self._idle:
+                    if len(self._by_address[slot.key].idle) == count and slot.closable:
+                        return slot
+        return None
 
-    @staticmethod
-    def _oldest_idle(slots: Iterable[Slot]) -> Slot | None:
-        """Among one address's slots: its oldest half-open one, else its longest idle one."""
-        best: Slot | None = None
-        for slot in slots:
-            if not slot.closable:
-                continue
-            if not slot.established:
-                return slot  # the oldest half-open one: slots are in the order they came
-            if best is None or slot.last_active < best.last_active:
-                best = slot
-        return best
+    def _move(self, key: str, count: int, change: int) -> None:
+        """Address ``key`` holds ``count + change`` slots now, not ``count``."""
+        if count:
+            holding = self._holding[count]
+            holding.discard(key)
+            if not holding:
+                del self._holding[count]
+        if count + change:
+            self._holding.setdefault(count + change, set()).add(key)
 
     def _evict(self, victim: Slot, newcomer: str) -> None:
         reason = Eviction.IDLE if victim.established else Eviction.HALF_OPEN
@@ -293,9 +344,12 @@ class ConnectionLimiter:
         slot.released = True
         del self._slots[slot]
         self._half_open.pop(slot, None)
-        own = self._by_address[slot.key]
-        del own[slot]
-        if not own:
+        del self._idle[slot]
+        address = self._by_address[slot.key]
+        self._move(slot.key, len(address.idle), -1)
+        address.half_open.pop(slot, None)
+        del address.idle[slot]
+        if not address.idle:
             del self._by_address[slot.key]
 
     def _refused(self, host: str, reason: str) -> None:

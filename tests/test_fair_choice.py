@@ -83,13 +83,34 @@ def test_without_half_open_ones_the_longest_idle_of_the_biggest_address_goes():
     assert book.limiter.open == 5
 
 
+def test_among_many_tied_addresses_the_longest_idle_of_the_biggest_goes():
+    """More addresses tie for the most than are compared one by one: the listener's idle
+    order is walked, skipping an address that holds fewer, however long idle."""
+    book = Book(max_total=19, max_per_address=2)
+    loner = book.admit("10.0.1.1")
+    assert loner is not None
+    loner.establish()  # idle longest, but its address holds one
+    pairs = []
+    for i in range(9):
+        for _ in range(2):
+            book.clock.now += 1
+            slot = book.admit(f"10.0.0.{i}")
+            assert slot is not None
+            slot.establish()
+            pairs.append(slot)
+    pairs[0].protect()
+    book.clock.now += 1
+    assert book.admit("10.0.2.1") is not None
+    assert book.closed == [pairs[1]]  # the longest idle that may go, of an address with two
+
+
 def test_at_its_own_cap_an_address_gives_up_its_own_oldest_idle_one():
     book = Book(max_total=100, max_per_address=3)
     other = book.admit("10.0.0.2")  # half-open, but of another address
     own = [book.admit("10.0.0.1") for _ in range(3)]
     assert other is not None and all(own)
-    for i, slot in enumerate(own):
-        book.clock.now = 10 - i  # the last one is the longest idle
+    for i, slot in enumerate(reversed(own)):  # the last one is the longest idle
+        book.clock.now = i
         slot.establish()
     own[0].protect()
     assert book.admit("10.0.0.1") is not None
@@ -135,7 +156,9 @@ def test_an_evicted_slot_is_given_back_once(caplog):
     assert "closed the idle connection from 10.0.0.1" in line and "from 10.0.0.2" in line
 
 
-HOSTS = [f"10.0.0.{i}" for i in range(1, 6)]
+# More than the limiter compares one by one (8), so that both ways of finding the longest idle
+# slot among tied addresses are taken.
+HOSTS = [f"10.0.0.{i}" for i in range(1, 13)]
 Op = st.one_of(
     st.tuples(st.just("admit"), st.sampled_from(HOSTS)),
     st.tuples(
@@ -145,11 +168,11 @@ Op = st.one_of(
 )
 
 
-@hsettings(max_examples=300, deadline=None)
+@hsettings(max_examples=400, deadline=None)
 @given(
-    max_total=st.integers(1, 6),
+    max_total=st.integers(1, 14),
     max_per_address=st.integers(1, 4),
-    ops=st.lists(Op, max_size=60),
+    ops=st.lists(Op, max_size=80),
 )
 def test_the_choice_keeps_the_rules(max_total, max_per_address, ops):
     """Whatever happens: the caps hold, a protected or busy slot is never the victim, a
