@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,12 +25,13 @@ from dataclasses import replace
 from typing import Any
 
 from . import chargepoint as cp
-from . import view
+from . import identity, view
 from .actions import ActionError, ActionErrorKind
 from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConfig
 from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
 from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
+from .identity import PEER_RECORD, Peer
 from .limits import Network
 from .ratelimit import RateLimit
 from .store import Store, StoreError
@@ -49,6 +53,7 @@ Listener = Callable[[list[cp.ChargePoint]], None]
 # State-file records: a station's controller chosen at runtime, and the manual controller's
 # current (centiamps), both by serial.
 CONTROLLER_RECORD, MANUAL_RECORD = "controller/", "manual/"
+SERIAL_KEY_RECORD = "key/serial_number"  # the random key of the Modbus serial numbers
 
 
 class Registry:
@@ -88,6 +93,11 @@ class Registry:
         self._flush_pending = False
         self._controllers: dict[str, str] = {}  # chosen at runtime, by serial (state file)
         self._manual_ca: dict[str, int] = {}  # the manual controller's current, by serial
+        self._peers: dict[str, Peer] = {}  # where each kept station was last seen (state file)
+        # Peers that sent the ID of a station last seen elsewhere, by serial: held, not served.
+        self._claimants: dict[str, Session] = {}
+        self._claim_log = RateLimit(per_second=1 / 60, burst=5, kind="station_claim")
+        self._serial_key = b""  # the Modbus serial numbers' key (state file)
 
     # --- read API (what interfaces get) -----------------------------------------------------
 
@@ -112,6 +122,17 @@ class Registry:
         """Its station has been sent a command that no report has shown yet."""
         session = self.session(point.identity.serial)
         return session is not None and session.unconfirmed
+
+    def claim(self, serial: str) -> Peer | None:
+        """Where a peer connects from that claims the station's ID, unconfirmed (None: none)."""
+        session = self._claimants.get(serial)
+        if session is None or session.closed:
+            return None
+        return Peer(session.host, session.mac)
+
+    def claim_text(self, serial: str) -> str | None:
+        """:meth:`claim` in words, for the page and the station list."""
+        return _text(self.claim(serial))
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
@@ -140,6 +161,11 @@ class Registry:
         self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
         self._saved_reports = dict(self._stored_reports)
         self._claims = {k.removeprefix(CLAIM_RECORD) for k in self._store.records(CLAIM_RECORD)}
+        for key, value in self._store.records(PEER_RECORD).items():
+            peer = identity.from_record(value)
+            if peer is not None:
+                self._peers[key.removeprefix(PEER_RECORD)] = peer
+        self._serial_key = self._load_serial_key()
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -166,6 +192,19 @@ class Registry:
             self._new(serial, lp, energy.get(serial, 0.0))
             self._kept.add(serial)
 
+    def _load_serial_key(self) -> bytes:
+        key = self._store.records(SERIAL_KEY_RECORD).get(SERIAL_KEY_RECORD)
+        if isinstance(key, str) and len(key) == 32:
+            return bytes.fromhex(key)
+        new = secrets.token_bytes(16)
+        self._store.save_records({SERIAL_KEY_RECORD: new.hex()})
+        return new
+
+    def _serial_number(self, serial: str) -> str:
+        """What controllers read as the serial number: public, so not the ID (a credential)."""
+        digest = hmac.new(self._serial_key, serial.encode(), hashlib.sha256).hexdigest()
+        return f"EVSE-{digest[:12].upper()}"
+
     @property
     def _store(self) -> Store:
         assert self.store is not None, "load() first"
@@ -183,31 +222,106 @@ class Registry:
         station = self.settings.station_by_serial(serial)
         return station.address if station else None
 
-    def attach(self, session: Session) -> cp.ChargePoint:
-        """A station's session is established: its charge point (new or kept) drives it."""
+    def recognises(self, session: Session) -> bool:
+        """Whether a registering session is the station as it was last seen (identity.py). A
+        station pinned to an address in the config is checked by the link instead."""
         serial = session.serial
         assert serial is not None
+        if self.address(serial) is not None:
+            return True
+        return identity.recognised(self._peers.get(serial), Peer(session.host, session.mac))
+
+    def attach(self, session: Session) -> cp.ChargePoint:
+        """A station's session is established: its charge point (new or kept) drives it; a
+        peer that claims a station's ID from elsewhere gets a charge point of its own that keeps
+        it safe (see :meth:`confirm_peer`)."""
+        serial = session.serial
+        assert serial is not None
+        if not session.recognised:
+            return self._hold_claimant(session)
+        self._claimants.pop(serial, None)
         point = self._point_for(serial)
         self._sessions[serial] = session
-        if serial not in self._kept:
+        if serial in self._kept:
+            self._note_peer(serial, session)
+        else:
             previous = self._probations.pop(serial, None)
             if previous is not None:
                 previous.cancel()
             self._probations[serial] = asyncio.create_task(self._probation(session, point))
         return point
 
+    def _hold_claimant(self, session: Session) -> cp.ChargePoint:
+        serial = session.serial
+        assert serial is not None
+        self._claimants[serial] = session
+        point = self._points.get(serial)
+        name = point.name if point is not None else cp.short_serial(serial)
+        if self._claim_log.allow(self._clock()):
+            log.warning(
+                "station %s (%s) connects from %s, but it was last seen at %s: held safe and not "
+                "served until the owner confirms that it is this station (on the page, or "
+                "`openwb-modbus-evse confirm %s`)%s",
+                name,
+                serial,
+                Peer(session.host, session.mac),
+                self._peers.get(serial),
+                serial,
+                self._claim_log.left_out(),
+            )
+        if point is not None:
+            self._changed(point)  # the page and the status show the claim
+        # Not in the registry: no controller reaches it, it counts nothing anyone sees, and with
+        # nothing requested its state machine stops a charge the safe way and keeps it stopped.
+        claimant = cp.ChargePoint(
+            cp.Identity(serial=serial, lp=None, name=f"claimant of {name}", serial_number=""),
+            replace(self._config(serial, MANUAL), heartbeat=False),
+            max_data_age=STALE_POLLS * self.settings.poll_interval,
+        )
+        claimant.on_change = session.wake
+        return claimant
+
+    def confirm_peer(self, serial: str) -> Peer:
+        """The owner says the peer that claims the station's ID is the station (it moved, or its
+        board was replaced): it is served from now on, and remembered where it is."""
+        session = self._claimants.get(serial)
+        if session is None or session.closed:
+            raise ActionError(
+                ActionErrorKind.NOT_FOUND, f"no unconfirmed peer claims station {serial} now"
+            )
+        del self._claimants[serial]
+        session.recognised = True
+        previous = self._peers.pop(serial, None)
+        point = self.attach(session)
+        session.promote(point)
+        peer = Peer(session.host, session.mac)
+        log.info(
+            "station %s: the owner confirmed the peer at %s (it was last seen at %s)",
+            serial,
+            peer,
+            previous,
+        )
+        return peer
+
+    def _note_peer(self, serial: str, session: Session) -> None:
+        """Remember where a kept station is seen (state file), if that changed."""
+        known = self._peers.get(serial)
+        peer = identity.learned(known, Peer(session.host, session.mac))
+        if peer == known:
+            return
+        self._peers[serial] = peer
+        try:
+            self._store.save_records({PEER_RECORD + serial: identity.to_record(peer, self._wall())})
+        except StoreError as err:  # recognised all the same until a restart
+            log.error("%s", err)
+        if known is not None:
+            log.info("station %s is now seen at %s (was %s)", serial, peer, known)
+
     # --- charge points ----------------------------------------------------------------------
 
-    def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+    def _config(self, serial: str, controller: str) -> cp.ChargePointConfig:
         station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
-        controller = self.controller_of(serial)
-        identity = cp.Identity(
-            serial=serial,
-            lp=lp,
-            name=self._display_name(serial, lp),
-            serial_number=station.serial_number or serial[-20:],
-        )
-        config = cp.ChargePointConfig(
+        return cp.ChargePointConfig(
             max_current_a=station.max_current,
             cable=station.cable,
             phases=station.phases,
@@ -221,9 +335,19 @@ class Registry:
             failsafe_ca=round(station.failsafe_current * 100),
             heartbeat=controller != MANUAL,
         )
+
+    def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
+        controller = self.controller_of(serial)
+        ident = cp.Identity(
+            serial=serial,
+            lp=lp,
+            name=self._display_name(serial, lp),
+            serial_number=station.serial_number or self._serial_number(serial),
+        )
         point = cp.ChargePoint(
-            identity,
-            config,
+            ident,
+            self._config(serial, controller),
             energy_wh=energy_wh,
             max_data_age=STALE_POLLS * self.settings.poll_interval,
         )
@@ -391,6 +515,9 @@ class Registry:
         serial, lp = point.identity.serial, point.identity.lp
         assert lp is not None
         self._kept.add(serial)
+        session = self.session(serial)
+        if session is not None:
+            self._note_peer(serial, session)
         try:
             self._store.assign_lp(serial, lp)
         except StoreError as err:  # served and kept all the same; only a restart forgets it
@@ -500,6 +627,8 @@ class Registry:
                 "remembered": p.identity.serial in remembered,
                 "controller": p.state.config.controller,
                 "serial_number": p.identity.serial_number,
+                "seen_at": _text(self._peers.get(p.identity.serial)),
+                "claim": self.claim_text(p.identity.serial),
             }
             for p in self.points()
         ]
@@ -532,6 +661,9 @@ class Registry:
             raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
         self._store.assign_lp(serial, lp)
         self._kept.add(serial)  # an operator's choice: no probation
+        session = self.session(serial)
+        if session is not None:
+            self._note_peer(serial, session)
         self._claim(serial, "confirmed")
         probation = self._probations.pop(serial, None)
         if probation is not None:
@@ -561,8 +693,9 @@ class Registry:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy_wh
         self._store.forget_lp(serial)
-        self._store.save_records({CLAIM_RECORD + serial: None})
+        self._store.save_records({CLAIM_RECORD + serial: None, PEER_RECORD + serial: None})
         self._claims.discard(serial)
+        self._peers.pop(serial, None)  # should it come back, it is new: from wherever it is
         self._forget_manual(serial)  # should it come back, it starts stopped
         self._kept.discard(serial)
         self._drop(point)
@@ -703,3 +836,7 @@ def _report_changed(last: dict[str, Any], new: dict[str, Any]) -> bool:
     if any(last.get(k) != v for k, v in new.items() if k != "at"):
         return True
     return abs(float(last.get("at", 0)) - new["at"]) > 30
+
+
+def _text(peer: Peer | None) -> str | None:
+    return None if peer is None else str(peer)
