@@ -222,3 +222,61 @@ async def test_the_serial_number_controllers_read_is_stable_and_not_the_id(make_
     client = await again.client()
     assert (await read(client))["serial_number"] == number
     assert other.serial == station.serial
+
+
+async def test_by_mac_a_new_address_is_the_station_and_another_device_at_its_address_is_not(
+    make_rig, settings
+):
+    rig = await make_rig(settings)
+    registry = rig.bridge.registry
+    table = {"127.0.0.1": "aa:bb:cc:00:00:01", "127.0.0.5": "aa:bb:cc:00:00:01"}
+    rig.bridge.link.neighbours = table.get  # what the neighbour table says on a real LAN
+    client = await rig.client()
+    real = await start_charging(rig, client)
+    serial = real.serial
+    await eventually(lambda: PEER_RECORD + serial in registry.store.records(PEER_RECORD))
+    assert registry.store.records(PEER_RECORD)[PEER_RECORD + serial]["mac"] == table["127.0.0.1"]
+    await real.stop()
+    await eventually(lambda: not rig.point(serial).state.connected)
+
+    stop = asyncio.Event()
+    writer = asyncio.create_task(keep_writing(client, stop))
+    try:
+        renewed = other_host(rig, serial, "127.0.0.5")  # a new DHCP lease, the same MAC
+        await renewed.start()
+        await renewed.wait_for(lambda s: s.contactor, timeout=5)
+        assert registry.claim(serial) is None
+        record = registry.store.records(PEER_RECORD)[PEER_RECORD + serial]
+        assert record["address"] == "127.0.0.5" and record["mac"] == table["127.0.0.5"]
+        await renewed.stop()
+        await eventually(lambda: not rig.point(serial).state.connected)
+
+        table["127.0.0.1"] = "de:ad:be:ef:00:01"  # its old address, another device
+        impostor = other_host(rig, serial, "127.0.0.1")
+        await impostor.start()
+        await eventually(lambda: registry.claim(serial) is not None)
+        await asyncio.sleep(1.0)
+        assert not impostor.contactor and impostor.pwm == 100
+        await impostor.stop()
+    finally:
+        stop.set()
+        await writer
+
+
+async def test_where_a_station_was_seen_is_kept_across_a_restart(make_rig, settings):
+    rig = await make_rig(settings)
+    client = await rig.client()
+    real = await start_charging(rig, client)
+    await eventually(lambda: PEER_RECORD + real.serial in rig.bridge.registry.store.records(""))
+    await rig.close()
+    again = await make_rig(settings)
+    impostor = other_host(again, real.serial, "127.0.0.2")
+    await impostor.start()
+    try:
+        await eventually(lambda: again.bridge.registry.claim(real.serial) == Peer("127.0.0.2"))
+        assert (
+            again.point(real.serial).identity.lp == 1
+            and again.bridge.registry.session(real.serial) is None
+        )
+    finally:
+        await impostor.stop()
