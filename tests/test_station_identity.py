@@ -17,7 +17,10 @@ from test_rust_bridge import commands
 
 from openwb_modbus_evse.evse.neighbours import mac_of
 from openwb_modbus_evse.identity import PEER_RECORD, Peer, learned, recognised
+from openwb_modbus_evse.interfaces.metrics import PREFIX
 from openwb_modbus_evse.tools.simulator import VirtualStation
+
+CLAIM_METRIC = PREFIX + "_unconfirmed_peer{"
 
 # --- the rules ------------------------------------------------------------------------------
 
@@ -150,6 +153,9 @@ async def test_the_owner_confirms_a_station_that_moved_and_the_old_address_is_a_
     assert card["reasons"][0]["code"] == "unconfirmed_peer"
     listed = await cli(rig, "stations")
     assert "CLAIMED from 127.0.0.3" in listed.stdout, listed.stdout + listed.stderr
+    status, metrics = await http(rig, "GET", "/metrics", token=None)
+    (sample,) = [m for m in metrics["text"].splitlines() if m.startswith(CLAIM_METRIC)]
+    assert 'lp="1"' in sample and sample.endswith(" 1.0")
 
     # Confirming without the token changes nothing; with it, the station is served at once.
     status, _ = await http(rig, "POST", f"/api/stations/{serial}/confirm", token="wrong")
