@@ -10,10 +10,13 @@ the address decides. A configured ``address`` pin replaces all of this (the link
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
 PEER_RECORD = "peer/"  # state-file records: where each kept station was last seen, by serial
+PUBLIC_ID_KEY_RECORD = "key/public_id"  # state-file record: the public ids' random key
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,9 @@ def from_record(value: object) -> Peer | None:
         return None
     mac = value.get("mac")
     return Peer(value["address"], mac if isinstance(mac, str) else None)
+
+
+def public_id(key: bytes, serial: str) -> str:
+    """What names a station where anyone may read it (the serial number register, MQTT topics):
+    stable, unique, and not the ID: 12 hex digits of a hash keyed with a random ``key``."""
+    return hmac.new(key, serial.encode(), hashlib.sha256).hexdigest()[:12]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -31,7 +29,7 @@ from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConf
 from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
 from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
-from .identity import PEER_RECORD, Peer
+from .identity import PEER_RECORD, PUBLIC_ID_KEY_RECORD, Peer
 from .limits import Network
 from .ratelimit import RateLimit
 from .store import Store, StoreError
@@ -53,7 +51,6 @@ Listener = Callable[[list[cp.ChargePoint]], None]
 # State-file records: a station's controller chosen at runtime, and the manual controller's
 # current (centiamps), both by serial.
 CONTROLLER_RECORD, MANUAL_RECORD = "controller/", "manual/"
-SERIAL_KEY_RECORD = "key/serial_number"  # the random key of the Modbus serial numbers
 
 
 class Registry:
@@ -97,7 +94,7 @@ class Registry:
         # Peers that sent the ID of a station last seen elsewhere, by serial: held, not served.
         self._claimants: dict[str, Session] = {}
         self._claim_log = RateLimit(per_second=1 / 60, burst=5, kind="station_claim")
-        self._serial_key = b""  # the Modbus serial numbers' key (state file)
+        self._public_key = b""  # the key of the stations' public ids (state file)
 
     # --- read API (what interfaces get) -----------------------------------------------------
 
@@ -165,7 +162,7 @@ class Registry:
             peer = identity.from_record(value)
             if peer is not None:
                 self._peers[key.removeprefix(PEER_RECORD)] = peer
-        self._serial_key = self._load_serial_key()
+        self._public_key = self._load_public_key()
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -192,18 +189,17 @@ class Registry:
             self._new(serial, lp, energy.get(serial, 0.0))
             self._kept.add(serial)
 
-    def _load_serial_key(self) -> bytes:
-        key = self._store.records(SERIAL_KEY_RECORD).get(SERIAL_KEY_RECORD)
+    def _load_public_key(self) -> bytes:
+        key = self._store.records(PUBLIC_ID_KEY_RECORD).get(PUBLIC_ID_KEY_RECORD)
         if isinstance(key, str) and len(key) == 32:
             return bytes.fromhex(key)
         new = secrets.token_bytes(16)
-        self._store.save_records({SERIAL_KEY_RECORD: new.hex()})
+        self._store.save_records({PUBLIC_ID_KEY_RECORD: new.hex()})
         return new
 
-    def _serial_number(self, serial: str) -> str:
-        """What controllers read as the serial number: public, so not the ID (a credential)."""
-        digest = hmac.new(self._serial_key, serial.encode(), hashlib.sha256).hexdigest()
-        return f"EVSE-{digest[:12].upper()}"
+    def by_public_id(self, public_id: str) -> cp.ChargePoint | None:
+        """The charge point whose station is named ``public_id`` in public."""
+        return next((p for p in self._points.values() if p.identity.public_id == public_id), None)
 
     @property
     def _store(self) -> Store:
@@ -339,11 +335,13 @@ class Registry:
     def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
         station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
         controller = self.controller_of(serial)
+        public_id = identity.public_id(self._public_key, serial)
         ident = cp.Identity(
             serial=serial,
             lp=lp,
             name=self._display_name(serial, lp),
-            serial_number=station.serial_number or self._serial_number(serial),
+            serial_number=station.serial_number or f"EVSE-{public_id.upper()}",
+            public_id=public_id,
         )
         point = cp.ChargePoint(
             ident,
