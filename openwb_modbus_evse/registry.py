@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConf
 from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
 from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
-from .identity import PEER_RECORD, PUBLIC_ID_KEY_RECORD, Peer
+from .identity import Identities, Peer, peer_of
 from .limits import Network
 from .ratelimit import RateLimit
 from .store import Store, StoreError
@@ -90,9 +89,7 @@ class Registry:
         self._flush_pending = False
         self._controllers: dict[str, str] = {}  # chosen at runtime, by serial (state file)
         self._manual_ca: dict[str, int] = {}  # the manual controller's current, by serial
-        self._peers: dict[str, Peer] = {}  # where each kept station was last seen (state file)
-        # Peers that sent the ID of a station last seen elsewhere, by serial: held, not served.
-        self._claimants: dict[str, Session] = {}
+        self.identities = Identities(wall)  # where stations are seen; claims on their IDs
         self._claim_log = RateLimit(per_second=1 / 60, burst=5, kind="station_claim")
         self._public_key = b""  # the key of the stations' public ids (state file)
 
@@ -122,10 +119,8 @@ class Registry:
 
     def claim(self, serial: str) -> Peer | None:
         """Where a peer connects from that claims the station's ID, unconfirmed (None: none)."""
-        session = self._claimants.get(serial)
-        if session is None or session.closed:
-            return None
-        return Peer(session.host, session.mac)
+        session = self.identities.claimant(serial)
+        return None if session is None else peer_of(session)
 
     def claim_text(self, serial: str) -> str | None:
         """:meth:`claim` in words, for the page and the station list."""
@@ -158,11 +153,8 @@ class Registry:
         self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
         self._saved_reports = dict(self._stored_reports)
         self._claims = {k.removeprefix(CLAIM_RECORD) for k in self._store.records(CLAIM_RECORD)}
-        for key, value in self._store.records(PEER_RECORD).items():
-            peer = identity.from_record(value)
-            if peer is not None:
-                self._peers[key.removeprefix(PEER_RECORD)] = peer
-        self._public_key = self._load_public_key()
+        self.identities.load(store)
+        self._public_key = identity.load_public_key(store)
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -188,14 +180,6 @@ class Registry:
                 continue
             self._new(serial, lp, energy.get(serial, 0.0))
             self._kept.add(serial)
-
-    def _load_public_key(self) -> bytes:
-        key = self._store.records(PUBLIC_ID_KEY_RECORD).get(PUBLIC_ID_KEY_RECORD)
-        if isinstance(key, str) and len(key) == 32:
-            return bytes.fromhex(key)
-        new = secrets.token_bytes(16)
-        self._store.save_records({PUBLIC_ID_KEY_RECORD: new.hex()})
-        return new
 
     def by_public_id(self, public_id: str) -> cp.ChargePoint | None:
         """The charge point whose station is named ``public_id`` in public."""
@@ -225,7 +209,7 @@ class Registry:
         assert serial is not None
         if self.address(serial) is not None:
             return True
-        return identity.recognised(self._peers.get(serial), Peer(session.host, session.mac))
+        return self.identities.recognises(serial, peer_of(session))
 
     def attach(self, session: Session) -> cp.ChargePoint:
         """A station's session is established: its charge point (new or kept) drives it; a
@@ -235,11 +219,11 @@ class Registry:
         assert serial is not None
         if not session.recognised:
             return self._hold_claimant(session)
-        self._claimants.pop(serial, None)
+        self.identities.release(serial)
         point = self._point_for(serial)
         self._sessions[serial] = session
         if serial in self._kept:
-            self._note_peer(serial, session)
+            self.identities.seen(serial, peer_of(session))
         else:
             previous = self._probations.pop(serial, None)
             if previous is not None:
@@ -250,7 +234,7 @@ class Registry:
     def _hold_claimant(self, session: Session) -> cp.ChargePoint:
         serial = session.serial
         assert serial is not None
-        self._claimants[serial] = session
+        self.identities.hold(session)
         point = self._points.get(serial)
         name = point.name if point is not None else cp.short_serial(serial)
         if self._claim_log.allow(self._clock()):
@@ -260,8 +244,8 @@ class Registry:
                 "`openwb-modbus-evse confirm %s`)%s",
                 name,
                 serial,
-                Peer(session.host, session.mac),
-                self._peers.get(serial),
+                peer_of(session),
+                self.identities.seen_at(serial),
                 serial,
                 self._claim_log.left_out(),
             )
@@ -280,17 +264,17 @@ class Registry:
     def confirm_peer(self, serial: str) -> Peer:
         """The owner says the peer that claims the station's ID is the station (it moved, or its
         board was replaced): it is served from now on, and remembered where it is."""
-        session = self._claimants.get(serial)
-        if session is None or session.closed:
+        session = self.identities.claimant(serial)
+        if session is None:
             raise ActionError(
                 ActionErrorKind.NOT_FOUND, f"no unconfirmed peer claims station {serial} now"
             )
-        del self._claimants[serial]
+        previous, peer = self.identities.seen_at(serial), peer_of(session)
         session.recognised = True
-        previous = self._peers.pop(serial, None)
         point = self.attach(session)
         session.promote(point)
-        peer = Peer(session.host, session.mac)
+        self.confirm(point)  # an owner's act on the station: its LP is its own for good
+        self.identities.seen(serial, peer)
         log.info(
             "station %s: the owner confirmed the peer at %s (it was last seen at %s)",
             serial,
@@ -298,20 +282,6 @@ class Registry:
             previous,
         )
         return peer
-
-    def _note_peer(self, serial: str, session: Session) -> None:
-        """Remember where a kept station is seen (state file), if that changed."""
-        known = self._peers.get(serial)
-        peer = identity.learned(known, Peer(session.host, session.mac))
-        if peer == known:
-            return
-        self._peers[serial] = peer
-        try:
-            self._store.save_records({PEER_RECORD + serial: identity.to_record(peer, self._wall())})
-        except StoreError as err:  # recognised all the same until a restart
-            log.error("%s", err)
-        if known is not None:
-            log.info("station %s is now seen at %s (was %s)", serial, peer, known)
 
     # --- charge points ----------------------------------------------------------------------
 
@@ -512,16 +482,20 @@ class Registry:
     def _remember(self, point: cp.ChargePoint) -> None:
         serial, lp = point.identity.serial, point.identity.lp
         assert lp is not None
-        self._kept.add(serial)
-        session = self.session(serial)
-        if session is not None:
-            self._note_peer(serial, session)
+        self._keep(serial)
         try:
             self._store.assign_lp(serial, lp)
         except StoreError as err:  # served and kept all the same; only a restart forgets it
             log.error("%s", err)
             return
         log.info("station %s is LP%d from now on", serial, lp)
+
+    def _keep(self, serial: str) -> None:
+        """The station keeps its charge point; where it is seen is remembered from now on."""
+        self._kept.add(serial)
+        session = self.session(serial)
+        if session is not None:
+            self.identities.seen(serial, peer_of(session))
 
     async def _probation(self, session: Session, point: cp.ChargePoint) -> None:
         """Remember a new station's LP once it stayed with valid data; release it if it left."""
@@ -625,7 +599,7 @@ class Registry:
                 "remembered": p.identity.serial in remembered,
                 "controller": p.state.config.controller,
                 "serial_number": p.identity.serial_number,
-                "seen_at": _text(self._peers.get(p.identity.serial)),
+                "seen_at": _text(self.identities.seen_at(p.identity.serial)),
                 "claim": self.claim_text(p.identity.serial),
             }
             for p in self.points()
@@ -658,10 +632,7 @@ class Registry:
         if holder is not None:
             raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
         self._store.assign_lp(serial, lp)
-        self._kept.add(serial)  # an operator's choice: no probation
-        session = self.session(serial)
-        if session is not None:
-            self._note_peer(serial, session)
+        self._keep(serial)  # an operator's choice: no probation
         self._claim(serial, "confirmed")
         probation = self._probations.pop(serial, None)
         if probation is not None:
@@ -691,9 +662,9 @@ class Registry:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy_wh
         self._store.forget_lp(serial)
-        self._store.save_records({CLAIM_RECORD + serial: None, PEER_RECORD + serial: None})
+        # Should it come back, it is new, from wherever it is.
+        self._store.save_records({CLAIM_RECORD + serial: None, **self.identities.forget(serial)})
         self._claims.discard(serial)
-        self._peers.pop(serial, None)  # should it come back, it is new: from wherever it is
         self._forget_manual(serial)  # should it come back, it starts stopped
         self._kept.discard(serial)
         self._drop(point)
