@@ -13,11 +13,12 @@ import struct
 
 import aiohttp
 import pytest
-from conftest import RawStation, eventually, free_port, metric, station_config
+from conftest import FAST, RawStation, eventually, free_port, metric, station_config
 from pymodbus.client import AsyncModbusTcpClient
 
 from openwb_modbus_evse.interfaces.http import server as web_server
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP, lp_base
+from openwb_modbus_evse.tools.simulator import VirtualStation
 
 SET_CURRENT = REGISTER_MAP.address(1, "set_current")
 P = "openwb_modbus_evse_"
@@ -169,3 +170,26 @@ async def test_a_silent_connection_cannot_take_the_place_of_a_registered_station
     await asyncio.sleep(0.1)
     assert station.serial in rig.bridge.link.sessions and rig.bridge.link.limiter.open == 2
     await other.close()
+
+
+async def test_a_peer_that_claims_a_known_id_does_not_keep_the_station_out(make_rig, settings):
+    """Anyone can send a known station's ID: from elsewhere it is a claim (held safe until the
+    owner confirms it), and such a session does not keep its place against the station."""
+    rig = await make_rig(settings, evse_max_connections=1, station=(station_config(1, lp=1),))
+    registry, link = rig.bridge.registry, rig.bridge.link
+    real = await rig.station(1)  # seen at 127.0.0.1
+    serial = real.serial
+    await real.stop()
+    await eventually(lambda: registry.session(serial) is None)
+    claimant = VirtualStation(serial, bridge=("127.0.0.1", link.port), source="127.0.0.2", **FAST)
+    await claimant.start()
+    try:
+        await eventually(lambda: registry.claim(serial) is not None)
+        assert link.limiter.open == 1  # the claimant holds the only place
+        back = await rig.station(1)  # from where it is known
+        await eventually(
+            lambda: (s := registry.session(serial)) is not None and s.host == "127.0.0.1"
+        )
+        assert registry.claim(serial) is None and back.serial == serial
+    finally:
+        await claimant.stop()
