@@ -577,13 +577,14 @@ class ModbusRig:
         waited = time.perf_counter() - began if self.station.offering else None
         self.report.add(0, "setup", "station offered current after a write", after(waited, 5))
 
-    async def write_flood(self, client: Modbus, values: Sequence[int]) -> int:
-        """Pipelined FC 6 to LP1's set current for ATTACK_SECONDS, 15 at a time; answers.
+    async def write_flood(self, client: Modbus, values: Sequence[int], size: int = 15) -> int:
+        """FC 6 to LP1's set current for ATTACK_SECONDS, ``size`` at a time; answers.
 
-        The values go round in turn; an odd batch makes each batch end on another value, so
-        that the value in force after each batch changes too.
+        The values go round in turn; with an odd ``size`` each batch ends on another value, so
+        that the value in force after each batch changes too. ``size`` 1 waits for each answer:
+        the service may act on every value.
         """
-        answered, i, size = 0, 0, 15
+        answered, i = 0, 0
         end = time.perf_counter() + ATTACK_SECONDS
         while time.perf_counter() < end:
             batch = b"".join(
@@ -619,10 +620,10 @@ class ModbusRig:
     async def accepted_writes(self) -> None:
         """1 and 5: the controller pipelines alternating 6 A / 32 A."""
         assert self.controller is not None
-        attack = "accepted Modbus writes (6 A / 32 A alternating)"
+        attack = "accepted Modbus writes, 6 A / 32 A in turn, each after the last answer"
         before = self.station.pwm_changes
         window = self.service.window()
-        answered = await self.write_flood(self.controller, [600, 3200])
+        answered = await self.write_flood(self.controller, [600, 3200], size=1)
         changes = self.station.pwm_changes - before
         m = await window.end(ATTACK_SECONDS)
         report_flood(self.report, 1, attack, m)
@@ -864,16 +865,22 @@ async def run_modbus_items(source: Path, workdir: Path, report: Report, items: s
 # --- item 2: an impostor with a known station's ID ------------------------------------------------
 
 
-def longest_run(serial: str, text: str) -> int:
-    """The longest run of the serial's hex digits (either case) found in ``text``."""
+MIN_RUN = 4  # hex digits: shorter runs turn up by chance in a page of text
+
+
+def revealed(serial: str, text: str) -> set[int]:
+    """The positions of the serial's hex digits that ``text`` shows (either case): those in a run
+    of at least MIN_RUN consecutive digits of the serial found in the text."""
     low, text = serial.lower(), text.lower()
-    best = 0
-    for start in range(len(low)):
-        for end in range(len(low), start + best, -1):
-            if low[start:end] in text:
-                best = end - start
-                break
-    return best
+    shown: set[int] = set()
+    for start in range(len(low) - MIN_RUN + 1):
+        end = start + MIN_RUN
+        if low[start:end] not in text:
+            continue
+        while end < len(low) and low[start : end + 1] in text:
+            end += 1
+        shown.update(range(start, end))
+    return shown
 
 
 async def public_bits(service: Service, report: Report) -> None:
@@ -892,8 +899,12 @@ async def public_bits(service: Service, report: Report) -> None:
         "/metrics": metrics.body.decode("utf-8", "replace"),
         "Modbus serial number (10150..)": modbus_text,
     }
+    union: set[int] = set()
     for place, text in places.items():
-        report.add(2, attack, f"ID bits in {place}", 4 * longest_run(REAL_ID, text))
+        shown = revealed(REAL_ID, text)
+        union |= shown
+        report.add(2, attack, f"ID bits shown by {place}", f"{4 * len(shown)} of 128")
+    report.add(2, attack, "ID bits shown by them together", f"{4 * len(union)} of 128")
 
 
 async def run_identity(source: Path, workdir: Path, report: Report) -> None:
@@ -1084,6 +1095,8 @@ async def run_mqtt_items(source: Path, workdir: Path, report: Report, items: set
             )
             if 1 in items:
                 await bad_payloads(service, broker_port, report)
+            if items & {1, 5}:
+                await mqtt_write_flood(service, broker_port, station, report)
             if 5 in items:
                 await far_future_heartbeat(primary, station, report)
             stop.set()
@@ -1113,6 +1126,31 @@ async def bad_payloads(service: Service, broker_port: int, report: Report) -> No
             m = await window.end(ATTACK_SECONDS)
             report_flood(report, 1, attack, m)
             report.add(1, attack, "messages sent", sent)
+
+
+async def mqtt_write_flood(
+    service: Service, broker_port: int, station: Station, report: Report
+) -> None:
+    """1 and 5: set_current 6 and 32 in turn, as fast as a client publishes (QoS 0)."""
+    attack = "MQTT set_current 6 / 32 in turn"
+    async with aiomqtt.Client(HOST, broker_port, identifier="flooder") as flooder:
+        before = station.pwm_changes
+        window = service.window()
+        sent = 0
+        end = time.perf_counter() + ATTACK_SECONDS
+        while time.perf_counter() < end:
+            await flooder.publish(SET_CURRENT_TOPIC, "6" if sent % 2 else "32")
+            sent += 1
+            if sent % 10 == 0:
+                await asyncio.sleep(0.001)  # let the client's sender run
+        changes = station.pwm_changes - before
+        m = await window.end(ATTACK_SECONDS)
+        report_flood(report, 1, attack, m)
+        report.add(5, attack, "messages sent/s", f"{sent / ATTACK_SECONDS:.0f}")
+        report.add(
+            5, attack, "PWM changes/s seen by the station", f"{changes / ATTACK_SECONDS:.1f}"
+        )
+        await flooder.publish(SET_CURRENT_TOPIC, "16")
 
 
 async def far_future_heartbeat(primary: aiomqtt.Client, station: Station, report: Report) -> None:
