@@ -276,6 +276,7 @@ class Station(asyncio.Protocol):
         self.polls = 0
         self.pwm_changes = 0
         self.offers = 0  # set-PWM requests that offer a current (0 < duty < 100)
+        self.stops = 0  # set-PWM requests that end an offer
         self.polled = asyncio.Event()
         self.closed = asyncio.Event()
         self._conn = Connection(Role.STATION)
@@ -328,6 +329,7 @@ class Station(asyncio.Protocol):
             assert request.pwm is not None
             if request.pwm != self.pwm:
                 self.pwm_changes += 1
+            self.stops += self.offering and not 0 < request.pwm < 100
             self.pwm = request.pwm
             self.offers += self.offering
         elif request.type is p.RequestType.SET_CONTACTOR:
@@ -834,9 +836,9 @@ class ModbusRig:
 async def run_modbus_items(source: Path, workdir: Path, report: Report, items: set[int]) -> None:
     """Items 1 (Modbus and station floods), 3, 5 (notify, writes, segments), 6."""
     service = Service(source, workdir, "modbus", modbus_write_allow=[f"{addr(1)}/32"])
-    await service.start()
     rig = ModbusRig(service, report)
     try:
+        await service.start()
         await rig.setup()
         if 6 in items:
             await rig.http()
@@ -910,23 +912,26 @@ async def public_bits(service: Service, report: Report) -> None:
 async def run_identity(source: Path, workdir: Path, report: Report) -> None:
     """Item 2: the real station goes offline, an impostor takes its ID, the real one returns."""
     service = Service(source, workdir, "identity")
-    await service.start()
     port = service.evse_port
     real = Station(REAL_ID)
     impostor = Station(REAL_ID, lies=True)
     stations = [real, impostor]
-    controller = await Modbus.open(service.modbus_port, addr(1))
     stop = asyncio.Event()
+    controllers: list[Modbus] = []
 
     async def drive() -> None:
         # A controller that offers 16 A at LP1 every half second, as evcc would every cycle.
+        controller = await Modbus.open(service.modbus_port, addr(1))
+        controllers.append(controller)
         while not stop.is_set():
             await controller.call(controller.write(1, SET_CURRENT, 1600), timeout=1.0)
             await wait_event(stop, 0.5)
 
-    driver = asyncio.create_task(drive())
+    driver: asyncio.Task[None] | None = None
     attack = "impostor with the ID of an offline station"
     try:
+        await service.start()
+        driver = asyncio.create_task(drive())
         if not await connect_station(real, port, addr(2)):
             raise BenchError(f"the real station is not polled:\n{service.log_text()[-2000:]}")
         waited = await wait_until(lambda: real.offering, SERVED_TIMEOUT)
@@ -978,8 +983,11 @@ async def run_identity(source: Path, workdir: Path, report: Report) -> None:
             )
     finally:
         stop.set()
-        await driver
-        controller.close()
+        if driver is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                await driver
+        for controller in controllers:
+            controller.close()
         for station in stations:
             station.close()
         await asyncio.sleep(0.1)
@@ -1001,11 +1009,11 @@ async def run_squatting(source: Path, workdir: Path, report: Report) -> None:
         evse_max_connections=1024,
         evse_max_per_address=1024,
     )
-    await service.start()
     attack = f"{SQUATTERS} fake stations answer polls for 3 s, then a restart"
     squatters = [Station(f"F{n:031X}") for n in range(SQUATTERS)]
     newcomer = Station(STATION_NEW, draws=True)
     try:
+        await service.start()
         for i in range(0, SQUATTERS, 50):
             await asyncio.gather(
                 *(s.connect(service.evse_port, addr(2)) for s in squatters[i : i + 50]),
@@ -1134,7 +1142,7 @@ async def mqtt_write_flood(
     """1 and 5: set_current 6 and 32 in turn, as fast as a client publishes (QoS 0)."""
     attack = "MQTT set_current 6 / 32 in turn"
     async with aiomqtt.Client(HOST, broker_port, identifier="flooder") as flooder:
-        before = station.pwm_changes
+        before, stops = station.pwm_changes, station.stops
         window = service.window()
         sent = 0
         end = time.perf_counter() + ATTACK_SECONDS
@@ -1150,7 +1158,11 @@ async def mqtt_write_flood(
         report.add(
             5, attack, "PWM changes/s seen by the station", f"{changes / ATTACK_SECONDS:.1f}"
         )
+        # The primary's heartbeats share the broker and the service's queue with the flood.
+        report.add(5, attack, "charging stopped during the flood", yes_no(station.stops > stops))
         await flooder.publish(SET_CURRENT_TOPIC, "16")
+    waited = await wait_until(lambda: station.offering, 10.0)
+    report.add(5, attack, "current offered after the flood", after(waited, 10))
 
 
 async def far_future_heartbeat(primary: aiomqtt.Client, station: Station, report: Report) -> None:
@@ -1224,22 +1236,41 @@ def describe(source: Path) -> str:
     return f"{source} ({commit})"
 
 
-async def run(args: argparse.Namespace, workdir: Path, report: Report) -> None:
-    """Every selected item, each against a fresh service."""
+PART_TIMEOUT = 180.0  # seconds for one part, service start and stop included
+
+
+async def run(args: argparse.Namespace, workdir: Path, report: Report) -> bool:
+    """Every selected item, each part against a fresh service; False if a part failed.
+
+    A part that fails is named in the table and the others still run.
+    """
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     source: Path = args.source.resolve()
-    parts: list[tuple[set[int], Callable[[], Awaitable[None]]]] = [
-        ({1, 3, 5, 6}, lambda: run_modbus_items(source, workdir, report, args.only)),
-        ({2}, lambda: run_identity(source, workdir, report)),
-        ({4}, lambda: run_squatting(source, workdir, report)),
-        ({1, 5}, lambda: run_mqtt_items(source, workdir, report, args.only)),
+    parts: list[tuple[str, set[int], Callable[[], Awaitable[None]]]] = [
+        (
+            "Modbus-driven",
+            {1, 3, 5, 6},
+            lambda: run_modbus_items(source, workdir, report, args.only),
+        ),
+        ("identity", {2}, lambda: run_identity(source, workdir, report)),
+        ("LP squatting", {4}, lambda: run_squatting(source, workdir, report)),
+        ("openWB MQTT", {1, 5}, lambda: run_mqtt_items(source, workdir, report, args.only)),
     ]
-    for wanted, part in parts:
-        if wanted & args.only:
-            async with asyncio.timeout(180):
+    ok = True
+    for name, wanted, part in parts:
+        if not wanted & args.only:
+            continue
+        try:
+            async with asyncio.timeout(PART_TIMEOUT):
                 await part()
+        except (BenchError, TimeoutError, OSError, EOFError, aiomqtt.MqttError) as err:
+            ok = False
+            why = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            report.add(0, f"part {name}", "FAILED", f"{type(err).__name__}: {why}"[:120])
+            say(f"part {name} failed: {type(err).__name__}: {err}")
+    return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1254,7 +1285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     report = Report(args.only)
-    code = 0
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="openwb-hostile-") as tmp:
         workdir = Path(tmp)
@@ -1262,13 +1292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir = args.keep.resolve()
             workdir.mkdir(parents=True, exist_ok=True)
         try:
-            asyncio.run(run(args, workdir, report))
+            code = 0 if asyncio.run(run(args, workdir, report)) else 1
         except (KeyboardInterrupt, asyncio.CancelledError):
             say("interrupted")
             code = 130
-        except (BenchError, TimeoutError, OSError) as err:
-            say(f"hostile bench failed: {type(err).__name__}: {err}")
-            code = 1
         finally:
             Child.stop_all()
     items = ",".join(map(str, sorted(args.only)))
