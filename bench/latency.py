@@ -11,7 +11,7 @@ from pathlib import Path
 from pymodbus.client import AsyncModbusTcpClient
 
 from bench.controller import SET_CURRENT, modbus_client, wait_for_lp, write_current
-from bench.processes import HOST, start_bridge, start_mosquitto
+from bench.processes import HOST, public_id, start_bridge, start_mosquitto
 from bench.report import BenchError, ms, percentile, say, section, table
 from bench.station import MiniStation, close_stations, is_collect, is_pwm, registered
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
@@ -164,19 +164,20 @@ async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
         *("--mqtt-host", HOST, "--mqtt-port", str(mqtt_port), "--controller", "homeassistant"),
     )
     serial = virtual_serial(1)
+    ident = public_id(workdir, "homeassistant", serial)  # its name on the broker (not its ID)
     station = MiniStation(serial, record=True)
     to_pwm: list[float] = []
     try:
         await station.connect(bridge.evse_port)
         await registered(station)
         async with aiomqtt.Client(HOST, mqtt_port) as client:
-            await client.subscribe(f"{ha.TOPIC_ROOT}/service/+/station/{serial}/availability")
+            await client.subscribe(f"{ha.TOPIC_ROOT}/service/+/station/{ident}/availability")
             async with asyncio.timeout(15):  # ready: connected and the station seen
                 async for message in client.messages:
                     if message.payload == ha.ONLINE.encode():
                         break
             await client.publish(ha.status_topic("homeassistant"), ha.ONLINE)
-            await client.publish(ha.command_topic(serial, "enable"), ha.ON)
+            await client.publish(ha.command_topic(ident, "enable"), ha.ON)
             await station.expect(is_pwm(), timeout=5.0)  # the default max current: 32 A
             await station.expect(is_collect, timeout=5.0)
             steps = [(16, 16 * 100 // CA_PER_PWM_PERCENT), (10, 10 * 100 // CA_PER_PWM_PERCENT)]
@@ -184,7 +185,7 @@ async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
                 amps, pwm = steps[i % 2]
                 station.drain()
                 t0 = time.perf_counter()
-                await client.publish(ha.command_topic(serial, "max_current"), f"{amps}.0")
+                await client.publish(ha.command_topic(ident, "max_current"), f"{amps}.0")
                 at, request = await station.expect(is_pwm(), timeout=5.0)
                 if request.pwm != pwm:
                     raise BenchError(f"sent {amps} A, expected PWM {pwm}, got {request.pwm}")

@@ -194,6 +194,22 @@ async def start_bridge(workdir: Path, name: str, *extra: str) -> BridgeProcess:
     return BridgeProcess(child, evse_port, modbus_port, argv)
 
 
+def public_id(workdir: Path, name: str, serial: str) -> str:
+    """What the bridge ``name`` names a station by on MQTT (its key is in the state file)."""
+    import json
+    import sqlite3
+
+    from openwb_modbus_evse.identity import PUBLIC_ID_KEY_RECORD
+    from openwb_modbus_evse.identity import public_id as of
+
+    uri = f"file:{workdir / f'{name}.sqlite3'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        row = db.execute(
+            "SELECT value FROM record WHERE key = ?", (PUBLIC_ID_KEY_RECORD,)
+        ).fetchone()
+    return of(bytes.fromhex(json.loads(row[0])), serial)
+
+
 async def start_mosquitto(workdir: Path) -> tuple[Child, int]:
     """A mosquitto on a free loopback port (Debian's, from /usr/sbin)."""
     path = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")

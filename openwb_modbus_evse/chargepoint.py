@@ -620,6 +620,9 @@ class Identity:
     lp: int | None  # None: all nine LPs are taken; the station is kept safe but not served
     name: str
     serial_number: str  # what the serial_number register shows
+    # What names the station where anyone may read it (MQTT topics): not the ID, which is its
+    # only credential (identity.py); "" where nobody reads it.
+    public_id: str = ""
 
 
 class ChargePoint:

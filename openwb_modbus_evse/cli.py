@@ -435,6 +435,15 @@ def move(url: str, token: str, serial: str, lp: int) -> None:
 @main.command()
 @_admin
 @click.argument("serial")
+def confirm(url: str, token: str, serial: str) -> None:
+    """Confirm that the device now claiming station SERIAL's ID (from a new address) is it."""
+    answer = _call(url, token, "POST", f"/api/stations/{serial}/confirm")
+    click.echo(f"station {serial} is served from {answer['peer']} now")
+
+
+@main.command()
+@_admin
+@click.argument("serial")
 def forget(url: str, token: str, serial: str) -> None:
     """Forget station SERIAL (not connected): its LP is free again."""
     _call(url, token, "POST", f"/api/stations/{serial}/forget")

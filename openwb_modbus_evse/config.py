@@ -421,7 +421,11 @@ class StationConfig:
             _serial_number,
             "The serial number controllers read (register serial_number): at most 20 ASCII "
             "characters.",
-            more="Default: the last 20 hex digits of serial.",
+            more=(
+                'Default: "EVSE-" and 12 hex digits made from serial with a random key kept in '
+                "the state file: stable, unique, and telling nothing of the ID (which is the "
+                "station's only credential)."
+            ),
             example="WB-GARAGE",
         ),
     )

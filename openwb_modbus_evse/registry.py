@@ -22,12 +22,13 @@ from dataclasses import replace
 from typing import Any
 
 from . import chargepoint as cp
-from . import view
+from . import identity, view
 from .actions import ActionError, ActionErrorKind
 from .config import CONTROLLERS, MAX_LP, MQTT_CONTROLLERS, Settings, StationConfig
 from .control import BRIDGE_MQTT, MANUAL, Command, Control, Kind
 from .evse.link import Session
 from .evse.protocol import NO_CALIBRATION, Pilot, Proximity, StationCalibration, StationData
+from .identity import Identities, Peer, peer_of
 from .limits import Network
 from .ratelimit import RateLimit
 from .store import Store, StoreError
@@ -88,6 +89,9 @@ class Registry:
         self._flush_pending = False
         self._controllers: dict[str, str] = {}  # chosen at runtime, by serial (state file)
         self._manual_ca: dict[str, int] = {}  # the manual controller's current, by serial
+        self.identities = Identities(wall)  # where stations are seen; claims on their IDs
+        self._claim_log = RateLimit(per_second=1 / 60, burst=5, kind="station_claim")
+        self._public_key = b""  # the key of the stations' public ids (state file)
 
     # --- read API (what interfaces get) -----------------------------------------------------
 
@@ -112,6 +116,15 @@ class Registry:
         """Its station has been sent a command that no report has shown yet."""
         session = self.session(point.identity.serial)
         return session is not None and session.unconfirmed
+
+    def claim(self, serial: str) -> Peer | None:
+        """Where a peer connects from that claims the station's ID, unconfirmed (None: none)."""
+        session = self.identities.claimant(serial)
+        return None if session is None else peer_of(session)
+
+    def claim_text(self, serial: str) -> str | None:
+        """:meth:`claim` in words, for the page and the station list."""
+        return _text(self.claim(serial))
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with the charge points that changed, once per loop turn (in the
@@ -140,6 +153,8 @@ class Registry:
         self._stored_reports = {k.removeprefix(REPORT_RECORD): v for k, v in reports.items()}
         self._saved_reports = dict(self._stored_reports)
         self._claims = {k.removeprefix(CLAIM_RECORD) for k in self._store.records(CLAIM_RECORD)}
+        self.identities.load(store)
+        self._public_key = identity.load_public_key(store)
         for station in self.settings.station:
             if station.lp is not None:  # else: its remembered LP below, or one when it connects
                 self._new(station.serial, station.lp, energy.get(station.serial, 0.0))
@@ -166,6 +181,10 @@ class Registry:
             self._new(serial, lp, energy.get(serial, 0.0))
             self._kept.add(serial)
 
+    def by_public_id(self, public_id: str) -> cp.ChargePoint | None:
+        """The charge point whose station is named ``public_id`` in public."""
+        return next((p for p in self._points.values() if p.identity.public_id == public_id), None)
+
     @property
     def _store(self) -> Store:
         assert self.store is not None, "load() first"
@@ -183,31 +202,92 @@ class Registry:
         station = self.settings.station_by_serial(serial)
         return station.address if station else None
 
-    def attach(self, session: Session) -> cp.ChargePoint:
-        """A station's session is established: its charge point (new or kept) drives it."""
+    def recognises(self, session: Session) -> bool:
+        """Whether a registering session is the station as it was last seen (identity.py). A
+        station pinned to an address in the config is checked by the link instead."""
         serial = session.serial
         assert serial is not None
+        if self.address(serial) is not None:
+            return True
+        return self.identities.recognises(serial, peer_of(session))
+
+    def attach(self, session: Session) -> cp.ChargePoint:
+        """A station's session is established: its charge point (new or kept) drives it; a
+        peer that claims a station's ID from elsewhere gets a charge point of its own that keeps
+        it safe (see :meth:`confirm_peer`)."""
+        serial = session.serial
+        assert serial is not None
+        if not session.recognised:
+            return self._hold_claimant(session)
+        self.identities.release(serial)
         point = self._point_for(serial)
         self._sessions[serial] = session
-        if serial not in self._kept:
+        if serial in self._kept:
+            self.identities.seen(serial, peer_of(session))
+        else:
             previous = self._probations.pop(serial, None)
             if previous is not None:
                 previous.cancel()
             self._probations[serial] = asyncio.create_task(self._probation(session, point))
         return point
 
+    def _hold_claimant(self, session: Session) -> cp.ChargePoint:
+        serial = session.serial
+        assert serial is not None
+        self.identities.hold(session)
+        point = self._points.get(serial)
+        name = point.name if point is not None else cp.short_serial(serial)
+        if self._claim_log.allow(self._clock()):
+            log.warning(
+                "station %s (%s) connects from %s, but it was last seen at %s: held safe and not "
+                "served until the owner confirms that it is this station (on the page, or "
+                "`openwb-modbus-evse confirm %s`)%s",
+                name,
+                serial,
+                peer_of(session),
+                self.identities.seen_at(serial),
+                serial,
+                self._claim_log.left_out(),
+            )
+        if point is not None:
+            self._changed(point)  # the page and the status show the claim
+        # Not in the registry: no controller reaches it, it counts nothing anyone sees, and with
+        # nothing requested its state machine stops a charge the safe way and keeps it stopped.
+        claimant = cp.ChargePoint(
+            cp.Identity(serial=serial, lp=None, name=f"claimant of {name}", serial_number=""),
+            replace(self._config(serial, MANUAL), heartbeat=False),
+            max_data_age=STALE_POLLS * self.settings.poll_interval,
+        )
+        claimant.on_change = session.wake
+        return claimant
+
+    def confirm_peer(self, serial: str) -> Peer:
+        """The owner says the peer that claims the station's ID is the station (it moved, or its
+        board was replaced): it is served from now on, and remembered where it is."""
+        session = self.identities.claimant(serial)
+        if session is None:
+            raise ActionError(
+                ActionErrorKind.NOT_FOUND, f"no unconfirmed peer claims station {serial} now"
+            )
+        previous, peer = self.identities.seen_at(serial), peer_of(session)
+        session.recognised = True
+        point = self.attach(session)
+        session.promote(point)
+        self.confirm(point)  # an owner's act on the station: its LP is its own for good
+        self.identities.seen(serial, peer)
+        log.info(
+            "station %s: the owner confirmed the peer at %s (it was last seen at %s)",
+            serial,
+            peer,
+            previous,
+        )
+        return peer
+
     # --- charge points ----------------------------------------------------------------------
 
-    def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+    def _config(self, serial: str, controller: str) -> cp.ChargePointConfig:
         station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
-        controller = self.controller_of(serial)
-        identity = cp.Identity(
-            serial=serial,
-            lp=lp,
-            name=self._display_name(serial, lp),
-            serial_number=station.serial_number or serial[-20:],
-        )
-        config = cp.ChargePointConfig(
+        return cp.ChargePointConfig(
             max_current_a=station.max_current,
             cable=station.cable,
             phases=station.phases,
@@ -221,9 +301,21 @@ class Registry:
             failsafe_ca=round(station.failsafe_current * 100),
             heartbeat=controller != MANUAL,
         )
+
+    def _new(self, serial: str, lp: int | None, energy_wh: float) -> cp.ChargePoint:
+        station = self.settings.station_by_serial(serial) or StationConfig(serial=serial)
+        controller = self.controller_of(serial)
+        public_id = identity.public_id(self._public_key, serial)
+        ident = cp.Identity(
+            serial=serial,
+            lp=lp,
+            name=self._display_name(serial, lp),
+            serial_number=station.serial_number or f"EVSE-{public_id.upper()}",
+            public_id=public_id,
+        )
         point = cp.ChargePoint(
-            identity,
-            config,
+            ident,
+            self._config(serial, controller),
             energy_wh=energy_wh,
             max_data_age=STALE_POLLS * self.settings.poll_interval,
         )
@@ -390,13 +482,20 @@ class Registry:
     def _remember(self, point: cp.ChargePoint) -> None:
         serial, lp = point.identity.serial, point.identity.lp
         assert lp is not None
-        self._kept.add(serial)
+        self._keep(serial)
         try:
             self._store.assign_lp(serial, lp)
         except StoreError as err:  # served and kept all the same; only a restart forgets it
             log.error("%s", err)
             return
         log.info("station %s is LP%d from now on", serial, lp)
+
+    def _keep(self, serial: str) -> None:
+        """The station keeps its charge point; where it is seen is remembered from now on."""
+        self._kept.add(serial)
+        session = self.session(serial)
+        if session is not None:
+            self.identities.seen(serial, peer_of(session))
 
     async def _probation(self, session: Session, point: cp.ChargePoint) -> None:
         """Remember a new station's LP once it stayed with valid data; release it if it left."""
@@ -500,6 +599,8 @@ class Registry:
                 "remembered": p.identity.serial in remembered,
                 "controller": p.state.config.controller,
                 "serial_number": p.identity.serial_number,
+                "seen_at": _text(self.identities.seen_at(p.identity.serial)),
+                "claim": self.claim_text(p.identity.serial),
             }
             for p in self.points()
         ]
@@ -531,7 +632,7 @@ class Registry:
         if holder is not None:
             raise ActionError(ActionErrorKind.CONFLICT, f"LP{lp} is taken by {holder.name}")
         self._store.assign_lp(serial, lp)
-        self._kept.add(serial)  # an operator's choice: no probation
+        self._keep(serial)  # an operator's choice: no probation
         self._claim(serial, "confirmed")
         probation = self._probations.pop(serial, None)
         if probation is not None:
@@ -561,7 +662,8 @@ class Registry:
         self.save_energy()  # should it come back, it continues its counter
         self._stored_energy[serial] = point.energy_wh
         self._store.forget_lp(serial)
-        self._store.save_records({CLAIM_RECORD + serial: None})
+        # Should it come back, it is new, from wherever it is.
+        self._store.save_records({CLAIM_RECORD + serial: None, **self.identities.forget(serial)})
         self._claims.discard(serial)
         self._forget_manual(serial)  # should it come back, it starts stopped
         self._kept.discard(serial)
@@ -703,3 +805,7 @@ def _report_changed(last: dict[str, Any], new: dict[str, Any]) -> bool:
     if any(last.get(k) != v for k, v in new.items() if k != "at"):
         return True
     return abs(float(last.get("at", 0)) - new["at"]) > 30
+
+
+def _text(peer: Peer | None) -> str | None:
+    return None if peer is None else str(peer)

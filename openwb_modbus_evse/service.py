@@ -22,6 +22,7 @@ from .dimming import HTTP as DIM_HTTP
 from .dimming import MQTT as DIM_MQTT
 from .dimming import Dimming
 from .evse.link import StationLink
+from .evse.neighbours import mac_of
 from .firmware import FirmwareUpdater
 from .heartbeat import Heartbeat
 from .history import RECORD as HISTORY_RECORD
@@ -148,6 +149,8 @@ class Service:
             attach=self.registry.attach,
             calibration_for=self.registry.calibration,
             address_for=self.registry.address,
+            recognises=self.registry.recognises,
+            neighbours=mac_of,
             observer=self.metrics,
             limiter=ConnectionLimiter(
                 "evse", s.evse_max_connections, s.evse_max_per_address, observer=self.metrics
@@ -443,6 +446,7 @@ class Service:
                     last_disconnect=point.last_disconnect,
                     session_wh=point.session_wh,
                     ocpp=self.ocpp.snapshot(point) if self.ocpp is not None else None,
+                    claim=self.registry.claim_text(point.identity.serial),
                 )
             )
         mqtt = self.mqtt

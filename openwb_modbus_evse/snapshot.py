@@ -44,6 +44,8 @@ class PointSnapshot:
     last_disconnect: tuple[float, str] | None = None  # when (monotonic) and why
     session_wh: float | None = None  # energy since the vehicle was plugged in
     ocpp: OcppSnapshot | None = None  # its OCPP connection, if it has one
+    # Where a peer connects from that claims the station's ID, unconfirmed (identity.py).
+    claim: str | None = None
 
 
 @dataclass(frozen=True)

@@ -216,17 +216,26 @@ def reasons(
     now: float,
     heartbeat: HeartbeatInfo | None = None,
     last_disconnect: tuple[float, str] | None = None,
+    claim: str | None = None,
 ) -> list[Reason]:
     """Why ``point`` does not charge at ``now``, in the state machine's own terms, the one that
     blocks first; then what limits the current below the request. Empty: it charges as asked.
 
     ``heartbeat`` is that of its controller (None: the controller runs none);
-    ``last_disconnect`` when and why its station's last session ended.
+    ``last_disconnect`` when and why its station's last session ended; ``claim`` where a peer
+    connects from that claims the station's ID, unconfirmed (identity.py).
     """
     state = point.state
     config = state.config
     data = state.data
     found: list[Reason] = []
+    if claim is not None:
+        text = (
+            f"a device at {claim} connects with this station's ID, but the station was last seen "
+            "elsewhere: it is held safe and not served until the owner confirms that it is this "
+            "station"
+        )
+        return [Reason("unconfirmed_peer", text)]
     if not state.connected:
         if state.data_at is None and last_disconnect is None:
             return [Reason("offline", "the station has not connected since the service started")]

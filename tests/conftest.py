@@ -175,6 +175,10 @@ class Rig:
     def point(self, serial: str):
         return self.bridge.registry.get(serial)
 
+    def serial_number(self, serial: str) -> str:
+        """What controllers read as the station's serial number (not its ID)."""
+        return self.bridge.registry.get(serial).identity.serial_number
+
     async def close(self) -> None:
         for client in self.clients:
             client.close()

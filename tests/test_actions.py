@@ -129,7 +129,9 @@ async def test_list_move_and_forget_stations_from_the_cli(make_rig, web_settings
     assert any(f"action move {serial} by 127.0.0.1: done" in r.getMessage() for r in caplog.records)
     rr = await client.read_input_registers(ADDR(4, "serial_number"), count=10, device_id=1)
     assert not rr.isError()
-    assert REGISTER_MAP.decode([0] * 50 + rr.registers + [0] * 40)["serial_number"] == serial[-20:]
+    assert REGISTER_MAP.decode([0] * 50 + rr.registers + [0] * 40)[
+        "serial_number"
+    ] == rig.serial_number(serial)
     rr = await client.read_input_registers(ADDR(1, "power"), count=2, device_id=1)
     assert rr.isError() and rr.exception_code == 2
     assert rig.bridge.registry.store.lp_assignments()[serial] == 4

@@ -284,3 +284,43 @@ async def test_screenshots_of_the_page_with_its_explanations(cockpit, tmp_path):
     if target := os.environ.get("OPENWB_SCREENSHOT"):  # make screenshot
         shutil.copy(shots["page.png"], target)
         shutil.copy(shots["page-phone.png"], Path(target).with_name("page-phone.png"))
+
+
+async def test_a_claim_on_a_station_s_id_is_confirmed_from_the_page(cockpit):
+    """LP2's station goes away and a device elsewhere sends its ID: the card says so and offers
+    the confirmation; confirmed, that device is LP2's station."""
+    from openwb_modbus_evse.identity import PEER_RECORD
+    from openwb_modbus_evse.tools.simulator import VirtualStation
+
+    rig, browser, _, two = cockpit
+    registry = rig.bridge.registry
+    await eventually(lambda: PEER_RECORD + two.serial in registry.store.records(PEER_RECORD))
+    await two.stop()
+    await eventually(lambda: not rig.point(two.serial).state.connected)
+    moved = VirtualStation(
+        two.serial,
+        bridge=("127.0.0.1", rig.bridge.link.port),
+        vehicle=VehicleConfig(plug_in_after=0.0, reaction_s=0.05),
+        source="127.0.0.2",
+        reconnect_delay=0.2,
+    )
+    await moved.start()
+    rig.stations.append(moved)
+    await eventually(lambda: registry.claim(two.serial) is not None)
+    url = f"http://127.0.0.1:{rig.bridge.metrics_port}/"
+    await browser.open(url)
+    await browser.eval(f"sessionStorage.setItem('{TOKEN_KEY}', '{TOKEN}')")
+    await browser.open(url)
+    await browser.wait_for("document.body.classList.contains('admin')")
+    await browser.wait_for(
+        f"!!{card('lp2')} && !{card('lp2')}.querySelector('[data-field=claim]').hidden"
+    )
+    (reason,) = await reasons(browser, "lp2")
+    assert "a device at 127.0.0.2 connects with this station's ID" in reason
+    assert await browser.eval(f"{card('lp1')}.querySelector('[data-field=claim]').hidden")
+
+    message = await click(browser, "lp2", "confirm")
+    assert message == "confirm: done"
+    assert registry.claim(two.serial) is None
+    assert registry.session(two.serial).host == "127.0.0.2"
+    await browser.wait_for(f"{card('lp2')}.querySelector('[data-field=claim]').hidden")

@@ -68,7 +68,10 @@ async def test_a_station_with_its_own_tree_is_not_driven_or_shown_on_the_default
         await station.wait_for(lambda s: s.pwm == 16 and s.contactor, timeout=4)
         await asyncio.sleep(0.6)
         values = await mine.read(0.5)
-    assert values["serial_number"] == station.serial[-20:] and values["charge_state"] is True
+    assert (
+        values["serial_number"] == rig.serial_number(station.serial)
+        and values["charge_state"] is True
+    )
 
 
 # --- the fault published for a pilot fault -------------------------------------------------------

@@ -14,10 +14,20 @@ import aiomqtt
 import pytest
 from conftest import eventually, metric, station_config
 
+from openwb_modbus_evse.identity import PUBLIC_ID_KEY_RECORD, public_id
 from openwb_modbus_evse.interfaces import homeassistant_messages as m
+from openwb_modbus_evse.store import Store
 from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 SERIAL, OTHER = virtual_serial(1), virtual_serial(2)
+KEY = bytes(range(16))  # the key of the stations' public ids in every test's state file
+
+
+def ident(serial: str) -> str:
+    """What the service names a station by on the broker (not its ID)."""
+    return public_id(KEY, serial)
+
+
 VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
 STATUS = "homeassistant/status"
 
@@ -38,18 +48,18 @@ class FakeHomeAssistant:
             self.retained[message.topic.value] = payload
 
     def config(self, serial: str = SERIAL) -> dict | None:
-        raw = self.retained.get(m.discovery_topic("homeassistant", serial))
+        raw = self.retained.get(m.discovery_topic("homeassistant", ident(serial)))
         return json.loads(raw) if raw else None
 
     def state(self, serial: str = SERIAL) -> dict:
-        return json.loads(self.retained.get(m.state_topic(serial), b"{}"))
+        return json.loads(self.retained.get(m.state_topic(ident(serial)), b"{}"))
 
     def available(self, serial: str = SERIAL) -> bool:
-        end = f"/station/{serial}/availability"
+        end = f"/station/{ident(serial)}/availability"
         return any(t.endswith(end) and v == b"online" for t, v in self.retained.items())
 
     async def command(self, serial: str, control: str, payload: str, retain: bool = False):
-        await self.client.publish(m.command_topic(serial, control), payload, retain=retain)
+        await self.client.publish(m.command_topic(ident(serial), control), payload, retain=retain)
 
     async def status(self, payload: str, retain: bool = False) -> None:
         await self.client.publish(STATUS, payload, retain=retain)
@@ -61,7 +71,11 @@ class FakeHomeAssistant:
 
 
 @pytest.fixture
-async def hass(broker):
+async def hass(broker, settings):
+    # The service's key for public ids, as a previous run left it in the state file: the
+    # stations' topics are known before the service starts.
+    with Store(settings.state_db) as store:
+        store.save_records({PUBLIC_ID_KEY_RECORD: KEY.hex()})
     client = aiomqtt.Client("127.0.0.1", broker.port)
     await client.__aenter__()
     try:
@@ -111,10 +125,11 @@ async def test_every_station_appears_with_its_entities_and_states(ha_settings, m
     station = await rig.station(1, VEHICLE)
     await eventually(lambda: hass.config() is not None and hass.available())
     config = hass.config()
-    assert config["dev"]["identifiers"] == [m.device_id(SERIAL)]
+    assert config["dev"]["identifiers"] == [m.device_id(ident(SERIAL))]
+    assert SERIAL.lower() not in json.dumps(config).lower()  # the ID is the station's secret
     assert config["dev"]["name"] == "Garage" and config["o"]["name"] == "openwb-modbus-evse"
     cmps = config["cmps"]
-    assert cmps["charge_status"]["object_id"] == f"evse_{SERIAL[-8:].lower()}_charge_status"
+    assert cmps["charge_status"]["object_id"] == f"evse_{ident(SERIAL)[-8:]}_charge_status"
     assert cmps["energy"]["state_class"] == "total_increasing"
     assert cmps["energy"]["unit_of_measurement"] == "kWh"
     assert {c["p"] for c in cmps.values()} == {
@@ -277,7 +292,7 @@ async def test_losing_the_broker_stops_charging(ha_settings, make_rig, hass, bro
 
 async def test_a_retained_command_is_not_carried_out(ha_settings, make_rig, hass, broker):
     async with aiomqtt.Client("127.0.0.1", broker.port) as old:
-        await old.publish(m.command_topic(SERIAL, "enable"), "ON", retain=True)
+        await old.publish(m.command_topic(ident(SERIAL), "enable"), "ON", retain=True)
     rig = await running(make_rig, ha_settings)
     station = await rig.station(1, VEHICLE)
     await eventually(lambda: refusals(rig, "replay") == 1)
@@ -292,9 +307,10 @@ async def test_home_assistant_restarting_gets_everything_again(ha_settings, make
     await eventually(lambda: hass.config() is not None)
     since = len(hass.log)
     await hass.status("online")
-    topic = m.discovery_topic("homeassistant", SERIAL)
+    topic = m.discovery_topic("homeassistant", ident(SERIAL))
     await eventually(lambda: any(t == topic for t, _, _ in hass.log[since:]))
-    await eventually(lambda: any(t == m.state_topic(SERIAL) for t, _, _ in hass.log[since:]))
+    state = m.state_topic(ident(SERIAL))
+    await eventually(lambda: any(t == state for t, _, _ in hass.log[since:]))
 
 
 async def test_a_forgotten_station_disappears(ha_settings, make_rig, hass, broker):
@@ -307,9 +323,10 @@ async def test_a_forgotten_station_disappears(ha_settings, make_rig, hass, broke
     await eventually(lambda: not rig.point(SERIAL).state.connected)
     await eventually(lambda: not hass.available())
     rig.bridge.registry.forget(SERIAL)
-    await eventually(lambda: hass.retained.get(m.discovery_topic("homeassistant", SERIAL)) == b"")
+    topic = m.discovery_topic("homeassistant", ident(SERIAL))
+    await eventually(lambda: hass.retained.get(topic) == b"")
     async with aiomqtt.Client("127.0.0.1", broker.port) as late:  # nothing retained is left
-        await late.subscribe(f"homeassistant/device/{m.device_id(SERIAL)}/config")
+        await late.subscribe(topic)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await anext(late.messages)
@@ -321,13 +338,14 @@ async def test_what_a_crashed_run_left_behind_is_withdrawn(ha_settings, make_rig
     gone = virtual_serial(77)  # a newcomer served when the last run died, never seen again
     service_id = f"{socket.gethostname()}-{ha_settings.evse_port}"
     async with aiomqtt.Client("127.0.0.1", broker.port) as old:
-        station = m.Station(gone, m.default_name(gone), 32.0, False)
+        station = m.Station(ident(gone), m.default_name(ident(gone)), 32.0, False)
         config = m.encode(m.discovery(station, service_id))
-        await old.publish(m.discovery_topic("homeassistant", gone), config, retain=True)
-        await old.publish(m.availability_topic(service_id, gone), "online", retain=True)
+        await old.publish(m.discovery_topic("homeassistant", ident(gone)), config, retain=True)
+        await old.publish(m.availability_topic(service_id, ident(gone)), "online", retain=True)
     await eventually(lambda: hass.config(gone) is not None and hass.available(gone))
     rig = await running(make_rig, ha_settings)
-    await eventually(lambda: hass.retained[m.discovery_topic("homeassistant", gone)] == b"")
+    topic = m.discovery_topic("homeassistant", ident(gone))
+    await eventually(lambda: hass.retained[topic] == b"")
     await eventually(lambda: not hass.available(gone))  # its availability is deleted too
     assert rig.bridge.homeassistant.announced <= {SERIAL, OTHER}
 

@@ -97,6 +97,7 @@ async def test_every_discovery_message_on_the_broker_is_valid_for_home_assistant
         dropped = {k: v["removed"] for k, v in verdict["entities"].items()}
         assert all(removed == ["default_entity_id"] for removed in dropped.values()), dropped
     by_name = {p["dev"]["name"]: p for p in payloads}
-    assert "phases" in by_name[m.default_name(virtual_serial(2))]["cmps"]
-    assert by_name[m.default_name(virtual_serial(2))]["cmps"]["max_current"]["max"] == 16.0
+    lp2 = m.default_name(rig.point(virtual_serial(2)).identity.public_id)
+    assert "phases" in by_name[lp2]["cmps"]
+    assert by_name[lp2]["cmps"]["max_current"]["max"] == 16.0
     assert "phases" not in by_name["Garage Süd"]["cmps"]

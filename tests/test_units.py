@@ -66,9 +66,9 @@ async def test_lp10_and_lp11_are_served_at_unit_2(make_rig, settings):
     stations = await eleven(rig)
     client = await rig.client()
     # Unit 1 keeps LP1..9 as before; unit 2 serves LP10 and LP11 in the blocks of LP1 and LP2.
-    assert (await read(client, 1, 9))["serial_number"] == stations[8].serial[-20:]
-    assert (await read(client, 2, 1))["serial_number"] == virtual_serial(10)[-20:]
-    assert (await read(client, 2, 2))["serial_number"] == virtual_serial(11)[-20:]
+    assert (await read(client, 1, 9))["serial_number"] == rig.serial_number(stations[8].serial)
+    assert (await read(client, 2, 1))["serial_number"] == rig.serial_number(virtual_serial(10))
+    assert (await read(client, 2, 2))["serial_number"] == rig.serial_number(virtual_serial(11))
     # Where no station is: exception 2 in a unit that has some, 11 for a unit that has none.
     rr = await client.read_input_registers(lp_base(3), count=100, device_id=2)
     assert rr.isError() and rr.exception_code == 2
@@ -97,11 +97,11 @@ async def test_mbpoll_reads_and_writes_lp10_at_unit_2(make_rig, settings):
         out = await asyncio.to_thread(
             mbpoll, "-a", "2", "-r", at, "-c", "10", "-t", "3", "-p", port, "127.0.0.1"
         )
-        assert mbpoll_string(out) == virtual_serial(index)[-20:], out
+        assert mbpoll_string(out) == rig.serial_number(virtual_serial(index)), out
     out = await asyncio.to_thread(
         mbpoll, "-a", "1", "-r", serial_at, "-c", "10", "-t", "3", "-p", port, "127.0.0.1"
     )
-    assert mbpoll_string(out) == virtual_serial(1)[-20:], out
+    assert mbpoll_string(out) == rig.serial_number(virtual_serial(1)), out
     out = await asyncio.to_thread(
         mbpoll, "-a", "2", "-r", str(ADDR(1, "set_current")), "-p", port, "127.0.0.1", "1200"
     )
@@ -114,7 +114,9 @@ async def test_status_client_lists_lp10_and_lp11(make_rig, settings):
     await eleven(rig)
     rows = await read_status("127.0.0.1", rig.modbus_port, unit=1)
     assert [r.lp for r in rows] == list(range(1, STATIONS + 1))
-    assert [r.serial for r in rows] == [virtual_serial(i)[-20:] for i in range(1, STATIONS + 1)]
+    assert [r.serial for r in rows] == [
+        rig.serial_number(virtual_serial(i)) for i in range(1, STATIONS + 1)
+    ]
 
 
 async def test_unit_id_0_keeps_lp1_to_9_on_every_unit_id(make_rig, settings):
@@ -122,7 +124,7 @@ async def test_unit_id_0_keeps_lp1_to_9_on_every_unit_id(make_rig, settings):
     station = await rig.station(1, FAST_VEHICLE)
     client = await rig.client()
     for unit in (1, 2, 200):
-        assert (await read(client, unit, 1))["serial_number"] == station.serial[-20:]
+        assert (await read(client, unit, 1))["serial_number"] == rig.serial_number(station.serial)
     rows = await read_status("127.0.0.1", rig.modbus_port, unit=0)
     assert [r.lp for r in rows] == [1]
 

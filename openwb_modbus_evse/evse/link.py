@@ -154,6 +154,10 @@ class Session:
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.serial: str | None = None
         self.firmware = 0
+        self.mac: str | None = None  # from the neighbour table, when the station registers
+        # False: the peer sent the ID of a station last seen elsewhere (see identity.py); it is
+        # kept safe by its hooks, and the link's listeners do not hear of it.
+        self.recognised = True
         self.hooks: StationHooks = _PassiveHooks(self.peer)
         self.latest: p.StationData | None = None
         self.latest_at: float | None = None
@@ -194,6 +198,15 @@ class Session:
     def wake(self) -> None:
         """Make the control loop look at the hooks' target now."""
         self._wake.set()
+
+    def promote(self, hooks: StationHooks) -> None:
+        """The owner confirmed that this peer is the station: ``hooks`` drive it from now on."""
+        self.recognised, self.hooks = True, hooks
+        for listener in self.link.listeners:
+            listener.connected(self)
+        if self.latest is not None and self.latest_at is not None:
+            hooks.observe(self.latest, self.latest_at)
+        self.wake()
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -240,8 +253,9 @@ class Session:
             data = replace(data, log_lines=self._log_station_lines(data.log_lines, now))
         self.latest, self.latest_at = data, now
         self.hooks.observe(data, now)
-        for listener in self.link.listeners:
-            listener.polled(self, data)
+        if self.recognised:
+            for listener in self.link.listeners:
+                listener.polled(self, data)
 
     def _log_station_lines(self, raw: tuple[str, ...], now: float) -> tuple[str, ...]:
         """Log the station's lines within the limits; returns them made safe for display."""
@@ -324,8 +338,9 @@ class Session:
                 self.firmware,
                 self.peer,
             )
-            for listener in self.link.listeners:
-                listener.connected(self)
+            if self.recognised:
+                for listener in self.link.listeners:
+                    listener.connected(self)
             self._accept(first)
             await self._control_loop()
         except p.ProtocolError as err:
@@ -377,7 +392,8 @@ class Session:
             while True:
                 event = await self._next_event()
                 if isinstance(event, Notify):
-                    if self.serial is not None and not self._notified:  # coalesced, as the poll
+                    if self.recognised and self.serial is not None and not self._notified:
+                        # coalesced, as the poll
                         for listener in self.link.listeners:
                             listener.notified(self)
                     self._notified = True
@@ -470,6 +486,8 @@ class StationLink:
         calibration_for: Callable[[str], p.StationCalibration] | None = None,
         address_for: Callable[[str], ipaddress.IPv4Network | ipaddress.IPv6Network | None]
         | None = None,
+        recognises: Callable[[Session], bool] | None = None,
+        neighbours: Callable[[str], str | None] | None = None,
         observer: LinkObserver | None = None,
         limiter: ConnectionLimiter | None = None,
     ) -> None:
@@ -486,6 +504,10 @@ class StationLink:
         self._attach = attach
         self.calibration_for = calibration_for or (lambda serial: p.NO_CALIBRATION)
         self.address_for = address_for or (lambda serial: None)
+        # Whether a registering session is the station as the service knows it (identity.py),
+        # and the MAC address of a peer (neighbours.py).
+        self.recognises = recognises or (lambda session: True)
+        self.neighbours = neighbours or (lambda host: None)
         self.observer = observer or LinkObserver()
         self.limiter = limiter or ConnectionLimiter.unbounded("evse")
         self.listeners: list[StationListener] = []
@@ -563,11 +585,16 @@ class StationLink:
     async def _register(self, session: Session) -> None:
         serial = session.serial
         assert serial is not None
+        session.mac = self.neighbours(session.host)
+        session.recognised = self.recognises(session)
         # A second connection with the serial of a live session does not win outright: anyone
         # on the LAN can send a serial. The live session is pinged first and keeps its place if
         # the station answers; if it does not, it is closed (dead) and the newcomer takes over.
+        # Only the station from where it is known replaces a mere claimant at once.
         while (old := self.sessions.get(serial)) is not None and not session.closed:
-            if await old.probe():
+            if session.recognised and not old.recognised:
+                old.close(f"replaced: station {serial} connected from where it is known")
+            elif await old.probe():
                 raise SessionClosed(
                     f"refused: station {serial} is connected from {old.peer} and answers there"
                 )

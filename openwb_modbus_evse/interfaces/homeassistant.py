@@ -107,12 +107,12 @@ class HomeAssistantApi:
     # --- what Home Assistant sees -----------------------------------------------------------
 
     def _station(self, point: cp.ChargePoint) -> m.Station:
-        serial = point.identity.serial
-        configured = self.settings.station_by_serial(serial)
+        ident = point.identity.public_id
+        configured = self.settings.station_by_serial(point.identity.serial)
         config = point.state.config
         return m.Station(
-            serial=serial,
-            name=(configured.name if configured else None) or m.default_name(serial),
+            ident=ident,
+            name=(configured.name if configured else None) or m.default_name(ident),
             max_current_a=config.max_current_a,
             can_switch_phases=config.can_switch_phases,
         )
@@ -152,11 +152,11 @@ class HomeAssistantApi:
                 station,
                 m.encode(m.discovery(station, self.service_id)),
             )
-        config = known[1]
-        self.mqtt.publish(m.discovery_topic(self.prefix, serial), config, retain=retain)
-        self.mqtt.publish(m.state_topic(serial), m.encode(values), retain=retain)
+        config, ident = known[1], station.ident
+        self.mqtt.publish(m.discovery_topic(self.prefix, ident), config, retain=retain)
+        self.mqtt.publish(m.state_topic(ident), m.encode(values), retain=retain)
         self.mqtt.publish(
-            m.availability_topic(self.service_id, serial), m.availability(shown), retain=retain
+            m.availability_topic(self.service_id, ident), m.availability(shown), retain=retain
         )
         self.announced.add(serial)
         self._timers.rendered(serial, point)
@@ -166,21 +166,26 @@ class HomeAssistantApi:
         if point is not None and point.identity.lp is not None:
             self.publish(point)
 
-    def withdraw(self, serial: str) -> None:
+    def withdraw(self, point: cp.ChargePoint) -> None:
         """The station is gone for good: its device disappears from Home Assistant."""
+        serial = point.identity.serial
         self._timers.cancel(serial)
-        for topic in (
-            m.discovery_topic(self.prefix, serial),
-            m.state_topic(serial),
-            m.availability_topic(self.service_id, serial),
-        ):
-            self.mqtt.publish(topic, b"", retain=True)  # empty retained: deleted
+        self._delete(point.identity.public_id)
         self.announced.discard(serial)
         self._discovery.pop(serial, None)
         self._energy_kwh.pop(serial, None)
         if self.choices.pop(serial, None) is not None:
             self._save_soon(RECORD_PREFIX + serial, None)
-        log.info("Home Assistant: station %s withdrawn (discovery config removed)", serial)
+        log.info("Home Assistant: station %s withdrawn (discovery config removed)", point.name)
+
+    def _delete(self, ident: str) -> None:
+        """Delete the retained discovery, state and availability of station ``ident``."""
+        for topic in (
+            m.discovery_topic(self.prefix, ident),
+            m.state_topic(ident),
+            m.availability_topic(self.service_id, ident),
+        ):
+            self.mqtt.publish(topic, b"", retain=True)  # empty retained: deleted
 
     def _changed(self, points: list[cp.ChargePoint]) -> None:
         if self._closing:
@@ -190,7 +195,7 @@ class HomeAssistantApi:
             if self.registry.get(serial) is not point:  # forgotten or released
                 self._pending.discard(serial)
                 if serial in self.announced:
-                    self.withdraw(serial)
+                    self.withdraw(point)
             elif point.identity.lp is not None:  # served
                 self._publish_soon(serial)
 
@@ -218,11 +223,13 @@ class HomeAssistantApi:
         so that Home Assistant shows no stale entities for it."""
         if not message.payload or not message.retain or self._closing:
             return
-        serial = m.availability_serial(message.topic)
-        point = self.registry.get(serial)
-        if point is None or point.identity.lp is None:
-            self.announced.add(serial)
-            self.withdraw(serial)
+        ident = m.availability_ident(message.topic)
+        point = self.registry.by_public_id(ident)
+        if point is None:
+            self._delete(ident)
+            log.info("Home Assistant: station %s withdrawn (not served since a restart)", ident)
+        elif point.identity.lp is None:
+            self.withdraw(point)
 
     def republish(self) -> None:
         """Everything again, live: Home Assistant (re)started and reads it now."""
@@ -280,10 +287,10 @@ class HomeAssistantApi:
         where = m.parse_command_topic(topic)
         if where is None or self._closing:
             return
-        serial, control = where
+        ident, control = where
         if not message.payload:
             return  # a retained command deleted
-        point = self.registry.get(serial)
+        point = self.registry.by_public_id(ident)
         served = point is not None and point.identity.lp is not None
         if message.retain:
             text = "a retained command is an old one: not carried out"
@@ -298,7 +305,7 @@ class HomeAssistantApi:
             return
         try:
             if point is None or point.identity.lp is None:
-                raise cp.Refused(cp.RefusalKind.OFFLINE, f"no station {serial} is served")
+                raise cp.Refused(cp.RefusalKind.OFFLINE, f"no station {ident} is served")
             choice, extra = self._parse(point, control, message.payload)
         except cp.Refused as refusal:
             self._refused(topic, str(refusal), refusal.kind.value, served=served)

@@ -2,7 +2,8 @@
 
 Each served station is one Home Assistant *device*, announced by one retained device-based
 discovery message (Home Assistant >= 2024.11) on ``<prefix>/device/<device id>/config``. Its
-device id, unique ids and object ids derive from the station serial only, so they stay the same
+device id, unique ids and object ids derive from the station's public id only (never its ID,
+the station's only credential, as anyone on the broker reads them), so they stay the same
 across restarts and LP moves. Every entity reads the station's one retained JSON state topic;
 the controls write to the station's own command topics. Sensors are available while the service
 is online *and* the station sends fresh data (the view's rule); the controls while the service is
@@ -49,7 +50,7 @@ _STATUS = {
 class Station:
     """What the discovery message of a station says (all fixed while the service runs)."""
 
-    serial: str
+    ident: str  # the station's public id (Identity.public_id), in every topic and id
     name: str  # the device name: the configured station name, else "Dehne EVSE <last 8 hex>"
     max_current_a: float
     can_switch_phases: bool
@@ -68,19 +69,19 @@ class Choice:
         return self.max_ca if self.enabled else 0
 
 
-def device_id(serial: str) -> str:
+def device_id(ident: str) -> str:
     """The device's id in the discovery topic and its identifier."""
-    return f"openwb_modbus_evse_{serial.lower()}"
+    return f"openwb_modbus_evse_{ident.lower()}"
 
 
-def object_prefix(serial: str) -> str:
+def object_prefix(ident: str) -> str:
     """What every entity id of the station starts with: ``evse_<last 8 hex digits>``."""
-    return f"evse_{serial[-8:].lower()}"
+    return f"evse_{ident[-8:].lower()}"
 
 
-def default_name(serial: str) -> str:
+def default_name(ident: str) -> str:
     """The device name of a station without a configured name."""
-    return f"Dehne EVSE {serial[-8:]}"
+    return f"Dehne EVSE {ident[-8:].upper()}"
 
 
 def topic_safe(text: str) -> str:
@@ -88,9 +89,9 @@ def topic_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text) or "_"
 
 
-def discovery_topic(prefix: str, serial: str) -> str:
+def discovery_topic(prefix: str, ident: str) -> str:
     """Where the station's device discovery message is retained."""
-    return f"{prefix}/device/{device_id(serial)}/config"
+    return f"{prefix}/device/{device_id(ident)}/config"
 
 
 def status_topic(prefix: str) -> str:
@@ -103,15 +104,15 @@ def service_availability_topic(service_id: str) -> str:
     return f"{TOPIC_ROOT}/service/{topic_safe(service_id)}/availability"
 
 
-def state_topic(serial: str) -> str:
+def state_topic(ident: str) -> str:
     """The station's retained JSON state."""
-    return f"{TOPIC_ROOT}/{serial}/state"
+    return f"{TOPIC_ROOT}/{ident}/state"
 
 
-def availability_topic(service_id: str, serial: str) -> str:
+def availability_topic(service_id: str, ident: str) -> str:
     """The station's online (fresh data) or offline, as the service that serves it says (so a
     service can clean up what it left behind: see :func:`availability_filter`)."""
-    return f"{TOPIC_ROOT}/service/{topic_safe(service_id)}/station/{serial}/availability"
+    return f"{TOPIC_ROOT}/service/{topic_safe(service_id)}/station/{ident}/availability"
 
 
 def availability_filter(service_id: str) -> str:
@@ -119,14 +120,14 @@ def availability_filter(service_id: str) -> str:
     return availability_topic(service_id, "+")
 
 
-def availability_serial(topic: str) -> str:
-    """The serial in a station availability topic."""
+def availability_ident(topic: str) -> str:
+    """The station's public id in a station availability topic."""
     return topic.split("/")[-2]
 
 
-def command_topic(serial: str, key: str) -> str:
+def command_topic(ident: str, key: str) -> str:
     """Where Home Assistant sends the station's ``key`` control."""
-    return f"{TOPIC_ROOT}/{serial}/set/{key}"
+    return f"{TOPIC_ROOT}/{ident}/set/{key}"
 
 
 COMMAND_FILTER = f"{TOPIC_ROOT}/+/set/+"
@@ -134,7 +135,7 @@ CONTROLS = ("max_current", "enable", "phases", "pilot_interruption")
 
 
 def parse_command_topic(topic: str) -> tuple[str, str] | None:
-    """(serial, control) of a command topic, or None."""
+    """(ident, control) of a command topic, or None."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != TOPIC_ROOT or parts[2] != "set" or parts[3] not in CONTROLS:
         return None
@@ -205,13 +206,13 @@ def _entities(station: Station) -> list[tuple[str, str, dict[str, Any]]]:
 
 def discovery(station: Station, service_id: str) -> dict[str, Any]:
     """The station's device discovery message."""
-    serial, objects = station.serial, object_prefix(station.serial)
+    ident, objects = station.ident, object_prefix(station.ident)
     service = {"topic": service_availability_topic(service_id)}
     components: dict[str, dict[str, Any]] = {}
     for key, platform, own in _entities(station):
         config: dict[str, Any] = {
             "p": platform,
-            "unique_id": f"{device_id(serial)}_{key}",
+            "unique_id": f"{device_id(ident)}_{key}",
             # Home Assistant >= 2025.10 takes the entity id from default_entity_id (and from
             # 2026.4 on only from there); older ones from object_id.
             "default_entity_id": f"{platform}.{objects}_{key}",
@@ -219,23 +220,23 @@ def discovery(station: Station, service_id: str) -> dict[str, Any]:
             **own,
         }
         if platform != "button":
-            config["state_topic"] = state_topic(serial)
+            config["state_topic"] = state_topic(ident)
             config["value_template"] = "{{ value_json." + key + " }}"
         if key in CONTROLS:
-            config["command_topic"] = command_topic(serial, key)
+            config["command_topic"] = command_topic(ident, key)
             # The controls show Home Assistant's own choice: valid while the service runs.
             config["availability"] = [service]
         else:
-            config["availability"] = [service, {"topic": availability_topic(service_id, serial)}]
+            config["availability"] = [service, {"topic": availability_topic(service_id, ident)}]
             config["availability_mode"] = "all"
         components[key] = config
     return {
         "dev": {
-            "identifiers": [device_id(serial)],
+            "identifiers": [device_id(ident)],
             "name": station.name,
             "manufacturer": "Dehne",
             "model": "EVSE",
-            "serial_number": serial,
+            "serial_number": ident,
         },
         "o": {"name": "openwb-modbus-evse", "sw": _VERSION},
         "cmps": components,

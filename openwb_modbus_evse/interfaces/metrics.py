@@ -89,6 +89,11 @@ class _SnapshotCollector(Collector):
         controller = gauge(
             "controller_info", "1, labelled with the interface that drives it.", ["controller"]
         )
+        claimed = gauge(
+            "unconfirmed_peer",
+            "1 while a device elsewhere connects with the station's ID, held until the owner "
+            "confirms it.",
+        )
 
         for point in snap.points:
             ident = point.identity
@@ -102,6 +107,7 @@ class _SnapshotCollector(Collector):
                 granted.add_metric(labels, state.supply_cap_ca / 100)
             implausible.add_metric(labels, point.implausible_reports)
             controller.add_metric([*labels, state.config.controller], 1)
+            claimed.add_metric(labels, 0 if point.claim is None else 1)
             if state.data_at is not None:
                 age.add_metric(labels, now - state.data_at)
             # What every client is shown, so a sum here is what evcc and Home Assistant sum;
@@ -130,7 +136,7 @@ class _SnapshotCollector(Collector):
 
         yield from (voltage, current, phase_power, power, energy, plugged, charging_)
         yield from (requested, allowed, offered, granted, pwm, contactor, pilot, cable, rssi)
-        yield from (uptime, age, connected, implausible, controller)
+        yield from (uptime, age, connected, implausible, controller, claimed)
 
         beat_labels = ["controller", "scope"]
         beat_age = GaugeMetricFamily(

@@ -48,7 +48,7 @@ def call(
 
 def format_stations(stations: list[dict[str, Any]]) -> str:
     """The station list as a table."""
-    rows = [("LP", "name", "serial", "connected", "charging", "kept by")]
+    rows = [("LP", "name", "serial", "connected", "charging", "kept by", "seen at")]
     for s in stations:
         kept = "config" if s["configured"] else "state file" if s["remembered"] else "-"
         rows.append(
@@ -59,9 +59,17 @@ def format_stations(stations: list[dict[str, Any]]) -> str:
                 "yes" if s["connected"] else "no",
                 "yes" if s["charging"] else "no",
                 kept,
+                _seen(s),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
     )
+
+
+def _seen(station: dict[str, Any]) -> str:
+    """Where the station was last seen, and a peer that claims its ID from elsewhere."""
+    seen = station.get("seen_at") or "-"
+    claim = station.get("claim")
+    return f"{seen}; CLAIMED from {claim} (confirm SERIAL if that is it)" if claim else seen

@@ -127,6 +127,7 @@ class VirtualStation:
         firmware_update: str = "reboot",
         firmware_after_update: int | None = None,
         relay: Callable[[], int] | None = None,
+        source: str | None = None,
     ) -> None:
         """``vehicle=None`` means a default vehicle that is only plugged in by ``plug_in()``.
 
@@ -137,6 +138,8 @@ class VirtualStation:
         A firmware upload with a good CRC makes the station ``"reboot"`` (drop the connection,
         come back after ``reconnect_delay`` with ``firmware_after_update``, if given),
         ``"ignore"`` it, or ``"die"`` (drop the connection and never come back).
+
+        ``source``: the local address to connect from (a test's second host: 127.0.0.2).
         """
         if firmware_update not in ("reboot", "ignore", "die"):
             raise ValueError(
@@ -159,6 +162,7 @@ class VirtualStation:
         self._firmware_update = firmware_update
         self._firmware_after_update = firmware_after_update
         self._relay = relay
+        self._source = source
         self._uploads: list[bytes] = []
         self._rebooting = False
 
@@ -533,7 +537,8 @@ class VirtualStation:
         while True:
             try:
                 async with asyncio.timeout(self._request_timeout):
-                    reader, writer = await asyncio.open_connection(host, port)
+                    local = (self._source, 0) if self._source else None
+                    reader, writer = await asyncio.open_connection(host, port, local_addr=local)
             except OSError as err:  # includes TimeoutError
                 logger.info(
                     "%s: cannot connect to %s:%s: %s", self.name, host, port, str(err) or "timeout"

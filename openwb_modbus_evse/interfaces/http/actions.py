@@ -75,6 +75,9 @@ class AdminApi:
         app.router.add_post("/api/stations/{serial}/move", self._guard("move", self._move))
         app.router.add_post("/api/stations/{serial}/forget", self._guard("forget", self._forget))
         app.router.add_post(
+            "/api/stations/{serial}/confirm", self._guard("confirm peer", self._confirm)
+        )
+        app.router.add_post(
             "/api/stations/{serial}/firmware", self._guard("firmware update", self._firmware)
         )
         app.router.add_post("/api/supply/limit", self._guard("supply limit", self._supply_limit))
@@ -256,6 +259,10 @@ class AdminApi:
             )
         self._registry.set_controller(request.match_info["serial"].upper(), controller)
         return web.json_response({"ok": True, "controller": controller})
+
+    async def _confirm(self, request: web.Request) -> web.Response:
+        peer = self._registry.confirm_peer(request.match_info["serial"].upper())
+        return web.json_response({"ok": True, "peer": str(peer)})
 
     async def _forget(self, request: web.Request) -> web.Response:
         self._registry.forget(request.match_info["serial"].upper())

@@ -56,9 +56,10 @@ def charge_point_json(point: PointSnapshot, now: float) -> dict[str, Any]:
         # Why it does not charge (blocking) or charges less than asked, in words.
         "reasons": [
             {"code": r.code, "text": r.text, "blocking": r.blocking}
-            for r in reasons(point, now, point.heartbeat, point.last_disconnect)
+            for r in reasons(point, now, point.heartbeat, point.last_disconnect, point.claim)
         ],
         "ocpp": _ocpp_json(point),
+        "claim": point.claim,
     }
 
 

@@ -239,6 +239,10 @@ function controls(card) {
   const select = el("select", { name: "controller", "aria-label": "controller" });
   const file = el("input", { type: "file", name: "firmware", "aria-label": "firmware image" });
   box.append(
+    // A device claims this station's ID from elsewhere (see the reasons): the owner decides.
+    el("div", { class: "ctl wide", "data-field": "claim", hidden: true },
+      el("span", { class: "muted" }, "Identity"),
+      button("Confirm: that device is this station", "confirm")),
     el("div", { class: "ctl" }, el("span", { class: "muted" }, "Controller"), select,
       button("Switch", "controller")),
     el("div", { class: "ctl" }, el("span", { class: "muted" }, "Manual"), amps, el("span", {}, "A"),
@@ -264,12 +268,14 @@ function controls(card) {
     if (action === "cp-interruption") act(card, `pilot interruption ${seconds.value} s`, "POST", "cp-interruption", { seconds: Number(seconds.value) });
     if (action === "move") act(card, `move to LP${lp.value}`, "POST", "move", { lp: Number(lp.value) });
     if (action === "forget") act(card, "forget", "POST", "forget");
+    if (action === "confirm") act(card, "confirm", "POST", "confirm");
     if (action === "firmware") uploadFirmware(card, file.files[0]);
   });
   return box;
 }
 
 function updateControls(card, cp) {
+  card.querySelector("[data-field=claim]").hidden = !cp.claim;
   const select = card.querySelector("select[name=controller]");
   if (document.activeElement !== select && !select.dataset.chosen) {
     const names = controllers.length ? controllers : [cp.controller];
