@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -41,7 +42,7 @@ import aiohttp
 import aiomqtt
 
 from bench.processes import HOST, Child, start_mosquitto, wait_listening
-from bench.report import BenchError, say
+from bench.report import BenchError, percentile, say
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.evse.connection import NEED_DATA, Connection, Notify, Response, Role
 from tests.ports import free_port
@@ -239,6 +240,15 @@ class Window:
             tracebacks=new.count(b"Traceback (most recent call last)"),
             cpu_percent=100 * cpu / elapsed,
         )
+
+
+def p99_ms(latencies: Sequence[float]) -> str:
+    """The 99th percentile in milliseconds, with the number of reads."""
+    if not latencies:
+        return "no reads"
+    value = percentile(latencies, 99)
+    shown = "unanswered" if math.isinf(value) else f"{value * 1000:.1f} ms"
+    return f"{shown} ({len(latencies)} reads)"
 
 
 def report_flood(report: Report, item: int, attack: str, m: Measured) -> None:
@@ -670,7 +680,7 @@ class ModbusRig:
             return
         window = self.service.window()
         polls = station.polls
-        await asyncio.sleep(ATTACK_SECONDS)
+        latencies = await self.read_latencies(ATTACK_SECONDS)
         polls = station.polls - polls
         station.close()
         m = await window.end(ATTACK_SECONDS)
@@ -678,6 +688,31 @@ class ModbusRig:
         self.report.add(5, attack, "polls/s seen by the station", f"{polls / ATTACK_SECONDS:.0f}")
         self.report.add(5, attack, "service CPU %", f"{m.cpu_percent:.0f}")
         self.report.add(5, attack, "log bytes/s", m.bytes_per_s)
+        self.report.add(5, attack, "Modbus read p99, 100 reads/s", p99_ms(latencies))
+
+    async def quiet_latency(self) -> None:
+        """The Modbus read latency with no attack, to compare the notify flood's with."""
+        latencies = await self.read_latencies(2.0)
+        self.report.add(
+            5, "no attack (to compare)", "Modbus read p99, 100 reads/s", p99_ms(latencies)
+        )
+
+    async def read_latencies(self, seconds: float) -> list[float]:
+        """A controller reads LP1's block 100 times a second: the time of each answer."""
+        client = await Modbus.open(self.service.modbus_port, addr(4))
+        latencies: list[float] = []
+        try:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                began = time.perf_counter()
+                if await client.call(client.read(1, 0, 50), timeout=2.0) is None:
+                    latencies.append(math.inf)  # unanswered
+                else:
+                    latencies.append(time.perf_counter() - began)
+                await asyncio.sleep(0.01)
+        finally:
+            client.close()
+        return latencies
 
     async def segments(self) -> None:
         """5: many requests in one TCP segment; garbage."""
@@ -852,6 +887,7 @@ async def run_modbus_items(source: Path, workdir: Path, report: Report, items: s
             await rig.connect_close(one_shot=False)
             await rig.connect_close(one_shot=True)
         if 5 in items:
+            await rig.quiet_latency()
             await rig.notify_flood()
             await rig.segments()
         if 3 in items:
