@@ -13,8 +13,22 @@ the service's code or state, so one command is fair to every version. The config
 that the old service knows too (it refuses unknown keys).
 
 Client sockets bind to different loopback addresses (Linux routes all of 127.0.0.0/8 to lo), so
-that one machine plays many peers on the LAN. Each item takes a few seconds; the whole run about
-two minutes.
+that one machine plays many peers on the LAN. Floods last ATTACK_SECONDS each; the whole run takes
+about 90 s. ``--keep DIR`` keeps the configs and the service logs.
+
+Where the issue leaves the attack open:
+
+- Refused Modbus writes come twice: from an address that may not write, and from the controller's
+  address with a value out of range (5000 = 50 A); the old service logged every write of the
+  second kind only.
+- The accepted-write floods write each value after the last answer (a value in turn, 6 A and
+  32 A): the service could act on every one. Pipelined writes are used for the refused ones.
+- Fair shares: 20 addresses (the issue's closing question), more than the 9 that suffice.
+- LP squatting: 250 fake stations, more than every LP of any version (9 on the old one, 243 now),
+  with connection caps that hold them all: the attack fills the LP table whatever its size.
+- The MQTT items publish on the default tree of LP1 (``openWB/set/internal_chargepoint/0/...``)
+  from a client other than the primary; the primary sends a heartbeat every second and its set
+  current every other.
 """
 
 from __future__ import annotations
