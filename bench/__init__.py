@@ -23,4 +23,7 @@ The parts, each against a fresh ``openwb-modbus-evse serve`` subprocess on free 
 The stations (and the controllers of parts 5 and 6) run in this process; register numbers come from
 REGISTER_MAP, the station frames from the station connection (``evse/connection.py``). Nothing
 here is collected by pytest.
+
+``python -m bench.hostile`` is separate: the attacks of issue 19 against the service of any
+checkout, for before/after figures (see its docstring and docs/development.md).
 """

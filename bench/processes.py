@@ -26,13 +26,26 @@ class Child:
     running: ClassVar[list[Child]] = []
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "wb") as out:
             # Own session: Ctrl-C reaches only the bench, which stops its children in order.
             self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=cwd,
+                env=env,
             )
         Child.running.append(self)
 
