@@ -606,12 +606,6 @@ def describe_changes(old: State, new: State) -> list[str]:
 # --- the live charge point -------------------------------------------------------------------
 
 
-def short_serial(serial: str) -> str:
-    """A station ID shortened for display to anyone (metrics): enough to tell stations apart,
-    not enough to connect as one."""
-    return f"{serial[:4]}..{serial[-4:]}"
-
-
 @dataclass(frozen=True)
 class Identity:
     """Who a charge point is: its station, its LP number and how it is shown."""

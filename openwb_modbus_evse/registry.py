@@ -241,7 +241,7 @@ class Registry:
         assert serial is not None
         self.identities.hold(session)
         point = self._points.get(serial)
-        name = point.name if point is not None else cp.short_serial(serial)
+        name = point.name if point is not None else self._display_name(serial, None)
         if self._claim_log.allow(self._clock()):
             log.warning(
                 "station %s (%s) connects from %s, but it was last seen at %s: held safe and not "
@@ -389,7 +389,10 @@ class Registry:
 
     def _display_name(self, serial: str, lp: int | None) -> str:
         station = self.settings.station_by_serial(serial)
-        return (station.name if station else None) or (f"LP{lp}" if lp else cp.short_serial(serial))
+        if station is not None and station.name:
+            return station.name
+        # Not the ID: this name is shown to anyone (metrics, the page).
+        return f"LP{lp}" if lp else f"EVSE-{identity.public_id(self._public_key, serial).upper()}"
 
     def _point_for(self, serial: str) -> cp.ChargePoint:
         point = self._points.get(serial)

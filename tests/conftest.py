@@ -298,3 +298,25 @@ async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
     await broker.start()
     yield broker
     broker.stop()
+
+
+# --- the stations' public ids ----------------------------------------------------------------
+
+PUBLIC_KEY = bytes(range(16))  # the key of the public ids, where a test seeds it
+
+
+def seed_public_key(state_db: str) -> None:
+    """Put PUBLIC_KEY into the state file, as a previous run would have left its key: the
+    public ids (metric labels, MQTT topics) are known before the service starts."""
+    from openwb_modbus_evse.identity import PUBLIC_ID_KEY_RECORD
+    from openwb_modbus_evse.store import Store
+
+    with Store(state_db) as store:
+        store.save_records({PUBLIC_ID_KEY_RECORD: PUBLIC_KEY.hex()})
+
+
+def public_id_of(serial: str) -> str:
+    """The public id of ``serial`` with PUBLIC_KEY (not its ID)."""
+    from openwb_modbus_evse.identity import public_id
+
+    return public_id(PUBLIC_KEY, serial)

@@ -12,20 +12,13 @@ import logging
 
 import aiomqtt
 import pytest
-from conftest import eventually, metric, station_config
+from conftest import eventually, metric, public_id_of, seed_public_key, station_config
 
-from openwb_modbus_evse.identity import PUBLIC_ID_KEY_RECORD, public_id
 from openwb_modbus_evse.interfaces import homeassistant_messages as m
-from openwb_modbus_evse.store import Store
 from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
 
 SERIAL, OTHER = virtual_serial(1), virtual_serial(2)
-KEY = bytes(range(16))  # the key of the stations' public ids in every test's state file
-
-
-def ident(serial: str) -> str:
-    """What the service names a station by on the broker (not its ID)."""
-    return public_id(KEY, serial)
+ident = public_id_of  # what the service names a station by on the broker (not its ID)
 
 
 VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
@@ -74,8 +67,7 @@ class FakeHomeAssistant:
 async def hass(broker, settings):
     # The service's key for public ids, as a previous run left it in the state file: the
     # stations' topics are known before the service starts.
-    with Store(settings.state_db) as store:
-        store.save_records({PUBLIC_ID_KEY_RECORD: KEY.hex()})
+    seed_public_key(settings.state_db)
     client = aiomqtt.Client("127.0.0.1", broker.port)
     await client.__aenter__()
     try:

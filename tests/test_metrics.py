@@ -13,10 +13,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import RawStation, eventually, free_port, idle_data, require_tool, station_config
+from conftest import (
+    RawStation,
+    eventually,
+    free_port,
+    idle_data,
+    public_id_of,
+    require_tool,
+    seed_public_key,
+    station_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
 from openwb_modbus_evse.tools.simulator import VehicleConfig, virtual_serial
@@ -25,7 +33,7 @@ ADDR = REGISTER_MAP.address
 P = "openwb_modbus_evse_"
 FAST_VEHICLE = VehicleConfig(plug_in_after=0.0, reaction_s=0.05, max_current_a=32)
 SERIAL = virtual_serial(1)
-SHORT = short_serial(SERIAL)  # what the serial label shows: anyone on the LAN may scrape
+SHORT = public_id_of(SERIAL)  # what the serial label shows: anyone on the LAN may scrape
 LP1 = {"lp": "1", "serial": SHORT, "name": "LP1"}
 # Values that are also registers: without fresh data they follow the register rule.
 SERVED_AS_REGISTERS = (
@@ -82,6 +90,11 @@ async def scrape(rig) -> Scrape:
     """GET /metrics from the bridge (in a thread: the event loop keeps serving meanwhile)."""
     body = await asyncio.to_thread(_get, f"http://127.0.0.1:{rig.bridge.metrics_port}/metrics")
     return Scrape(body.decode())
+
+
+@pytest.fixture(autouse=True)
+def public_key(settings):
+    seed_public_key(settings.state_db)
 
 
 @pytest.fixture
@@ -282,7 +295,7 @@ async def test_idle_station_from_raw_frames(rig):
     metrics = await scrape(rig)
     await raw.close()
 
-    labels = {"serial": short_serial(serial), "lp": "1", "name": "LP1"}
+    labels = {"serial": public_id_of(serial), "lp": "1", "name": "LP1"}
     for i, phase in enumerate("123"):
         v, a = data.voltages_mv[i] / 1000, data.currents_ma[i] / 1000
         assert metrics.value(P + "voltage_volts", phase=phase, **labels) == v

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from conftest import RawStation, eventually, idle_data, metric
 
-from openwb_modbus_evse.chargepoint import short_serial
 from openwb_modbus_evse.config import StationConfig
 from openwb_modbus_evse.evse import protocol as p
 from openwb_modbus_evse.interfaces.modbus.registers import REGISTER_MAP
@@ -89,7 +88,7 @@ async def test_impossible_measurements_add_no_energy_and_open_the_contactor(make
     assert values["energy_imported"] == 0
     # no data: nothing for clients to add up (0), the voltages unknown (-1)
     assert values["power"] == 0 and values["voltage_l1"] is None
-    labels = {"lp": "1", "serial": short_serial(SERIAL), "name": "LP1"}
+    labels = {"lp": "1", "serial": rig.point(SERIAL).identity.public_id, "name": "LP1"}
     assert metric(rig.bridge, "openwb_modbus_evse_implausible_reports_total", **labels) >= 4
     await station.close()
 

@@ -20,7 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..chargepoint import allowed_ca, short_serial
+from ..chargepoint import allowed_ca
 from ..evse.link import LinkObserver
 from ..limits import LimiterObserver
 from ..snapshot import Snapshot, SupplySnapshot
@@ -97,7 +97,7 @@ class _SnapshotCollector(Collector):
 
         for point in snap.points:
             ident = point.identity
-            labels = [str(ident.lp or ""), short_serial(ident.serial), ident.name]
+            labels = [str(ident.lp or ""), ident.public_id, ident.name]
             state = point.state
             energy.add_metric(labels, point.energy_wh * 3600)
             requested.add_metric(labels, state.requested_ca / 100)
@@ -254,7 +254,7 @@ def _ocpp_metrics(snap: Snapshot) -> Iterator[Metric]:
     for point in linked:
         assert point.ocpp is not None
         ident = point.identity
-        labels = [str(ident.lp or ""), short_serial(ident.serial), ident.name]
+        labels = [str(ident.lp or ""), ident.public_id, ident.name]
         up.add_metric(labels, int(point.ocpp.up))
         reconnects.add_metric(labels, point.ocpp.reconnects)
         queued.add_metric(labels, point.ocpp.queued)
