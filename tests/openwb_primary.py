@@ -76,7 +76,11 @@ class Primary:
         try:
             yield
         finally:
-            task.cancel()
+            # aiomqtt on Python 3.11 may swallow a cancellation that comes while it connects
+            # (its wait_for): cancel again until the task has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
