@@ -92,6 +92,35 @@ async def test_a_new_subscriber_gets_a_retained_replay_marked_retained(broker):
         await conn.stop()
 
 
+async def test_a_subscriber_ends_with_the_latest_value_of_a_topic(broker):
+    """A live value (a re-publish for a restarted Home Assistant) and then a newer retained one
+    for the same topic, in one loop turn: the subscriber's last message is the newer one (the
+    retained ones go out first; the older live one must not come after it)."""
+    conn = await started(broker.port, client_id="t-order")
+    seen: list[bytes] = []
+    try:
+        await eventually(lambda: conn.connected)
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.subscribe("state/x")
+
+            async def read() -> None:
+                async for message in client.messages:
+                    seen.append(bytes(message.payload))
+
+            reader = asyncio.create_task(read())
+            await asyncio.sleep(0.1)  # subscribed
+            conn.publish("state/x", "old")
+            conn.publish("other/y", "live")
+            conn.publish("state/x", "new", retain=True)
+            await eventually(lambda: conn.messages_out >= 2 and seen)
+            await asyncio.sleep(0.2)
+            reader.cancel()
+        assert seen[-1] == b"new", seen
+        assert conn.messages_out == 2  # the other topic's live message still went out
+    finally:
+        await conn.stop()
+
+
 async def test_reconnects_with_backoff_while_the_broker_is_away(broker):
     broker.stop()
     conn = await started(broker.port, client_id="t3")

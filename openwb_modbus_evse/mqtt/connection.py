@@ -139,6 +139,12 @@ class MqttConnection:
             if not self.connected:
                 return  # sent with every other retained value on connect
             self._outbox_retained[topic] = data
+            # Retained values go out first: a live one for the same topic that still waits is
+            # older, and sent after it would leave subscribers with the old value (while the
+            # broker holds the new one, which is then never sent again).
+            if any(t == topic for t, _ in self._outbox):
+                kept = [(t, d) for t, d in self._outbox if t != topic]
+                self._outbox = deque(kept, maxlen=MAX_OUTGOING)
         elif self.connected:
             if len(self._outbox) == self._outbox.maxlen:
                 self.messages_dropped += 1
