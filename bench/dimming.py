@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.controller import modbus_client, wait_for_lp, write_current
 from bench.processes import HOST, start_bridge, start_mosquitto
-from bench.report import BenchError, ms, percentile, say, section, table
+from bench.report import BenchError, latency_row, say, section, table
 from bench.station import MiniStation, close_stations, is_collect, is_pwm, registered
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
 from openwb_modbus_evse.tools.simulator import virtual_serial
@@ -59,13 +59,7 @@ async def bench_dim(args: argparse.Namespace, workdir: Path) -> None:
         bridge.child.stop()
         broker.stop()
 
-    rows = [
-        [
-            "MQTT supply_limit -> set-PWM on station",
-            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
-            ms(max(to_pwm)),
-        ]
-    ]
+    rows = [latency_row("MQTT supply_limit -> set-PWM on station", to_pwm)]
     section(
         f"2d. Dimming limit (§14a) over MQTT -> set-PWM command on the station socket, "
         f"{args.writes} limits alternating 10/8 A (PWM {steps[0][1]}/{steps[1][1]}) while the "

@@ -12,7 +12,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from bench.controller import SET_CURRENT, modbus_client, wait_for_lp, write_current
 from bench.processes import HOST, public_id, start_bridge, start_mosquitto
-from bench.report import BenchError, ms, percentile, say, section, table
+from bench.report import BenchError, latency_row, say, section, table
 from bench.station import MiniStation, close_stations, is_collect, is_pwm, registered
 from openwb_modbus_evse.chargepoint import CA_PER_PWM_PERCENT
 from openwb_modbus_evse.tools.simulator import virtual_serial
@@ -57,16 +57,8 @@ async def bench_latency(args: argparse.Namespace, workdir: Path) -> None:
         bridge.child.stop()
 
     rows = [
-        [
-            "write -> set-PWM on station",
-            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
-            ms(max(to_pwm)),
-        ],
-        [
-            "write -> Modbus response",
-            *(ms(percentile(write_rtt, q)) for q in (50, 99)),
-            ms(max(write_rtt)),
-        ],
+        latency_row("write -> set-PWM on station", to_pwm),
+        latency_row("write -> Modbus response", write_rtt),
     ]
     section(
         f"2. Write {SET_CURRENT} (FC6) -> set-PWM command on the station socket, "
@@ -128,13 +120,7 @@ async def bench_mqtt(args: argparse.Namespace, workdir: Path) -> None:
         bridge.child.stop()
         broker.stop()
 
-    rows = [
-        [
-            "MQTT publish -> set-PWM on station",
-            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
-            ms(max(to_pwm)),
-        ]
-    ]
+    rows = [latency_row("MQTT publish -> set-PWM on station", to_pwm)]
     section(
         f"2b. openWB set_current over MQTT -> set-PWM command on the station socket, "
         f"{args.writes} commands alternating 16/10 A (PWM {steps[0][1]}/{steps[1][1]}); "
@@ -197,13 +183,7 @@ async def bench_homeassistant(args: argparse.Namespace, workdir: Path) -> None:
         bridge.child.stop()
         broker.stop()
 
-    rows = [
-        [
-            "number command -> set-PWM on station",
-            *(ms(percentile(to_pwm, q)) for q in (50, 99)),
-            ms(max(to_pwm)),
-        ]
-    ]
+    rows = [latency_row("number command -> set-PWM on station", to_pwm)]
     section(
         f"2d. Home Assistant max-current number over MQTT -> set-PWM command on the station "
         f"socket, {args.writes} commands alternating 16/10 A (PWM {steps[0][1]}/{steps[1][1]}); "
@@ -277,18 +257,15 @@ async def bench_bridge(args: argparse.Namespace, workdir: Path) -> None:
         bridge.child.stop()
         broker.stop()
 
-    def row(name: str, values: list[float]) -> list[str]:
-        return [name, *(ms(percentile(values, q)) for q in (50, 99)), ms(max(values))]
-
     section(
         f"2c. Rust-bridge request_set_pwm_percent over MQTT, {args.writes} requests alternating "
         "26/16 %; compare with parts 2 and 2b",
         table(
             ["interval", "p50 ms", "p99 ms", "max ms"],
             [
-                row("publish -> set-PWM on station", to_pwm),
-                row("publish -> response_set_pwm_percent", to_response),
-                row("collect-data on station -> response_collect_data", poll_to_message),
+                latency_row("publish -> set-PWM on station", to_pwm),
+                latency_row("publish -> response_set_pwm_percent", to_response),
+                latency_row("collect-data on station -> response_collect_data", poll_to_message),
             ],
         ),
         [

@@ -33,6 +33,11 @@ def ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f}"
 
 
+def latency_row(name: str, values: Sequence[float]) -> list[str]:
+    """A latency table's row: ``name``, p50, p99 and max in ms."""
+    return [name, *(ms(percentile(values, q)) for q in (50, 99)), ms(max(values))]
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain text table: first column left-aligned, the others right-aligned."""
     cells = [list(headers), *[[str(c) for c in row] for row in rows]]
