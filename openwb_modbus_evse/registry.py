@@ -260,7 +260,7 @@ class Registry:
         # nothing requested its state machine stops a charge the safe way and keeps it stopped.
         claimant = cp.ChargePoint(
             cp.Identity(serial=serial, lp=None, name=f"claimant of {name}", serial_number=""),
-            replace(self._config(serial, MANUAL), heartbeat=False),
+            self._config(serial, MANUAL),  # manual: no heartbeat, and nobody writes to it
             max_data_age=STALE_POLLS * self.settings.poll_interval,
         )
         claimant.on_change = session.wake
